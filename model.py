@@ -1,0 +1,201 @@
+"""GoogLeNet (Inception v1), as in Szegedy et al., "Going Deeper with Convolutions" (2014), Table 1.
+
+Attribute names follow the widely used PyTorch implementation of this network, so its state dicts
+load here unchanged (keys such as ``inception4a.branch2.1.conv.weight`` and ``aux1.fc2.bias``).
+
+``variant="torchvision"`` builds the layout of torchvision's ImageNet GoogLeNet weights instead:
+BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch and a 2x2 fourth
+max-pool. Those weights expect inputs normalised with mean 0.5 and std 0.5, the same as ours.
+"""
+import torch
+from torch import nn
+
+VARIANTS = ("paper", "torchvision")
+
+
+class BasicConv2d(nn.Module):
+    """Conv2d followed by ReLU (and BatchNorm between them in the torchvision variant)."""
+
+    def __init__(self, in_channels, out_channels, batch_norm=False, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=not batch_norm, **kwargs)
+        if batch_norm:
+            self.bn = nn.BatchNorm2d(out_channels, eps=0.001)  # torchvision's eps
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if hasattr(self, "bn"):
+            x = self.bn(x)
+        return self.relu(x)
+
+
+class Inception(nn.Module):
+    """Four parallel branches concatenated on the channel axis."""
+
+    def __init__(self, in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj,
+                 batch_norm=False, branch3_kernel=5):
+        super().__init__()
+        bn = batch_norm
+        self.branch1 = BasicConv2d(in_channels, ch1x1, bn, kernel_size=1)
+        self.branch2 = nn.Sequential(
+            BasicConv2d(in_channels, ch3x3red, bn, kernel_size=1),
+            BasicConv2d(ch3x3red, ch3x3, bn, kernel_size=3, padding=1),  # same H x W out
+        )
+        self.branch3 = nn.Sequential(
+            BasicConv2d(in_channels, ch5x5red, bn, kernel_size=1),
+            BasicConv2d(ch5x5red, ch5x5, bn, kernel_size=branch3_kernel, padding=branch3_kernel // 2),
+        )
+        self.branch4 = nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+            BasicConv2d(in_channels, pool_proj, bn, kernel_size=1),
+        )
+
+    def forward(self, x):
+        branches = (self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x))
+        return torch.cat(branches, 1)
+
+
+class InceptionAux(nn.Module):
+    """Auxiliary classifier: only used in training, to push gradient into the middle layers."""
+
+    def __init__(self, in_channels, num_classes, batch_norm=False):
+        super().__init__()
+        self.averagePool = nn.AvgPool2d(kernel_size=5, stride=3)
+        self.conv = BasicConv2d(in_channels, 128, batch_norm, kernel_size=1)
+        self.fc1 = nn.Linear(2048, 1024)
+        self.fc2 = nn.Linear(1024, num_classes)
+        self.dropout = nn.Dropout(0.5)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        # aux1: N x 512 x 14 x 14, aux2: N x 528 x 14 x 14
+        x = self.averagePool(x)
+        # aux1: N x 512 x 4 x 4, aux2: N x 528 x 4 x 4
+        x = self.conv(x)
+        # N x 128 x 4 x 4
+        x = torch.flatten(x, 1)
+        # N x 2048
+        x = self.dropout(x)
+        x = self.relu(self.fc1(x))
+        # N x 1024
+        x = self.dropout(x)
+        return self.fc2(x)
+        # N x num_classes
+
+
+class GoogLeNet(nn.Module):
+    def __init__(self, num_classes=1000, aux_logits=True, init_weights=False, variant="paper"):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.aux_logits = aux_logits
+        self.variant = variant
+        bn = variant == "torchvision"
+        k3 = 3 if bn else 5
+        pool4 = 2 if bn else 3
+
+        def inception(*channels):
+            return Inception(*channels, batch_norm=bn, branch3_kernel=k3)
+
+        self.conv1 = BasicConv2d(3, 64, bn, kernel_size=7, stride=2, padding=3)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.conv2 = BasicConv2d(64, 64, bn, kernel_size=1)
+        self.conv3 = BasicConv2d(64, 192, bn, kernel_size=3, padding=1)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+
+        self.inception3a = inception(192, 64, 96, 128, 16, 32, 32)
+        self.inception3b = inception(256, 128, 128, 192, 32, 96, 64)
+        self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+
+        self.inception4a = inception(480, 192, 96, 208, 16, 48, 64)
+        self.inception4b = inception(512, 160, 112, 224, 24, 64, 64)
+        self.inception4c = inception(512, 128, 128, 256, 24, 64, 64)
+        self.inception4d = inception(512, 112, 144, 288, 32, 64, 64)
+        self.inception4e = inception(528, 256, 160, 320, 32, 128, 128)
+        self.maxpool4 = nn.MaxPool2d(pool4, stride=2, ceil_mode=True)
+
+        self.inception5a = inception(832, 256, 160, 320, 32, 128, 128)
+        self.inception5b = inception(832, 384, 192, 384, 48, 128, 128)
+
+        if aux_logits:
+            self.aux1 = InceptionAux(512, num_classes, bn)
+            self.aux2 = InceptionAux(528, num_classes, bn)
+        else:
+            self.aux1 = None
+            self.aux2 = None
+
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(0.4)
+        self.fc = nn.Linear(1024, num_classes)
+        if init_weights:
+            self._initialize_weights()
+
+    def forward(self, x):
+        # N x 3 x 224 x 224
+        x = self.conv1(x)
+        # N x 64 x 112 x 112
+        x = self.maxpool1(x)
+        # N x 64 x 56 x 56
+        x = self.conv2(x)
+        # N x 64 x 56 x 56
+        x = self.conv3(x)
+        # N x 192 x 56 x 56
+        x = self.maxpool2(x)
+
+        # N x 192 x 28 x 28
+        x = self.inception3a(x)
+        # N x 256 x 28 x 28
+        x = self.inception3b(x)
+        # N x 480 x 28 x 28
+        x = self.maxpool3(x)
+        # N x 480 x 14 x 14
+        x = self.inception4a(x)
+        # N x 512 x 14 x 14
+        with_aux = self.training and self.aux_logits  # in eval the aux heads cost nothing
+        aux1 = self.aux1(x) if with_aux else None
+
+        x = self.inception4b(x)
+        # N x 512 x 14 x 14
+        x = self.inception4c(x)
+        # N x 512 x 14 x 14
+        x = self.inception4d(x)
+        # N x 528 x 14 x 14
+        aux2 = self.aux2(x) if with_aux else None
+
+        x = self.inception4e(x)
+        # N x 832 x 14 x 14
+        x = self.maxpool4(x)
+        # N x 832 x 7 x 7
+        x = self.inception5a(x)
+        # N x 832 x 7 x 7
+        x = self.inception5b(x)
+        # N x 1024 x 7 x 7
+
+        x = self.avgpool(x)
+        # N x 1024 x 1 x 1
+        x = torch.flatten(x, 1)
+        # N x 1024
+        x = self.dropout(x)
+        x = self.fc(x)
+        # N x num_classes
+        if with_aux:
+            return x, aux2, aux1
+        return x
+
+    def _initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+# The layers that depend on the number of classes: replaced, not loaded, when fine-tuning.
+HEAD_PREFIXES = ("fc.", "aux1.fc2.", "aux2.fc2.")
