@@ -1,0 +1,168 @@
+"""Classify flower photos with trained weights.
+
+    python predict.py tulip.jpg                          # every class with its probability
+    python predict.py photos/ more.jpg --output out.csv  # a table, also written as CSV or JSON
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import checkpoint as ckpt
+import data
+import device as dev
+from model import GoogLeNet
+
+
+class PredictionError(Exception):
+    """Bad input to predict.py: the message says what and what to do."""
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Classify images with a trained GoogLeNet.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--weights", default=os.path.join("weights", "best.pth"),
+                   help="a checkpoint from train.py, or a plain state dict (then --class-indices names the classes)")
+    p.add_argument("--class-indices", default="class_indices.json",
+                   help="class names, used only when the weights file does not hold them")
+    p.add_argument("--topk", type=int, default=None, help="show only the K most likely classes for one image")
+    p.add_argument("--output", default=None, help="also write the predictions to this .csv or .json file")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image decoding processes (default: 1 on a CPU, min(cpu count, 8) on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    return p
+
+
+def collect_images(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                           if f.lower().endswith(data.IMAGE_EXTENSIONS))
+            if not found:
+                raise PredictionError(f"folder {path} holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise PredictionError(f"image {path} does not exist: check the path")
+    return files
+
+
+class ImageFiles(Dataset):
+    """Decoded, resized images; an unreadable file gives an empty tensor and its error message."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            return self.transform(data.load_image(self.files[index])), ""
+        except Exception as e:  # reported per file after the run, never silently replaced
+            return torch.zeros(3, data.IMAGE_SIZE, data.IMAGE_SIZE, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+def load_model(weights, class_indices, device):
+    loaded = ckpt.load_checkpoint(weights)
+    state_dict = ckpt.clean_state_dict(loaded["model"])
+    classes = loaded.get("classes") or ckpt.read_class_indices(class_indices)
+    variant = loaded.get("variant") or ckpt.guess_variant(state_dict)
+    if "fc.weight" in state_dict and state_dict["fc.weight"].shape[0] != len(classes):
+        raise ckpt.CheckpointError(f"{weights} is for {state_dict['fc.weight'].shape[0]} classes but "
+                                   f"{class_indices} names {len(classes)}: use the class index file "
+                                   "written with these weights")
+    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant)
+    ckpt.load_weights(model, state_dict, weights)
+    mean, std = tuple(loaded.get("mean", data.MEAN)), tuple(loaded.get("std", data.STD))
+    image_size = int(loaded.get("image_size", data.IMAGE_SIZE))
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return model, classes, (mean, std, image_size)
+
+
+@torch.inference_mode()
+def predict(model, files, preprocessing, device, batch_size, workers):
+    """(probabilities N x classes, errors) with errors[i] = '' for every readable file."""
+    mean, std, image_size = preprocessing
+    loader = DataLoader(ImageFiles(files, data.build_transforms(train=False, image_size=image_size)),
+                        batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    probabilities, errors = [], []
+    for images, batch_errors in loader:
+        images = data.normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last=True)
+        probabilities.append(torch.softmax(model(images).float(), dim=1).cpu())
+        errors.extend(batch_errors)
+    return torch.cat(probabilities), errors
+
+
+def write_output(path, files, classes, probabilities):
+    rows = [(f, p) for f, p in zip(files, probabilities.tolist())]
+    if path.lower().endswith(".json"):
+        text = json.dumps([{"file": f, "class": classes[max(range(len(p)), key=p.__getitem__)],
+                            "probability": max(p), "probabilities": dict(zip(classes, p))}
+                           for f, p in rows], indent=2) + "\n"
+    elif path.lower().endswith(".csv"):
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["file", "class", "probability"] + classes)
+        for f, p in rows:
+            best = max(range(len(p)), key=p.__getitem__)
+            writer.writerow([f, classes[best], f"{p[best]:.6f}"] + [f"{v:.6f}" for v in p])
+        text = out.getvalue()
+    else:
+        raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
+    ckpt.atomic_write_text(path, text)
+
+
+def main(args):
+    if args.output and not args.output.lower().endswith((".csv", ".json")):
+        raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
+    files = collect_images(args.images)
+    device = dev.pick_device(args.device)
+    if device.type == "cpu":
+        dev.tune_cpu_allocator()
+    model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
+    workers = args.workers if args.workers is not None else (
+        min(os.cpu_count() or 1, 8) if device.type == "cuda" else min(1, len(files) - 1))
+    probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers)
+
+    good = [i for i, e in enumerate(errors) if not e]
+    if len(files) == 1 and good:
+        top = torch.argsort(probabilities[0], descending=True)[: args.topk or len(classes)]
+        width = max(len(c) for c in classes)
+        for k in top.tolist():
+            print(f"{classes[k]:<{width}}  {probabilities[0, k].item():.4f}")
+    elif good:
+        width = max(len(files[i]) for i in good)
+        print(f"{'file':<{width}}  {'class':<12} probability")
+        for i in good:
+            p, k = probabilities[i].max(dim=0)
+            print(f"{files[i]:<{width}}  {classes[k]:<12} {p.item():.4f}")
+    if args.output and good:
+        write_output(args.output, [files[i] for i in good], classes, probabilities[good])
+        print(f"predictions written to {args.output}")
+    for f, e in zip(files, errors):
+        if e:
+            print(f"error: cannot read image {f} ({e}): is it a complete image file?", file=sys.stderr)
+    return 1 if len(good) < len(files) else 0
+
+
+def run(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

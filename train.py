@@ -1,0 +1,451 @@
+"""Train GoogLeNet on an ImageFolder tree of flower photos.
+
+    python train.py                                    # data_set/flower_data/{train,val}
+    torchrun --nproc_per_node=2 train.py ...           # data-parallel, one process per GPU
+    python train.py --resume weights/last.pth          # continue an interrupted run
+"""
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+import checkpoint as ckpt
+import data
+import device as dev
+from model import HEAD_PREFIXES, GoogLeNet
+
+IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
+DEFAULT_DATA = os.path.join("data_set", "flower_data")
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (the loss diverged, a save failed): the message says what to do."""
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked after every step, so a stop never tears a step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self, device):
+        flag = [1.0 if self.signal is not None else 0.0]
+        return dev.all_reduce_sum(flag, device)[0] > 0  # every process stops at the same step
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train GoogLeNet (Inception v1) on a folder of flower photos.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-path", default=DEFAULT_DATA, help="folder with train/<class>/ and val/<class>/")
+    p.add_argument("--download", action="store_true",
+                   help="if --data-path is missing, download the flower photos into it and split them 9:1")
+    p.add_argument("--data-url", default=data.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32, help="images per step in each process")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="split each step into chunks of this many images, accumulating gradients "
+                        "(same result without BatchNorm, less memory; 0: the whole batch at once)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate, applied as given in every process")
+    p.add_argument("--opt", default="adam", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-scheduler", default="none", choices=["none", "cosine", "step"])
+    p.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up before the schedule")
+    p.add_argument("--lr-step-size", type=int, default=10, help="epochs between decays of the step schedule")
+    p.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of the step schedule")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--aux-weight", type=float, default=0.3, help="weight of each auxiliary classifier's loss")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader processes (default: min(cpu count, batch size, 8) on CUDA; "
+                        "on a CPU 0 with the cache and 1 without, so loading does not fight the compute)")
+    p.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
+                   help="keep decoded images in memory (auto: when they fit in half the free memory)")
+    p.add_argument("--bad-images", default="skip", choices=["skip", "error"],
+                   help="unreadable image files: skip and list them, or stop with an error naming the first")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); the CPU runs fp32")
+    p.add_argument("--channels-last", default="on", choices=["on", "off"],
+                   help="NHWC memory format: faster convolutions on CPUs and tensor cores")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--weights", default=None,
+                   help="start from these weights: a checkpoint, a state dict, or 'imagenet' for "
+                        "torchvision's ImageNet GoogLeNet (downloaded with torch.hub)")
+    p.add_argument("--freeze-layers", action="store_true", help="train only the classifier heads")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate --weights on the val folder")
+    p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also save last.pth every this many steps inside an epoch (0: at epoch ends only)")
+    p.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
+    p.add_argument("--class-indices", default="class_indices.json",
+                   help="also write the class index file here (it is always written into --output-dir)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build_optimizer(args, params):
+    # foreach: one fused kernel per parameter group instead of one per tensor
+    if args.opt == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay, foreach=True)
+    opt_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
+    return opt_class(params, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
+
+
+def build_scheduler(args, optimizer):
+    """LR factor per epoch: linear warm-up, then constant, cosine to zero, or step decay."""
+    def factor(epoch):
+        if epoch < args.warmup_epochs:
+            return (epoch + 1) / (args.warmup_epochs + 1)
+        e = epoch - args.warmup_epochs
+        if args.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * e / max(1, args.epochs - args.warmup_epochs)))
+        if args.lr_scheduler == "step":
+            return args.lr_gamma ** (e // args.lr_step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, state, stop, save_last):
+    """One pass over loader; returns (mean loss, images/s) or None when a stop was requested."""
+    model.train()
+    loss_sum, seen = state.get("epoch_loss_sum", 0.0), state.get("epoch_seen", 0)
+    step = state.get("step", 0)
+    micro = args.micro_batch if 0 < args.micro_batch < args.batch_size else args.batch_size
+    bar = tqdm(loader, desc=f"train {epoch + 1}/{args.epochs}", disable=not state["is_main"],
+               initial=step, total=step + len(loader), file=sys.stdout, dynamic_ncols=True)
+    start, images_timed = time.perf_counter(), 0
+    for images, targets in bar:
+        images = data.normalize_batch(images.to(device, non_blocking=True), state["mean"], state["std"],
+                                      channels_last=args.channels_last == "on")
+        targets = targets.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        chunks = list(zip(images.split(micro), targets.split(micro)))
+        step_loss = 0.0
+        for i, (x, y) in enumerate(chunks):
+            # DDP all-reduces gradients only on the last chunk of a step
+            last_chunk = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last_chunk or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, dev.autocast(device, state["amp_dtype"]):
+                logits, aux2, aux1 = model(x)
+                loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
+                loss = loss * (len(x) / len(images))  # chunks add up to the mean over the batch
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            raise TrainingError(f"the loss became {step_loss} at epoch {epoch + 1}, step {step + 1}: "
+                                "training diverged; lower --lr (best.pth was not touched)")
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        loss_sum += step_loss * len(images)
+        seen += len(images)
+        images_timed += len(images)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+        state.update(step=step, epoch_loss_sum=loss_sum, epoch_seen=seen)
+        if stop.requested(device):
+            bar.close()
+            return None
+        if args.save_every and step % args.save_every == 0:
+            save_last(epoch)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    totals = dev.all_reduce_sum([loss_sum, seen, images_timed], device)
+    return totals[0] / max(totals[1], 1), totals[2] / max(elapsed, 1e-9)
+
+
+@torch.inference_mode()
+def evaluate(model, criterion, loader, device, num_classes, state, desc="val"):
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over every image."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = 0.0
+    for images, targets in tqdm(loader, desc=desc, disable=not state["is_main"], file=sys.stdout,
+                                dynamic_ncols=True, leave=False):
+        images = data.normalize_batch(images.to(device, non_blocking=True), state["mean"], state["std"],
+                                      channels_last=state["channels_last"])
+        targets = targets.to(device, non_blocking=True)
+        with dev.autocast(device, state["amp_dtype"]):
+            logits = model(images)
+        loss_sum += criterion(logits.float(), targets).item() * len(images)
+        predictions = logits.argmax(dim=1)
+        confusion += torch.bincount(targets * num_classes + predictions,
+                                    minlength=num_classes ** 2).view(num_classes, num_classes)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+    total_loss = dev.all_reduce_sum([loss_sum], device)[0]
+    confusion = confusion.cpu()
+    count = int(confusion.sum())
+    accuracy = confusion.diag().sum().item() / max(count, 1)
+    return total_loss / max(count, 1), accuracy, confusion
+
+
+def prepare_data(args, log):
+    train_dir = os.path.join(args.data_path, "train")
+    val_dir = os.path.join(args.data_path, "val")
+    if not os.path.isdir(train_dir) and args.download:
+        from data_set.split_data import split_dataset
+
+        photos = data.download_flowers(args.data_path, url=args.data_url, log=log)
+        split_dataset(photos, args.data_path, val_ratio=0.1, seed=0, log=log)
+    for folder in ([] if args.eval_only else [train_dir]) + [val_dir]:
+        if not os.path.isdir(folder):
+            hint = ("run `python train.py --download` to fetch and split the flower photos"
+                    if os.path.normpath(args.data_path) == os.path.normpath(DEFAULT_DATA) else
+                    "pass --data-path with a folder holding train/<class>/ and val/<class>/, "
+                    "or add --download to fetch the flower photos there")
+            raise data.DataError(f"data folder {folder} does not exist: {hint}")
+    return train_dir, val_dir
+
+
+def load_start_weights(args, model, log):
+    """--weights: fine-tune from a checkpoint, a plain state dict or torchvision's ImageNet file."""
+    if args.weights == "imagenet":
+        try:
+            state_dict = torch.hub.load_state_dict_from_url(IMAGENET_URL, map_location="cpu", progress=True,
+                                                            check_hash=True, weights_only=True)
+        except Exception as e:
+            raise ckpt.CheckpointError(f"cannot download the ImageNet weights ({str(e)[:120]}): check the "
+                                       f"network, or download {IMAGENET_URL} and pass --weights FILE")
+        source = IMAGENET_URL
+    else:
+        state_dict, source = ckpt.load_checkpoint(args.weights)["model"], args.weights
+    reset = ckpt.load_weights(model, state_dict, source, reinit_heads=True)
+    if reset:
+        log(f"weights: loaded {source}; re-initialised for {model.fc.out_features} classes: {', '.join(reset)}")
+    else:
+        log(f"weights: loaded {source}")
+
+
+def weights_variant(args):
+    if args.weights == "imagenet":
+        return "torchvision"
+    if args.weights:
+        loaded = ckpt.load_checkpoint(args.weights)
+        return loaded.get("variant") or ckpt.guess_variant(ckpt.clean_state_dict(loaded["model"]))
+    return "paper"
+
+
+def check_writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        ckpt.atomic_write_text(os.path.join(folder, ".write-test"), "ok")
+        os.remove(os.path.join(folder, ".write-test"))
+    except OSError as e:
+        raise TrainingError(f"cannot write to output folder {folder} ({e.strerror or e}): "
+                            "pass --output-dir with a writable folder, or free some disk space")
+
+
+def main(args):
+    rank, world_size, local_rank = dev.init_distributed()
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    device = dev.pick_device(args.device, local_rank)
+    dev.tune_backends(device)
+    if device.type == "cpu":
+        dev.tune_cpu_allocator()
+    amp_dtype = dev.amp_dtype(device, args.amp)
+    resume = ckpt.load_checkpoint(args.resume) if args.resume else None
+    if resume is not None and "optimizer" not in resume:
+        raise ckpt.CheckpointError(f"{args.resume} holds weights only, not a run to resume: "
+                                   "pass the last.pth of the run, or use --weights to start from it")
+    if args.eval_only and not args.weights:
+        raise TrainingError("--eval-only needs --weights PATH: the weights to evaluate")
+    torch.manual_seed(args.seed)
+
+    train_dir, val_dir = prepare_data(args, log)
+    if is_main:
+        check_writable(args.output_dir)
+    classes = data.find_classes(val_dir if args.eval_only else train_dir)
+    if resume is not None and resume.get("classes") != classes:
+        raise ckpt.CheckpointError(f"{args.resume} was trained on classes {resume.get('classes')}, "
+                                   f"the data has {classes}: resume with the same --data-path")
+    roots = [val_dir] if args.eval_only else [train_dir, val_dir]
+    cached = data.decide_cache(args.cache, roots, classes, log=log)
+    workers = args.workers if args.workers is not None else data.default_workers(args.batch_size, device, cached)
+    val_set = data.FlowerFolder(val_dir, data.build_transforms(train=False), classes, cached, args.bad_images)
+    val_loader = data.make_loader(val_set, data.EpochSampler(len(val_set), False, 0, rank, world_size, pad=False),
+                                  args.batch_size, workers, device)
+    sets = [val_set]
+    if not args.eval_only:
+        train_set = data.FlowerFolder(train_dir, data.build_transforms(train=True), classes, cached,
+                                      args.bad_images)
+        train_sampler = data.EpochSampler(len(train_set), True, args.seed, rank, world_size)
+        train_loader = data.make_loader(train_set, train_sampler, args.batch_size, workers, device)
+        sets.append(train_set)
+    for s in sets:
+        if s.skipped:
+            log(f"skipped {len(s.skipped)} unreadable image(s) in {s.root}: "
+                + "; ".join(f"{p} ({e})" for p, e in s.skipped))
+    log(f"data: {len(classes)} classes {classes}; "
+        + ("" if args.eval_only else f"{len(train_set)} train, ") + f"{len(val_set)} val images; "
+        f"device {device}{', ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}; "
+        f"{workers} loader workers; {world_size} process(es)")
+
+    variant = resume["variant"] if resume is not None else weights_variant(args)
+    model = GoogLeNet(num_classes=len(classes), aux_logits=True, init_weights=True, variant=variant)
+    if args.weights and resume is None:
+        load_start_weights(args, model, log)
+    if args.freeze_layers:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(HEAD_PREFIXES + ("aux1.", "aux2."))
+    model.to(device)
+    channels_last = args.channels_last == "on"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    state = {"is_main": is_main, "mean": data.MEAN, "std": data.STD, "amp_dtype": amp_dtype,
+             "channels_last": channels_last}
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    run_model = torch.compile(model) if args.compile else model
+
+    if args.eval_only:
+        from report import print_evaluation, write_confusion_csv
+
+        loss, acc, confusion = evaluate(run_model, nn.CrossEntropyLoss(), val_loader, device, len(classes), state)
+        if is_main:
+            print_evaluation(classes, confusion, loss)
+            path = os.path.join(args.output_dir, "confusion_matrix.csv")
+            write_confusion_csv(path, classes, confusion)
+            print(f"confusion matrix written to {path}")
+        return 0
+
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        run_model = nn.parallel.DistributedDataParallel(run_model, device_ids=ids)
+    optimizer = build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    scheduler = build_scheduler(args, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch, best_acc, best_epoch = 0, 0.0, 0
+    if resume is not None:
+        ckpt.load_weights(model, resume["model"], args.resume)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch, best_acc, best_epoch = resume["epoch"], resume["best_acc"], resume["best_epoch"]
+        state.update(step=resume["step"], epoch_loss_sum=resume["epoch_loss_sum"], epoch_seen=resume["epoch_seen"])
+        ckpt.restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+        log(f"resuming {args.resume}: epoch {start_epoch + 1}, step {state['step']}, best accuracy {best_acc:.3f}")
+
+    best_path = os.path.join(args.output_dir, "best.pth")
+    last_path = os.path.join(args.output_dir, "last.pth")
+    if is_main:
+        ckpt.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), classes)
+        if args.class_indices:
+            ckpt.write_class_indices(args.class_indices, classes)
+    from report import append_metrics
+
+    def describe():
+        return {"model": model.state_dict(), "classes": classes, "variant": variant,
+                "image_size": data.IMAGE_SIZE, "mean": list(data.MEAN), "std": list(data.STD),
+                "args": vars(args)}
+
+    def save_last(epoch, completed=False):
+        """last.pth: everything needed to continue; every process's RNG state is gathered."""
+        rng = ckpt.capture_rng_state()
+        rngs = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if not is_main:
+            return
+        payload = describe()
+        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                       scaler=scaler.state_dict(), epoch=epoch + 1 if completed else epoch,
+                       step=0 if completed else state["step"],
+                       epoch_loss_sum=0.0 if completed else state["epoch_loss_sum"],
+                       epoch_seen=0 if completed else state["epoch_seen"],
+                       best_acc=best_acc, best_epoch=best_epoch, rng=rngs)
+        try:
+            ckpt.save_checkpoint(payload, last_path)
+        except OSError as e:
+            raise TrainingError(f"cannot save {last_path} ({e.strerror or e}); the previous file is intact: "
+                                "free some disk space and resume from it")
+
+    stop = StopRequest()
+    for epoch in range(start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch, start=state.get("step", 0) * args.batch_size)
+        epoch_start = time.perf_counter()
+        result = train_one_epoch(run_model, criterion, optimizer, scaler, train_loader, device, epoch,
+                                 args, state, stop, save_last)
+        if result is None:
+            save_last(epoch)
+            signum = stop.signal or signal.SIGTERM  # another process may have caught it
+            name = signal.Signals(signum).name
+            log(f"\n{name}: stopped at epoch {epoch + 1}, step {state['step']}; saved {last_path}. "
+                f"Resume with:\n  python train.py {resume_command(args, last_path)}")
+            return 128 + signum
+        train_loss, images_per_s = result
+        val_loss, val_acc, _ = evaluate(model, criterion, val_loader, device, len(classes), state)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        state.update(step=0, epoch_loss_sum=0.0, epoch_seen=0)
+        seconds = time.perf_counter() - epoch_start
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch + 1
+        if is_main:
+            log(f"[epoch {epoch + 1}] train_loss: {train_loss:.3f}  val_loss: {val_loss:.3f}  "
+                f"val_accuracy: {val_acc:.3f}  {images_per_s:.1f} img/s  {seconds:.0f} s")
+            append_metrics(os.path.join(args.output_dir, "metrics.csv"), epoch + 1,
+                           dict(lr=lr, train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc,
+                                images_per_s=images_per_s, seconds=seconds))
+            if improved:
+                payload = describe()
+                payload.update(epoch=epoch + 1, val_accuracy=val_acc)
+                try:
+                    ckpt.save_checkpoint(payload, best_path)
+                except OSError as e:
+                    raise TrainingError(f"cannot save {best_path} ({e.strerror or e}); the previous file is "
+                                        "intact: free some disk space and resume from last.pth")
+        save_last(epoch, completed=True)
+    log(f"best val_accuracy {best_acc:.3f} at epoch {best_epoch}, saved in {best_path}")
+    return 0
+
+
+def resume_command(args, last_path):
+    parts = [f"--resume {last_path}"]
+    defaults = get_args_parser().parse_args([])
+    for key, value in vars(args).items():
+        if key in ("resume", "download", "data_url") or value == getattr(defaults, key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
+def run(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        code = main(args)
+    except (data.DataError, ckpt.CheckpointError, dev.DeviceError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2 if not isinstance(e, TrainingError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())
