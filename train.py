@@ -55,6 +55,7 @@ def get_args_parser():
     p.add_argument("--download", action="store_true",
                    help="if --data-path is missing, download the flower photos into it and split them 9:1")
     p.add_argument("--data-url", default=data.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
+    p.add_argument("--data-sha256", default=data.FLOWERS_SHA256, help="expected SHA-256 of the --data-url archive")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32, help="images per step in each process")
     p.add_argument("--micro-batch", type=int, default=0,
@@ -202,7 +203,7 @@ def prepare_data(args, log):
     if not os.path.isdir(train_dir) and args.download:
         from data_set.split_data import split_dataset
 
-        photos = data.download_flowers(args.data_path, url=args.data_url, log=log)
+        photos = data.download_flowers(args.data_path, url=args.data_url, sha256=args.data_sha256, log=log)
         split_dataset(photos, args.data_path, val_ratio=0.1, seed=0, log=log)
     for folder in ([] if args.eval_only else [train_dir]) + [val_dir]:
         if not os.path.isdir(folder):
@@ -424,7 +425,7 @@ def resume_command(args, last_path):
     parts = [f"--resume {last_path}"]
     defaults = get_args_parser().parse_args([])
     for key, value in vars(args).items():
-        if key in ("resume", "download", "data_url") or value == getattr(defaults, key):
+        if key in ("resume", "download", "data_url", "data_sha256") or value == getattr(defaults, key):
             continue
         flag = "--" + key.replace("_", "-")
         parts.append(flag if value is True else f"{flag} {value}")
