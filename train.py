@@ -197,14 +197,16 @@ def evaluate(model, criterion, loader, device, num_classes, state, desc="val"):
     return total_loss / max(count, 1), accuracy, confusion
 
 
-def prepare_data(args, log):
+def prepare_data(args, is_main, log):
     train_dir = os.path.join(args.data_path, "train")
     val_dir = os.path.join(args.data_path, "val")
-    if not os.path.isdir(train_dir) and args.download:
+    if not os.path.isdir(train_dir) and args.download and is_main:
         from data_set.split_data import split_dataset
 
         photos = data.download_flowers(args.data_path, url=args.data_url, sha256=args.data_sha256, log=log)
         split_dataset(photos, args.data_path, val_ratio=0.1, seed=0, log=log)
+    if args.download and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the other processes wait for rank 0's download
     for folder in ([] if args.eval_only else [train_dir]) + [val_dir]:
         if not os.path.isdir(folder):
             hint = ("run `python train.py --download` to fetch and split the flower photos"
@@ -270,7 +272,7 @@ def main(args):
         raise TrainingError("--eval-only needs --weights PATH: the weights to evaluate")
     torch.manual_seed(args.seed)
 
-    train_dir, val_dir = prepare_data(args, log)
+    train_dir, val_dir = prepare_data(args, is_main, log)
     if is_main:
         check_writable(args.output_dir)
     classes = data.find_classes(val_dir if args.eval_only else train_dir)
