@@ -4,8 +4,8 @@ Attribute names follow the widely used PyTorch implementation of this network, s
 load here unchanged (keys such as ``inception4a.branch2.1.conv.weight`` and ``aux1.fc2.bias``).
 
 ``variant="torchvision"`` builds the layout of torchvision's ImageNet GoogLeNet weights instead:
-BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch and a 2x2 fourth
-max-pool. Those weights expect inputs normalised with mean 0.5 and std 0.5, the same as ours.
+BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch, a 2x2 fourth
+max-pool and torchvision's pooling and dropout in the aux heads. Those weights expect inputs normalised with mean 0.5 and std 0.5, the same as ours.
 """
 import torch
 from torch import nn
@@ -61,11 +61,13 @@ class InceptionAux(nn.Module):
 
     def __init__(self, in_channels, num_classes, batch_norm=False):
         super().__init__()
-        self.averagePool = nn.AvgPool2d(kernel_size=5, stride=3)
+        # The paper's 5x5/3 pooling; torchvision's weights were trained with adaptive 4x4 windows
+        # and dropout 0.7, so their variant keeps those (the same 4 x 4 output at 224 px).
+        self.averagePool = nn.AdaptiveAvgPool2d((4, 4)) if batch_norm else nn.AvgPool2d(kernel_size=5, stride=3)
         self.conv = BasicConv2d(in_channels, 128, batch_norm, kernel_size=1)
         self.fc1 = nn.Linear(2048, 1024)
         self.fc2 = nn.Linear(1024, num_classes)
-        self.dropout = nn.Dropout(0.5)
+        self.dropout = nn.Dropout(0.7 if batch_norm else 0.5)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
