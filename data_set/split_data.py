@@ -1,0 +1,112 @@
+"""Split an image-folder tree (source/<class>/<images>) into dest/train/<class> and dest/val/<class>.
+
+    python data_set/split_data.py [--source DIR] [--dest DIR] [--val-ratio 0.1] [--seed 0] [--force]
+
+The split is the same on every platform for a given seed: classes and files are
+listed in sorted order and each class is shuffled by its own RNG, seeded from the seed and the class
+name, so adding or removing one class leaves the split of the others unchanged.
+"""
+import argparse
+import os
+import random
+import shutil
+import sys
+
+# Run as a script, sys.path[0] is data_set/, not the repo root that holds data.py.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from data import DataError, find_classes, list_images  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SOURCE = os.path.join(HERE, "flower_data", "flower_photos")
+DEFAULT_DEST = os.path.join(HERE, "flower_data")
+
+
+def val_count(n, val_ratio):
+    """Images of a class of n that go to val: int(n * ratio) as the classic script takes (3,306 train
+    / 364 val for the flower photos), at least 1 when n >= 2, at most n - 1."""
+    k = int(n * val_ratio)
+    if n >= 2:
+        k = max(k, 1)
+    return max(0, min(k, n - 1))
+
+
+def _is_within(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
+    """Copy source/<class>/* into dest/{train,val}/<class>/; returns {class: (n_train, n_val)}."""
+    if not 0 < val_ratio < 1:
+        raise DataError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+    classes = find_classes(source)
+    samples = list_images(source, classes)
+    train_dir, val_dir = outputs = [os.path.join(dest, "train"), os.path.join(dest, "val")]
+    for out in outputs:
+        # --force deletes these folders, so they must not hold the photos being split; nor may they
+        # sit inside the source, where the next run would take them for classes.
+        if _is_within(source, out) or _is_within(out, source):
+            raise DataError(f"source {source} and output {out} overlap: choose a --dest outside "
+                            "the source folder")
+        if os.path.exists(out) and not force:
+            raise DataError(f"{out} already exists: pass --force to replace it")
+    for out in outputs:
+        if os.path.exists(out):
+            shutil.rmtree(out)  # only train/ and val/: dest may also hold the source photos
+
+    counts = {}
+    for index, name in enumerate(classes):
+        folder = os.path.join(source, name)
+        files = [path for path, target in samples if target == index]
+        # A string seed is hashed with SHA-512, the same on every platform, unlike hash().
+        random.Random(f"{seed}:{name}").shuffle(files)
+        n_val = val_count(len(files), val_ratio)
+        for i, path in enumerate(files):
+            # Keep the path below the class folder, so files in subfolders cannot collide.
+            target = os.path.join(val_dir if i < n_val else train_dir, name, os.path.relpath(path, folder))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(path, target)
+        counts[name] = (len(files) - n_val, n_val)
+
+    _log_table(counts, log)
+    for name, (_, n_val) in counts.items():
+        if n_val == 0:
+            log(f"warning: class {name} has a single image, so val has none of it")
+    return counts
+
+
+def _log_table(counts, log):
+    rows = [(name, t, v) for name, (t, v) in counts.items()]
+    rows.append(("total", sum(t for _, t, _ in rows), sum(v for _, _, v in rows)))
+    width = max(len("class"), *(len(name) for name, _, _ in rows))
+    log(f"{'class':<{width}}  {'train':>6}  {'val':>6}  {'total':>6}")
+    for name, t, v in rows:
+        log(f"{name:<{width}}  {t:>6}  {v:>6}  {t + v:>6}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", metavar="DIR", default=DEFAULT_SOURCE,
+                        help="folder of class folders to split (default: %(default)s)")
+    parser.add_argument("--dest", metavar="DIR", default=DEFAULT_DEST,
+                        help="where train/ and val/ are written (default: %(default)s)")
+    parser.add_argument("--val-ratio", metavar="R", type=float, default=0.1,
+                        help="share of each class that goes to val, between 0 and 1 (default: %(default)s)")
+    parser.add_argument("--seed", metavar="N", type=int, default=0,
+                        help="seed of the shuffle; the same seed gives the same split (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="delete an existing dest/train and dest/val first instead of refusing")
+    args = parser.parse_args(argv)
+    try:
+        split_dataset(args.source, args.dest, args.val_ratio, args.seed, args.force)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
