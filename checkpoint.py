@@ -63,6 +63,16 @@ def _umask():
     return mask
 
 
+def remove_stale_temp_files(folder, names=("best.pth", "last.pth", "class_indices.json", "metrics.csv")):
+    """Delete the temporary files of saves that a crash or SIGKILL cut short (never a real file)."""
+    for entry in os.listdir(folder):
+        if entry.endswith(".tmp") and any(entry.startswith(f".{n}.") for n in names):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
 def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -143,7 +153,8 @@ def load_weights(model, state_dict, path, reinit_heads=False):
     reinit = [k for k in misshaped if reinit_heads and k.startswith(HEAD_PREFIXES)]
     wrong = [k for k in misshaped if k not in reinit]
     if wrong:
-        details = ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
+        details = ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:6])
+        details += f" and {len(wrong) - 6} more" if len(wrong) > 6 else ""  # the 6 heads all show
         hint = ""
         if any(k.startswith(HEAD_PREFIXES) for k in wrong):
             hint = (f" The weights are for {state_dict['fc.weight'].shape[0]} classes and the model has "

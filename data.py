@@ -252,6 +252,11 @@ def make_loader(dataset, sampler, batch_size, workers, device):
         pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with compute
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # Each iterator draws its base seed from this generator, not from the global RNG that
+        # dropout uses: otherwise a run resumed mid-epoch (whose iterator starts after the RNG
+        # state is restored) draws different dropout masks than the uninterrupted run.
+        # The augmentation is seeded per sample by EpochSampler, so nothing else uses that seed.
+        generator=torch.Generator(),
     )
 
 

@@ -77,11 +77,14 @@ def load_model(weights, class_indices, device):
     state_dict = ckpt.clean_state_dict(loaded["model"])
     classes = loaded.get("classes") or ckpt.read_class_indices(class_indices)
     variant = loaded.get("variant") or ckpt.guess_variant(state_dict)
-    if "fc.weight" in state_dict and state_dict["fc.weight"].shape[0] != len(classes):
+    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant)
+    # Only weights with this model's layers can be for another class count; for any other network
+    # (a ResNet has an fc.weight too) load_weights below names the keys that do not fit.
+    if (set(model.state_dict()) <= set(state_dict) and "fc.weight" in state_dict
+            and state_dict["fc.weight"].shape[0] != len(classes)):
         raise ckpt.CheckpointError(f"{weights} is for {state_dict['fc.weight'].shape[0]} classes but "
                                    f"{class_indices} names {len(classes)}: use the class index file "
                                    "written with these weights")
-    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant)
     ckpt.load_weights(model, state_dict, weights)
     mean, std = tuple(loaded.get("mean", data.MEAN)), tuple(loaded.get("std", data.STD))
     image_size = int(loaded.get("image_size", data.IMAGE_SIZE))

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -56,20 +57,21 @@ def get_args_parser():
                    help="if --data-path is missing, download the flower photos into it and split them 9:1")
     p.add_argument("--data-url", default=data.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
     p.add_argument("--data-sha256", default=data.FLOWERS_SHA256, help="expected SHA-256 of the --data-url archive")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training images")
     p.add_argument("--batch-size", type=int, default=32, help="images per step in each process")
     p.add_argument("--micro-batch", type=int, default=0,
                    help="split each step into chunks of this many images, accumulating gradients "
                         "(same result without BatchNorm, less memory; 0: the whole batch at once)")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate, applied as given in every process")
-    p.add_argument("--opt", default="adam", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--opt", default="adam", choices=["adam", "adamw", "sgd"], help="optimizer")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--lr-scheduler", default="none", choices=["none", "cosine", "step"])
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (decoupled for adamw)")
+    p.add_argument("--lr-scheduler", default="none", choices=["none", "cosine", "step"],
+                   help="learning-rate schedule over the epochs, stepped once per epoch")
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up before the schedule")
     p.add_argument("--lr-step-size", type=int, default=10, help="epochs between decays of the step schedule")
     p.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of the step schedule")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of each auxiliary classifier's loss")
     p.add_argument("--workers", type=int, default=None,
                    help="data loader processes (default: min(cpu count, batch size, 8) on CUDA; "
@@ -95,7 +97,7 @@ def get_args_parser():
     p.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
     p.add_argument("--class-indices", default="class_indices.json",
                    help="also write the class index file here (it is always written into --output-dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffling and the augmentation")
     return p
 
 
@@ -126,6 +128,10 @@ def build_scheduler(args, optimizer):
 def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, state, stop, save_last):
     """One pass over loader; returns (mean loss, images/s) or None when a stop was requested."""
     model.train()
+    if args.freeze_layers:  # frozen layers keep their BatchNorm statistics too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
+                m.eval()
     loss_sum, seen = state.get("epoch_loss_sum", 0.0), state.get("epoch_seen", 0)
     step = state.get("step", 0)
     micro = args.micro_batch if 0 < args.micro_batch < args.batch_size else args.batch_size
@@ -197,6 +203,28 @@ def evaluate(model, criterion, loader, device, num_classes, state, desc="val"):
     return total_loss / max(count, 1), accuracy, confusion
 
 
+def sync_ranks(model):
+    """Distributed runs, after each epoch's training: every process must hold rank 0's model.
+
+    DDP keeps the parameters identical (same start, same all-reduced gradients), and this checks
+    it: each process compares its parameters with rank 0's (one broadcast of the weights, ~50 MB
+    for GoogLeNet, once per epoch) and every process raises TrainingError if any differs. The
+    BatchNorm running statistics are different by design: DDP broadcasts them at the start of each
+    training forward, so after the last step each process holds those of its own last batch. They
+    are copied from rank 0 here, so validation runs the model that rank 0 saves, on every process.
+    """
+    mine = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    diff = (mine - reference).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # every process learns the verdict: none hangs
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    if diff.item() != 0:
+        raise TrainingError(f"the processes' weights diverged (largest difference from rank 0: "
+                            f"{diff.item():.3g}): the distributed run is broken; rerun with one process")
+
+
 def prepare_data(args, is_main, log):
     train_dir = os.path.join(args.data_path, "train")
     val_dir = os.path.join(args.data_path, "val")
@@ -204,7 +232,7 @@ def prepare_data(args, is_main, log):
         from data_set.split_data import split_dataset
 
         photos = data.download_flowers(args.data_path, url=args.data_url, sha256=args.data_sha256, log=log)
-        split_dataset(photos, args.data_path, val_ratio=0.1, seed=0, log=log)
+        split_dataset(photos, args.data_path, val_ratio=0.1, seed=0, force=True, log=log)  # train/ is missing
     if args.download and dist.is_available() and dist.is_initialized():
         dist.barrier()  # the other processes wait for rank 0's download
     for folder in ([] if args.eval_only else [train_dir]) + [val_dir]:
@@ -229,7 +257,8 @@ def load_start_weights(args, model, log):
         source = IMAGENET_URL
     else:
         state_dict, source = ckpt.load_checkpoint(args.weights)["model"], args.weights
-    reset = ckpt.load_weights(model, state_dict, source, reinit_heads=True)
+    # fine-tuning replaces heads sized for other classes; evaluation must use the weights as they are
+    reset = ckpt.load_weights(model, state_dict, source, reinit_heads=not args.eval_only)
     if reset:
         log(f"weights: loaded {source}; re-initialised for {model.fc.out_features} classes: {', '.join(reset)}")
     else:
@@ -275,6 +304,7 @@ def main(args):
     train_dir, val_dir = prepare_data(args, is_main, log)
     if is_main:
         check_writable(args.output_dir)
+        ckpt.remove_stale_temp_files(args.output_dir)
     classes = data.find_classes(val_dir if args.eval_only else train_dir)
     if resume is not None and resume.get("classes") != classes:
         raise ckpt.CheckpointError(f"{args.resume} was trained on classes {resume.get('classes')}, "
@@ -320,6 +350,11 @@ def main(args):
     if args.eval_only:
         from report import print_evaluation, write_confusion_csv
 
+        trained_on = ckpt.load_checkpoint(args.weights).get("classes")
+        if trained_on and trained_on != classes:
+            raise ckpt.CheckpointError(f"{args.weights} was trained on classes {trained_on}, the val folder "
+                                       f"has {classes}: evaluate on data with the same class folders")
+
         loss, acc, confusion = evaluate(run_model, nn.CrossEntropyLoss(), val_loader, device, len(classes), state)
         if is_main:
             print_evaluation(classes, confusion, loss)
@@ -351,7 +386,11 @@ def main(args):
     if is_main:
         ckpt.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), classes)
         if args.class_indices:
-            ckpt.write_class_indices(args.class_indices, classes)
+            try:
+                ckpt.write_class_indices(args.class_indices, classes)
+            except OSError as e:
+                raise TrainingError(f"cannot write the class index file {args.class_indices} "
+                                    f"({e.strerror or e}): pass --class-indices with a writable path")
     from report import append_metrics
 
     def describe():
@@ -383,6 +422,7 @@ def main(args):
                                 "free some disk space and resume from it")
 
     stop = StopRequest()
+    synced = False
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch, start=state.get("step", 0) * args.batch_size)
         epoch_start = time.perf_counter()
@@ -396,12 +436,18 @@ def main(args):
                 f"Resume with:\n  python train.py {resume_command(args, last_path)}")
             return 128 + signum
         train_loss, images_per_s = result
+        if world_size > 1:
+            sync_ranks(model)
+            synced = True
         val_loss, val_acc, _ = evaluate(model, criterion, val_loader, device, len(classes), state)
+        if not math.isfinite(val_loss):  # the last step's update broke the weights: never save them
+            raise TrainingError(f"the validation loss became {val_loss} after epoch {epoch + 1}: training "
+                                "diverged; lower --lr (best.pth was not touched)")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         state.update(step=0, epoch_loss_sum=0.0, epoch_seen=0)
         seconds = time.perf_counter() - epoch_start
-        improved = val_acc > best_acc
+        improved = val_acc > best_acc or best_epoch == 0  # the first epoch always writes best.pth
         if improved:
             best_acc, best_epoch = val_acc, epoch + 1
         if is_main:
@@ -419,18 +465,31 @@ def main(args):
                     raise TrainingError(f"cannot save {best_path} ({e.strerror or e}); the previous file is "
                                         "intact: free some disk space and resume from last.pth")
         save_last(epoch, completed=True)
-    log(f"best val_accuracy {best_acc:.3f} at epoch {best_epoch}, saved in {best_path}")
+    if synced:
+        log(f"ranks in sync: the {world_size} processes held identical weights after every epoch")
+    log(f"best val_accuracy {best_acc:.3f} at epoch {best_epoch}, saved in {best_path}; "
+        f"peak memory {peak_rss_gib():.1f} GiB")
     return 0
 
 
+def peak_rss_gib():
+    """Peak resident memory of this process and its finished loader workers (0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    kib = sum(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30  # macOS counts bytes
+
+
 def resume_command(args, last_path):
-    parts = [f"--resume {last_path}"]
+    parts = [f"--resume {shlex.quote(last_path)}"]  # quoted: paths may hold spaces
     defaults = get_args_parser().parse_args([])
     for key, value in vars(args).items():
         if key in ("resume", "download", "data_url", "data_sha256") or value == getattr(defaults, key):
             continue
         flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {value}")
+        parts.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 

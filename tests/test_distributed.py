@@ -1,0 +1,234 @@
+"""Data-parallel training on the CPU: two gloo processes launched by torch.distributed.run.
+
+One tiny run (3 classes, 4 train + 3 val images each, 1 epoch, torchvision variant so BatchNorm
+buffers are involved) is shared by the tests of this file. What it must show:
+  - it exits 0 and train.py's own check reports "ranks in sync" (identical weights on both ranks);
+  - the validation accuracy it prints is that of the saved weights evaluated by one process, over
+    exactly the 9 val images (no padded duplicates);
+  - only rank 0 writes files, logs and draws progress bars.
+Plus a direct test of train.sync_ranks on two forked gloo processes, including the failure path.
+Offline, CPU only.
+"""
+import csv
+import multiprocessing
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torch import nn
+
+import checkpoint
+import train
+from model import GoogLeNet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["daisy", "roses", "tulips"]
+COLORS = [(230, 200, 40), (200, 30, 50), (60, 60, 220)]
+TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
+VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS  # 9: odd, so splitting over 2 ranks pads if anything does
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers (kept inside this file)
+# ---------------------------------------------------------------------------------------------
+def make_tiny_flowers(root):
+    """root/{train,val}/<class>/*.jpg: small JPEGs whose colour depends on the class."""
+    rng = random.Random(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for name, color in zip(CLASSES, COLORS):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for i in range(count):
+                img = Image.new("RGB", (64, 48), color)
+                draw = ImageDraw.Draw(img)
+                for _ in range(6):
+                    x, y = rng.randrange(60), rng.randrange(44)
+                    shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in color)
+                    draw.rectangle([x, y, x + rng.randint(2, 12), y + rng.randint(2, 12)], fill=shade)
+                img.save(os.path.join(folder, f"{name}_{i}.jpg"), quality=90)
+    return root
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train_in_process(argv, capsys):
+    """train.run(argv) in this process; restores the signal handlers that train.py installs."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = train.run([str(a) for a in argv])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared two-process run
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    data_path = make_tiny_flowers(str(base / "data"))
+    # start from torchvision-variant weights (BatchNorm): the buffers must end up in sync too
+    torch.manual_seed(1)
+    start = GoogLeNet(num_classes=len(CLASSES), aux_logits=True, init_weights=True, variant="torchvision")
+    weights = str(base / "start.pth")
+    torch.save(start.state_dict(), weights)
+    out_dir = str(base / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback, whatever the host name resolves to
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "train.py", "--data-path", data_path, "--output-dir", out_dir,
+           "--class-indices", str(base / "class_indices.json"), "--weights", weights,
+           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=480)
+    return {"proc": proc, "data": data_path, "out": out_dir, "base": str(base)}
+
+
+def describe(proc):
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def test_two_process_run_succeeds_with_ranks_in_sync(ddp_run):
+    proc = ddp_run["proc"]
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.count("ranks in sync") == 1, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+
+
+def test_only_rank_0_logs_and_draws_progress_bars(ddp_run):
+    proc = ddp_run["proc"]
+    assert proc.returncode == 0, describe(proc)
+    both = proc.stdout + proc.stderr
+    data_lines = [l for l in proc.stdout.splitlines() if l.startswith("data: ")]
+    assert len(data_lines) == 1, describe(proc)
+    assert "12 train, 9 val images" in data_lines[0] and "2 process(es)" in data_lines[0]
+    assert len(re.findall(r"(?:^|\r)\[epoch 1\]", proc.stdout, flags=re.M)) == 1, describe(proc)
+    assert both.count("best val_accuracy") == 1
+    # a bar prints its bare 0% state (no rate, no loss yet) only when it is created: one training
+    # bar and one validation bar. 12 training images over 2 ranks in batches of 2: 3 steps a rank;
+    # rank 0's 5 val images in batches of 2: 3 batches.
+    assert len(re.findall(r"train 1/1:\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
+    assert re.search(r"train 1/1: 100%\|[^|]*\| 3/3 ", both), describe(proc)
+    assert len(re.findall(r"val:\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
+
+
+def test_only_rank_0_writes_files(ddp_run):
+    proc = ddp_run["proc"]
+    assert proc.returncode == 0, describe(proc)
+    # no temporary files, no .write-test, nothing from rank 1
+    assert sorted(os.listdir(ddp_run["out"])) == ["best.pth", "class_indices.json", "last.pth", "metrics.csv"]
+    assert sorted(os.listdir(ddp_run["base"])) == ["class_indices.json", "data", "out", "start.pth"]
+    with open(os.path.join(ddp_run["out"], "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1"]
+    last = checkpoint.load_checkpoint(os.path.join(ddp_run["out"], "last.pth"))
+    assert last["epoch"] == 1 and last["step"] == 0 and last["variant"] == "torchvision"
+    assert len(last["rng"]) == 2  # every rank's RNG state was gathered for an exact resume
+
+
+def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(ddp_run, capsys, tmp_path):
+    proc = ddp_run["proc"]
+    assert proc.returncode == 0, describe(proc)
+    printed = re.search(r"(?:^|\r)\[epoch 1\].*val_loss: (\S+)\s+val_accuracy: (\S+)", proc.stdout, flags=re.M)
+    assert printed, describe(proc)
+    with open(os.path.join(ddp_run["out"], "metrics.csv"), newline="") as f:
+        row = next(csv.DictReader(f))
+    assert f"{float(row['val_accuracy']):.3f}" == printed.group(2)
+
+    eval_dir = str(tmp_path / "eval")
+    code, out, err = run_train_in_process(
+        ["--eval-only", "--weights", os.path.join(ddp_run["out"], "last.pth"), "--data-path", ddp_run["data"],
+         "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"], capsys)
+    assert code == 0, out + err
+    m = re.search(r"(?:^|\r)accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: (\S+)", out, flags=re.M)
+    assert m, out
+    correct, total = int(m.group(2)), int(m.group(3))
+    assert total == VAL_IMAGES  # every val image exactly once
+    # the same accuracy as the distributed run: printed (3 decimals) and in metrics.csv (6 digits),
+    # where a padded 10-image count could not give the same value
+    assert printed.group(2) == f"{correct / total:.3f}"
+    assert float(row["val_accuracy"]) == pytest.approx(correct / total, abs=1e-5)
+    # the mean loss would move with duplicated images even when the accuracy does not
+    assert float(row["val_loss"]) == pytest.approx(float(m.group(4)), abs=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.sync_ranks on two forked gloo processes (tiny model, no torchrun)
+# ---------------------------------------------------------------------------------------------
+def _sync_worker(rank, port, diverge, results):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        model[1].running_mean.fill_(rank + 1.0)  # as after a last step on different batches
+        model[1].num_batches_tracked.fill_(10 * rank)
+        if diverge and rank == 1:
+            with torch.no_grad():
+                model[0].weight[0, 0] += 1e-3
+        try:
+            train.sync_ranks(model)
+            outcome = "ok"
+        except train.TrainingError as e:
+            outcome = f"TrainingError: {e}"
+        results.put((rank, outcome, model[1].running_mean.tolist(), int(model[1].num_batches_tracked)))
+    except BaseException:
+        results.put((rank, "crash: " + traceback.format_exc(), None, None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+
+
+def _run_sync(diverge):
+    ctx = multiprocessing.get_context("fork")  # no re-import of torch; the children use tiny tensors
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_sync_worker, args=(r, port, diverge, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+@needs_fork
+def test_sync_ranks_copies_rank0_buffers_and_passes_when_in_sync():
+    got = _run_sync(diverge=False)
+    for rank, outcome, running_mean, tracked in got:
+        assert outcome == "ok", outcome
+        assert running_mean == [1.0, 1.0, 1.0] and tracked == 0  # rank 0's values everywhere
+
+
+@needs_fork
+def test_sync_ranks_raises_on_every_rank_when_weights_differ():
+    got = _run_sync(diverge=True)
+    for rank, outcome, _, _ in got:
+        assert outcome.startswith("TrainingError: the processes' weights diverged"), outcome
+        assert "1e-03" in outcome or "0.001" in outcome
