@@ -62,3 +62,67 @@ def write_confusion_csv(path, classes, confusion):
     for name, row in zip(classes, confusion.tolist()):
         writer.writerow([name] + row)
     atomic_write_text(path, out.getvalue())
+
+
+def plot(folder):
+    """Draw folder/metrics.csv as loss and accuracy curves, and folder/confusion_matrix.csv."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: works without a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib, an optional dependency: pip install matplotlib")
+    written = []
+    metrics_path = os.path.join(folder, "metrics.csv")
+    if os.path.exists(metrics_path):
+        with open(metrics_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train")
+        ax_loss.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="val")
+        ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+        ax_loss.legend()
+        ax_acc.plot(epochs, [float(r["val_accuracy"]) for r in rows], "o-", color="tab:green")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(os.path.join(folder, "curves.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    confusion_path = os.path.join(folder, "confusion_matrix.csv")
+    if os.path.exists(confusion_path):
+        with open(confusion_path, newline="") as f:
+            table = list(csv.reader(f))
+        classes = table[0][1:]
+        counts = [[int(v) for v in row[1:]] for row in table[1:]]
+        fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+        ax.imshow(counts, cmap="Blues")
+        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+               title="confusion matrix")
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        top = max(max(r) for r in counts) or 1
+        for i, row in enumerate(counts):
+            for j, v in enumerate(row):
+                ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black")
+        fig.tight_layout()
+        written.append(os.path.join(folder, "confusion_matrix.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if not written:
+        raise SystemExit(f"error: {folder} has neither metrics.csv nor confusion_matrix.csv: "
+                         "train (python train.py) or evaluate (python train.py --eval-only) first")
+    return written
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv) and confusion matrix "
+                                                 "(confusion_matrix.csv) to PNG files beside them.")
+    parser.add_argument("folder", nargs="?", default="weights", help="the run's --output-dir")
+    for path in plot(parser.parse_args().folder):
+        print(f"wrote {path}")
