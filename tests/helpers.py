@@ -1,0 +1,113 @@
+"""Shared helpers for the end-to-end tests: tiny image trees, bad files and running the scripts.
+
+Everything here is offline and CPU only. Images are small (64 x 48); the model still sees them at
+224 x 224, so a training step of 4 images costs about a second on two cores: keep runs tiny.
+"""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "train.py")
+PREDICT = str(REPO / "predict.py")
+
+CLASSES = ("daisy", "roses", "tulips")
+COLORS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 200, 40), (160, 60, 200)]
+SIZE = (64, 48)  # width, height
+
+
+def pixels(color, seed, size=SIZE):
+    """An H x W x 3 uint8 array: color plus a little noise, different for every seed."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-25, 26, (size[1], size[0], 3))
+    return np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
+
+
+def save_image(path, color, seed=0, mode="RGB", size=SIZE):
+    """Write one image in the given Pillow mode; the format follows the file name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(pixels(color, seed, size))
+    if mode == "RGBA":
+        img = img.convert("RGBA")
+        img.putalpha(Image.fromarray(np.full((size[1], size[0]), 180, np.uint8)))
+    elif mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    with Image.open(path) as check:  # the file really has that mode (JPEG has no P or RGBA)
+        assert check.mode == mode, (path, check.mode, mode)
+    return path
+
+
+def make_tree(root, classes=CLASSES, n_train=4, n_val=2, size=SIZE):
+    """root/{train,val}/<class>/<class>_NN.jpg with class-dependent colors; returns root."""
+    root = Path(root)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k, name in enumerate(classes):
+            for i in range(n):
+                seed = k * 1000 + i + (500 if split == "val" else 0)
+                save_image(root / split / name / f"{name}_{i:02d}.jpg", COLORS[k], seed, size=size)
+    return root
+
+
+def write_corrupt(path, n=2000, seed=1):
+    """Random bytes under an image name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes())
+    return path
+
+
+def write_truncated_jpeg(path, color=(120, 120, 120), seed=7, size=(256, 192)):
+    """The first half of a valid JPEG: the header parses, the pixel data ends early."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(pixels(color, seed, size)).save(buf, format="JPEG", quality=95)
+    whole = buf.getvalue()
+    path.write_bytes(whole[: len(whole) // 2])
+    return path
+
+
+def train_argv(data, out, *extra, epochs=1, batch_size=4):
+    """train.py arguments for a tiny CPU run whose files all go under out (never the repo)."""
+    out = Path(out)
+    return ["--data-path", str(data), "--output-dir", str(out), "--class-indices", str(out / "ci.json"),
+            "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", "0",
+            "--device", "cpu", *map(str, extra)]
+
+
+def script_env():
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_script(script, args, cwd=REPO, timeout=600):
+    """Run a script with this interpreter; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_clean_error(code, stderr, *fragments):
+    """A non-zero exit, a last stderr line starting with 'error:' naming the fragments, no traceback."""
+    assert code != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    line = last_line(stderr)
+    assert line.startswith("error:"), stderr
+    for fragment in fragments:
+        assert str(fragment) in line, (fragment, line)
+    return line
