@@ -97,11 +97,11 @@ def read_class_indices(path):
         raise CheckpointError(f"{path} is not a class index file like {{\"0\": \"daisy\", ...}}")
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, option="--weights"):
     """The checkpoint dict; a plain state dict comes back as {"model": state_dict}."""
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file {path} does not exist: train first (python train.py) "
-                              "or pass --weights with the right path")
+                              f"or pass {option} with the right path")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:

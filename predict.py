@@ -159,7 +159,10 @@ def main(args):
 
 
 def run(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.topk is not None and args.topk < 1):
+        parser.error("--batch-size and --topk must be at least 1")
     try:
         return main(args)
     except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError) as e:

@@ -44,9 +44,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
 
-    def requested(self, device):
-        flag = [1.0 if self.signal is not None else 0.0]
-        return dev.all_reduce_sum(flag, device)[0] > 0  # every process stops at the same step
+    def check(self, device, diverged=False):
+        """(diverged anywhere, stop requested anywhere): every process acts at the same step."""
+        flags = dev.all_reduce_sum([float(diverged), float(self.signal is not None)], device)
+        return flags[0] > 0, flags[1] > 0
 
 
 def get_args_parser():
@@ -155,9 +156,12 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
                 loss = loss * (len(x) / len(images))  # chunks add up to the mean over the batch
             scaler.scale(loss).backward()
             step_loss += loss.item()
-        if not math.isfinite(step_loss):
-            raise TrainingError(f"the loss became {step_loss} at epoch {epoch + 1}, step {step + 1}: "
-                                "training diverged; lower --lr (best.pth was not touched)")
+        # one all-reduce per step tells every process about a diverged loss or a stop request
+        diverged, stopping = stop.check(device, not math.isfinite(step_loss))
+        if diverged:
+            raise TrainingError(f"the loss became {step_loss if not math.isfinite(step_loss) else 'nan or inf in another process'} "
+                                f"at epoch {epoch + 1}, step {step + 1}: training diverged; lower --lr "
+                                "(best.pth was not touched)")
         scaler.step(optimizer)
         scaler.update()
         step += 1
@@ -166,7 +170,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
         images_timed += len(images)
         bar.set_postfix(loss=f"{step_loss:.3f}")
         state.update(step=step, epoch_loss_sum=loss_sum, epoch_seen=seen)
-        if stop.requested(device):
+        if stopping:
             bar.close()
             return None
         if args.save_every and step % args.save_every == 0:
@@ -293,7 +297,7 @@ def main(args):
     if device.type == "cpu":
         dev.tune_cpu_allocator()
     amp_dtype = dev.amp_dtype(device, args.amp)
-    resume = ckpt.load_checkpoint(args.resume) if args.resume else None
+    resume = ckpt.load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None and "optimizer" not in resume:
         raise ckpt.CheckpointError(f"{args.resume} holds weights only, not a run to resume: "
                                    "pass the last.pth of the run, or use --weights to start from it")
@@ -494,7 +498,11 @@ def resume_command(args, last_path):
 
 
 def run(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         code = main(args)
     except (data.DataError, ckpt.CheckpointError, dev.DeviceError, TrainingError) as e:

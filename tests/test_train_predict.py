@@ -449,15 +449,15 @@ def test_resume_mid_epoch_is_bit_for_bit(trained, one_epoch, tmp_path, monkeypat
     saved = tmp_path / "after_step_1.pth"
     steps = {"n": 0}
 
-    def requested(self, device):  # called once after every step, before the --save-every save
+    def check(self, device, diverged=False):  # called once in every step, before its --save-every save
         steps["n"] += 1
         if steps["n"] == 2:
             shutil.copy(out / "last.pth", saved)  # what --save-every wrote after step 1
-        return steps["n"] == 2
+        return diverged, steps["n"] == 2
 
     argv = train_argv(trained["data"], out, epochs=1)
     with monkeypatch.context() as m:
-        m.setattr(train.StopRequest, "requested", requested)
+        m.setattr(train.StopRequest, "check", check)
         code, stdout, err = call(train, argv + ["--save-every", "1"], capsys)
     assert code == 128 + signal.SIGTERM, err
     assert "stopped at epoch 1, step 2" in stdout
