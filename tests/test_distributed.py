@@ -12,7 +12,6 @@ Offline, CPU only.
 import csv
 import multiprocessing
 import os
-import random
 import re
 import signal
 import socket
@@ -23,16 +22,15 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from torch import nn
 
 import checkpoint
+from helpers import make_tree
 import train
 from model import GoogLeNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["daisy", "roses", "tulips"]
-COLORS = [(230, 200, 40), (200, 30, 50), (60, 60, 220)]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
 VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS  # 9: odd, so splitting over 2 ranks pads if anything does
 
@@ -42,19 +40,7 @@ VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS  # 9: odd, so splitting over 2 ranks p
 # ---------------------------------------------------------------------------------------------
 def make_tiny_flowers(root):
     """root/{train,val}/<class>/*.jpg: small JPEGs whose colour depends on the class."""
-    rng = random.Random(0)
-    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for name, color in zip(CLASSES, COLORS):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder)
-            for i in range(count):
-                img = Image.new("RGB", (64, 48), color)
-                draw = ImageDraw.Draw(img)
-                for _ in range(6):
-                    x, y = rng.randrange(60), rng.randrange(44)
-                    shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in color)
-                    draw.rectangle([x, y, x + rng.randint(2, 12), y + rng.randint(2, 12)], fill=shade)
-                img.save(os.path.join(folder, f"{name}_{i}.jpg"), quality=90)
+    make_tree(root, CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
     return root
 
 

@@ -11,7 +11,6 @@ import contextlib
 import csv
 import io
 import os
-import random
 import re
 import signal
 import time
@@ -19,16 +18,15 @@ import time
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageDraw
 
 import checkpoint
+from helpers import make_tree
 import predict
 import report
 import train
 from model import GoogLeNet
 
 CLASSES = ["daisy", "roses", "tulips"]
-COLORS = [(230, 200, 40), (200, 30, 50), (60, 60, 220)]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
 VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS
 HEADS = ("fc.", "aux1.", "aux2.")  # what --freeze-layers leaves trainable
@@ -39,19 +37,7 @@ HEADS = ("fc.", "aux1.", "aux2.")  # what --freeze-layers leaves trainable
 # ---------------------------------------------------------------------------------------------
 def make_tiny_flowers(root):
     """root/{train,val}/<class>/*.jpg: small JPEGs whose colour depends on the class."""
-    rng = random.Random(0)
-    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for name, color in zip(CLASSES, COLORS):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder)
-            for i in range(count):
-                img = Image.new("RGB", (64, 48), color)
-                draw = ImageDraw.Draw(img)
-                for _ in range(6):
-                    x, y = rng.randrange(60), rng.randrange(44)
-                    shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in color)
-                    draw.rectangle([x, y, x + rng.randint(2, 12), y + rng.randint(2, 12)], fill=shade)
-                img.save(os.path.join(folder, f"{name}_{i}.jpg"), quality=90)
+    make_tree(root, CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
     return root
 
 
@@ -165,7 +151,7 @@ def test_cli_finetunes_from_a_torchvision_file(finetuned, tv_file):
 
 def test_predict_uses_the_finetuned_best_pth(finetuned, tiny):
     require_ok(finetuned)
-    image = os.path.join(tiny, "val", "roses", "roses_0.jpg")
+    image = os.path.join(tiny, "val", "roses", "roses_00.jpg")
     code, out, err = run_cli(predict, [image, "--weights", finetuned["best"], "--workers", "0", "--device", "cpu"])
     assert code == 0, out + err
     rows = [l.split() for l in out.splitlines()]
