@@ -22,6 +22,7 @@ import checkpoint as ckpt
 import data
 import device as dev
 from model import HEAD_PREFIXES, GoogLeNet
+from report import append_metrics, print_evaluation, write_confusion_csv
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 DEFAULT_DATA = os.path.join("data_set", "flower_data")
@@ -352,8 +353,6 @@ def main(args):
     run_model = torch.compile(model) if args.compile else model
 
     if args.eval_only:
-        from report import print_evaluation, write_confusion_csv
-
         trained_on = ckpt.load_checkpoint(args.weights).get("classes")
         if trained_on and trained_on != classes:
             raise ckpt.CheckpointError(f"{args.weights} was trained on classes {trained_on}, the val folder "
@@ -395,8 +394,6 @@ def main(args):
             except OSError as e:
                 raise TrainingError(f"cannot write the class index file {args.class_indices} "
                                     f"({e.strerror or e}): pass --class-indices with a writable path")
-    from report import append_metrics
-
     def describe():
         return {"model": model.state_dict(), "classes": classes, "variant": variant,
                 "image_size": data.IMAGE_SIZE, "mean": list(data.MEAN), "std": list(data.STD),
