@@ -318,7 +318,14 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
     if os.path.isdir(extracted):
         shutil.rmtree(extracted)
     with tarfile.open(archive) as tar:
-        tar.extractall(dest_dir, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest_dir, filter="data")  # refuses links and paths outside dest_dir
+        else:  # a Python from before the 2023 tarfile update: the same refusal, by hand
+            for member in tar.getmembers():
+                parts = member.name.replace("\\", "/").split("/")
+                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                    raise DataError(f"{archive} holds an unsafe entry {member.name!r}: it is not the flower archive")
+            tar.extractall(dest_dir)
     if not os.path.isdir(extracted):
         raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
     return extracted
