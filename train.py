@@ -250,33 +250,17 @@ def prepare_data(args, is_main, log):
     return train_dir, val_dir
 
 
-def load_start_weights(args, model, log):
-    """--weights: fine-tune from a checkpoint, a plain state dict or torchvision's ImageNet file."""
-    if args.weights == "imagenet":
-        try:
-            state_dict = torch.hub.load_state_dict_from_url(IMAGENET_URL, map_location="cpu", progress=True,
-                                                            check_hash=True, weights_only=True)
-        except Exception as e:
-            raise ckpt.CheckpointError(f"cannot download the ImageNet weights ({str(e)[:120]}): check the "
-                                       f"network, or download {IMAGENET_URL} and pass --weights FILE")
-        source = IMAGENET_URL
-    else:
-        state_dict, source = ckpt.load_checkpoint(args.weights)["model"], args.weights
-    # fine-tuning replaces heads sized for other classes; evaluation must use the weights as they are
-    reset = ckpt.load_weights(model, state_dict, source, reinit_heads=not args.eval_only)
-    if reset:
-        log(f"weights: loaded {source}; re-initialised for {model.fc.out_features} classes: {', '.join(reset)}")
-    else:
-        log(f"weights: loaded {source}")
-
-
-def weights_variant(args):
-    if args.weights == "imagenet":
-        return "torchvision"
-    if args.weights:
-        loaded = ckpt.load_checkpoint(args.weights)
-        return loaded.get("variant") or ckpt.guess_variant(ckpt.clean_state_dict(loaded["model"]))
-    return "paper"
+def read_start_weights(args):
+    """--weights as (checkpoint dict, source): a checkpoint, a state dict or torchvision's ImageNet file."""
+    if args.weights != "imagenet":
+        return ckpt.load_checkpoint(args.weights), args.weights
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(IMAGENET_URL, map_location="cpu", progress=True,
+                                                        check_hash=True, weights_only=True)
+    except Exception as e:
+        raise ckpt.CheckpointError(f"cannot download the ImageNet weights ({str(e)[:120]}): check the "
+                                   f"network, or download {IMAGENET_URL} and pass --weights FILE")
+    return {"model": state_dict, "variant": "torchvision"}, IMAGENET_URL
 
 
 def check_writable(folder):
@@ -336,10 +320,19 @@ def main(args):
         f"device {device}{', ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}; "
         f"{workers} loader workers; {world_size} process(es)")
 
-    variant = resume["variant"] if resume is not None else weights_variant(args)
+    start, source = read_start_weights(args) if args.weights and resume is None else (None, None)
+    if resume is not None:
+        variant = resume["variant"]
+    elif start is not None:
+        variant = start.get("variant") or ckpt.guess_variant(ckpt.clean_state_dict(start["model"]))
+    else:
+        variant = "paper"
     model = GoogLeNet(num_classes=len(classes), aux_logits=True, init_weights=True, variant=variant)
-    if args.weights and resume is None:
-        load_start_weights(args, model, log)
+    if start is not None:
+        # fine-tuning replaces heads sized for other classes; evaluation uses the weights as they are
+        reset = ckpt.load_weights(model, start["model"], source, reinit_heads=not args.eval_only)
+        log(f"weights: loaded {source}" + (f"; re-initialised for {len(classes)} classes: {', '.join(reset)}"
+                                          if reset else ""))
     if args.freeze_layers:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(HEAD_PREFIXES + ("aux1.", "aux2."))
@@ -353,7 +346,7 @@ def main(args):
     run_model = torch.compile(model) if args.compile else model
 
     if args.eval_only:
-        trained_on = ckpt.load_checkpoint(args.weights).get("classes")
+        trained_on = start.get("classes")
         if trained_on and trained_on != classes:
             raise ckpt.CheckpointError(f"{args.weights} was trained on classes {trained_on}, the val folder "
                                        f"has {classes}: evaluate on data with the same class folders")
