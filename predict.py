@@ -72,6 +72,13 @@ class ImageFiles(Dataset):
             return torch.zeros(3, data.IMAGE_SIZE, data.IMAGE_SIZE, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
 
+def default_workers(num_files, device):
+    """Decoding processes: on a CPU one, overlapping decoding with the compute (none for one file)."""
+    if device.type == "cuda":
+        return min(os.cpu_count() or 1, 8)
+    return min(1, num_files - 1)
+
+
 def load_model(weights, class_indices, device):
     loaded = ckpt.load_checkpoint(weights)
     state_dict = ckpt.clean_state_dict(loaded["model"])
@@ -133,8 +140,7 @@ def main(args):
     if device.type == "cpu":
         dev.tune_cpu_allocator()
     model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
-    workers = args.workers if args.workers is not None else (
-        min(os.cpu_count() or 1, 8) if device.type == "cuda" else min(1, len(files) - 1))
+    workers = args.workers if args.workers is not None else default_workers(len(files), device)
     probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers)
 
     good = [i for i, e in enumerate(errors) if not e]

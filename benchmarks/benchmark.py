@@ -173,7 +173,7 @@ def predict_project(root):
     files = [p for p, _ in chosen]
     cpu = torch.device("cpu")
     args = predict.get_args_parser().parse_args(files[:1])
-    workers = args.workers if args.workers is not None else min(1, len(files) - 1)
+    workers = predict.default_workers(len(files), cpu)
     preprocessing = ((0.5,) * 3, (0.5,) * 3, 224)
     start = time.perf_counter()
     probabilities, _ = predict.predict(model, files, preprocessing, cpu, args.batch_size, workers)
