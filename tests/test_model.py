@@ -381,6 +381,31 @@ def test_stem_layers(model):
     assert (model.fc.in_features, model.fc.out_features) == (1024, NUM_CLASSES)
 
 
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
+def test_relu_after_stem_pools_equals_paper_order(variant):
+    """conv1 and conv3 apply their ReLU after the following max-pool: outputs and gradients must
+    equal the paper's order (ReLU, then pool)."""
+    torch.manual_seed(0)
+    fast = GoogLeNet(num_classes=NUM_CLASSES, init_weights=True, variant=variant)
+    paper = copy.deepcopy(fast)
+    paper.conv1.relu, paper.conv3.relu = nn.ReLU(), nn.ReLU()  # the pool's ReLU is then a no-op
+    x = torch.randn(2, 3, 224, 224)  # the aux heads need 14 x 14 at inception4a
+    outs = []
+    for m in (fast, paper):
+        m.train()
+        torch.manual_seed(1)  # the same dropout masks for both
+        logits, aux2, aux1 = m(x)
+        (logits.sum() + aux1.square().sum() + aux2.sum()).backward()
+        outs.append((logits, aux1, aux2, {n: p.grad for n, p in m.named_parameters()}))
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for name, grad in outs[0][3].items():
+        torch.testing.assert_close(grad, outs[1][3][name], rtol=1e-5, atol=1e-6, msg=name)
+    # the stem convolutions really leave their ReLU out, and negative values reach the pools
+    stem = fast.conv1(x)
+    assert (stem < 0).any()
+
+
 def test_paper_basicconv_has_no_bn(model):
     for n, m in model.named_modules():
         if isinstance(m, BasicConv2d):
