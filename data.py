@@ -61,11 +61,16 @@ def normalize_batch(images, mean=MEAN, std=STD, channels_last=False):
     return images.div_(255).sub_(mean).div_(std)
 
 
+def _draft(img, min_side):
+    """Ask a JPEG for its reduced DCT scale before decoding (sets img.size; decodes nothing)."""
+    if img.format == "JPEG" and min_side:
+        img.draft("RGB", (min_side, min_side))  # only ever shrinks by a power of two
+
+
 def load_image(path, min_side=DECODE_MIN_SIDE):
     """Decode one file to an RGB PIL image; raises OSError/ValueError for unreadable files."""
     with Image.open(path) as img:
-        if img.format == "JPEG" and min_side:
-            img.draft("RGB", (min_side, min_side))  # only ever shrinks by a power of two
+        _draft(img, min_side)
         return img.convert("RGB")
 
 
@@ -197,13 +202,8 @@ def estimate_decoded_bytes(root, classes):
     for path, _ in list_images(root, classes):
         try:
             with Image.open(path) as img:
-                w, h = img.size
-                if img.format == "JPEG":
-                    scale = 1
-                    while scale < 8 and min(w, h) // (scale * 2) >= DECODE_MIN_SIDE:
-                        scale *= 2
-                    w, h = -(-w // scale), -(-h // scale)
-                total += w * h * 3
+                _draft(img, DECODE_MIN_SIDE)
+                total += img.size[0] * img.size[1] * 3
         except Exception:
             pass  # unreadable files are reported when the dataset is built
     return total

@@ -5,7 +5,8 @@ load here unchanged (keys such as ``inception4a.branch2.1.conv.weight`` and ``au
 
 ``variant="torchvision"`` builds the layout of torchvision's ImageNet GoogLeNet weights instead:
 BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch, a 2x2 fourth
-max-pool and torchvision's pooling and dropout in the aux heads. Those weights expect inputs normalised with mean 0.5 and std 0.5, the same as ours.
+max-pool and torchvision's pooling and dropout in the aux heads. Those weights expect inputs
+normalised with mean 0.5 and std 0.5, the same as ours.
 """
 import torch
 from torch import nn

@@ -137,8 +137,7 @@ def main(args):
         raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
     files = collect_images(args.images)
     device = dev.pick_device(args.device)
-    if device.type == "cpu":
-        dev.tune_cpu_allocator()
+    dev.tune_backends(device)
     model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
     workers = args.workers if args.workers is not None else default_workers(len(files), device)
     probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers)

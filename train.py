@@ -142,7 +142,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
     start, images_timed = time.perf_counter(), 0
     for images, targets in bar:
         images = data.normalize_batch(images.to(device, non_blocking=True), state["mean"], state["std"],
-                                      channels_last=args.channels_last == "on")
+                                      channels_last=state["channels_last"])
         targets = targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         chunks = list(zip(images.split(micro), targets.split(micro)))
@@ -279,8 +279,6 @@ def main(args):
     log = print if is_main else (lambda *a, **k: None)
     device = dev.pick_device(args.device, local_rank)
     dev.tune_backends(device)
-    if device.type == "cpu":
-        dev.tune_cpu_allocator()
     amp_dtype = dev.amp_dtype(device, args.amp)
     resume = ckpt.load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None and "optimizer" not in resume:
@@ -351,7 +349,7 @@ def main(args):
             raise ckpt.CheckpointError(f"{args.weights} was trained on classes {trained_on}, the val folder "
                                        f"has {classes}: evaluate on data with the same class folders")
 
-        loss, acc, confusion = evaluate(run_model, nn.CrossEntropyLoss(), val_loader, device, len(classes), state)
+        loss, acc, confusion = evaluate(run_model, criterion, val_loader, device, len(classes), state)
         if is_main:
             print_evaluation(classes, confusion, loss)
             path = os.path.join(args.output_dir, "confusion_matrix.csv")

@@ -92,9 +92,9 @@ def train_project(root, batch_size, steps, micro_batch):
     import train
     from model import GoogLeNet
 
-    dev.tune_cpu_allocator()
-    classes, _ = subset(root)
     cpu = torch.device("cpu")
+    dev.tune_backends(cpu)
+    classes, _ = subset(root)
     start = time.perf_counter()
     ds = data.FlowerFolder(root, data.build_transforms(train=True), classes, cache=True)
     cache_seconds = time.perf_counter() - start
@@ -166,12 +166,12 @@ def predict_project(root):
     import predict
     from model import GoogLeNet
 
-    dev.tune_cpu_allocator()
+    cpu = torch.device("cpu")
+    dev.tune_backends(cpu)
     classes, chosen = subset(root)
     model = GoogLeNet(num_classes=len(classes), aux_logits=False, init_weights=True)
     model = model.to(memory_format=torch.channels_last).eval()
     files = [p for p, _ in chosen]
-    cpu = torch.device("cpu")
     args = predict.get_args_parser().parse_args(files[:1])
     workers = predict.default_workers(len(files), cpu)
     preprocessing = ((0.5,) * 3, (0.5,) * 3, 224)
