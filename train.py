@@ -296,6 +296,8 @@ def main(args):
     if resume is not None and resume.get("classes") != classes:
         raise ckpt.CheckpointError(f"{args.resume} was trained on classes {resume.get('classes')}, "
                                    f"the data has {classes}: resume with the same --data-path")
+    # the weights before the images: a wrong path fails before minutes of decoding
+    start, source = read_start_weights(args) if args.weights and resume is None else (None, None)
     roots = [val_dir] if args.eval_only else [train_dir, val_dir]
     cached = data.decide_cache(args.cache, roots, classes, log=log)
     workers = args.workers if args.workers is not None else data.default_workers(args.batch_size, device, cached)
@@ -318,7 +320,6 @@ def main(args):
         f"device {device}{', ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}; "
         f"{workers} loader workers; {world_size} process(es)")
 
-    start, source = read_start_weights(args) if args.weights and resume is None else (None, None)
     if resume is not None:
         variant = resume["variant"]
     elif start is not None:

@@ -42,6 +42,9 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
     """Copy source/<class>/* into dest/{train,val}/<class>/; returns {class: (n_train, n_val)}."""
     if not 0 < val_ratio < 1:
         raise DataError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+    if not os.path.isdir(source):
+        raise DataError(f"source folder {source} does not exist: extract flower_photos.tgz there "
+                        "(see data_set/README.md), or pass --source with a folder of class folders")
     classes = find_classes(source)
     samples = list_images(source, classes)
     train_dir, val_dir = outputs = [os.path.join(dest, "train"), os.path.join(dest, "val")]

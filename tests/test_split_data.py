@@ -123,3 +123,4 @@ def test_cli(source, tmp_path):
     assert "Traceback" not in missing.stderr
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
+    assert "--source" in lines[0]  # says what to do, not only what is wrong

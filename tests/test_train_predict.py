@@ -341,6 +341,14 @@ def test_predict_missing_weights(trained, tmp_path, capsys):
     assert_clean_error(code, err, str(missing), "does not exist")
 
 
+def test_eval_only_missing_weights_fails_before_decoding(trained, tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    code, out, err = call(train, ["--eval-only", "--weights", missing, "--data-path", trained["data"],
+                                  "--output-dir", tmp_path / "eval"], capsys)
+    assert_clean_error(code, err, str(missing), "does not exist")
+    assert "cache:" not in out and "data:" not in out  # no image was decoded first
+
+
 @pytest.mark.parametrize("make", ["text", "truncated"])
 def test_predict_unreadable_image(trained, tmp_path, capsys, make):
     bad = tmp_path / "notes.txt" if make == "text" else tmp_path / "half.jpg"
