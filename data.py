@@ -153,9 +153,16 @@ class FlowerFolder(Dataset):
         image = Image.fromarray(self.cache[index]) if self.cache is not None else load_image(path)
         if seed is None:
             return self.transform(image), target
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # torchvision's random transforms draw from the CPU generator: seed it for this image and
+        # put its state back, so dropout's stream is untouched. (torch.manual_seed would also seed
+        # every other backend: 0.2 ms an image, a sixth of the time it takes to prepare one.)
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.transform(image), target
+        finally:
+            generator.set_state(saved)
 
 
 class EpochSampler(Sampler):
