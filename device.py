@@ -51,6 +51,11 @@ def amp_dtype(device, amp="auto"):
     return torch.float16
 
 
+def grad_scaler(device, dtype):
+    """Loss scaling for fp16, whose narrow range would flush small gradients to zero; a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def autocast(device, dtype):
     if dtype is None:
         return nullcontext()

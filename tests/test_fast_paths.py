@@ -134,3 +134,57 @@ def test_allocator_setting_keeps_results(tmp_path):
         dev.tune_cpu_allocator()
         after = model(x)
     assert torch.equal(before, after)
+
+
+# The CUDA-only choices, checked on a machine without a GPU: each decision is made from the device
+# and the precision alone, so it can be asked for a torch.device("cuda") that nothing runs on.
+def test_cuda_precision_choice(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dev.amp_dtype(cuda, "auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
+    assert dev.amp_dtype(cuda, "auto") is torch.float16
+    assert dev.amp_dtype(cuda, "bf16") is torch.bfloat16
+    assert dev.amp_dtype(cuda, "fp16") is torch.float16
+    assert dev.amp_dtype(cuda, "off") is None
+
+
+def test_only_fp16_gets_a_loss_scaler():
+    cpu = torch.device("cpu")  # the CPU's GradScaler behaves as CUDA's does, and exists here
+    assert dev.grad_scaler(cpu, torch.float16).is_enabled()
+    assert not dev.grad_scaler(cpu, torch.bfloat16).is_enabled()
+    assert not dev.grad_scaler(cpu, None).is_enabled()
+
+
+def test_cuda_backend_settings():
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        dev.tune_backends(torch.device("cpu"))
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        dev.tune_backends(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_loader_pins_memory_only_for_cuda(tmp_path):
+    ds = data.FlowerFolder(str(photo_folder(tmp_path / "imgs")), data.build_transforms(train=False))
+    sampler = data.EpochSampler(len(ds), shuffle=False)
+    assert data.make_loader(ds, sampler, 2, 0, torch.device("cuda")).pin_memory
+    assert not data.make_loader(ds, sampler, 2, 0, torch.device("cpu")).pin_memory
+
+
+def test_cuda_device_choice(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert dev.pick_device("auto") == torch.device("cuda")
+    assert dev.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK
+    assert dev.pick_device("cuda:0", local_rank=1) == torch.device("cuda", 0)  # asked for by name
+    assert chosen == [torch.device("cuda"), torch.device("cuda", 1), torch.device("cuda", 0)]
+    with pytest.raises(dev.DeviceError, match="2 GPU"):
+        dev.pick_device("cuda:2")

@@ -482,6 +482,29 @@ def test_resume_mid_epoch_is_bit_for_bit(trained, one_epoch, tmp_path, monkeypat
     assert_same_weights(final["model"], load(one_epoch["epoch1"])["model"])
 
 
+def test_fp16_loss_scaling_trains_like_the_plain_run(trained, one_epoch, tmp_path, monkeypatch, capsys):
+    """CUDA's fp16 path scales the loss, unscales the gradients inside the fused optimizer step and
+    adapts the scale. Here that GradScaler runs on the CPU in fp32: scaling by a power of two is
+    exact, so the epoch must end on the same weights as the plain run, bit for bit."""
+    import device as dev
+
+    scalers = []
+
+    def enabled_scaler(device, dtype):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(dev, "grad_scaler", enabled_scaler)
+    out = tmp_path / "scaled"
+    code, _, err = call(train, train_argv(trained["data"], out, epochs=1), capsys)
+    assert code == 0, err
+    assert len(scalers) == 1 and scalers[0].is_enabled()
+    assert scalers[0].get_scale() == 2.0 ** 15  # grown after each of the 3 steps: no inf was found
+    last = load(out / "last.pth")
+    assert last["scaler"]["scale"] == 2.0 ** 15  # and saved for --resume
+    assert_same_weights(last["model"], load(one_epoch["epoch1"])["model"])
+
+
 # ---------------------------------------------------------------------------------------------
 # SIGINT and SIGTERM
 # ---------------------------------------------------------------------------------------------
