@@ -188,3 +188,27 @@ def test_cuda_device_choice(monkeypatch):
     assert chosen == [torch.device("cuda"), torch.device("cuda", 1), torch.device("cuda", 0)]
     with pytest.raises(dev.DeviceError, match="2 GPU"):
         dev.pick_device("cuda:2")
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_steps_like_the_per_tensor_loop(opt):
+    import train
+
+    torch.manual_seed(0)
+    model = GoogLeNet(num_classes=3, init_weights=True)
+    plain = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    fast = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    args = train.get_args_parser().parse_args(["--opt", opt, "--lr", "1e-3", "--weight-decay", "0.01"])
+    fused = train.build_optimizer(args, fast)
+    assert fused.defaults["fused"]
+    loop_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[opt]
+    extra = {"momentum": args.momentum} if opt == "sgd" else {}
+    loop = loop_class(plain, lr=1e-3, weight_decay=0.01, foreach=False, **extra)
+    for _ in range(3):
+        for a, b in zip(plain, fast):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        loop.step()
+        fused.step()
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
