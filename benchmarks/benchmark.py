@@ -199,7 +199,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="folder of class folders (or of train/<class>/), e.g. ../shared/flower_photos")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two configurations")
-    p.add_argument("--train-steps", type=int, default=4, help="timed training steps of batch 32 per run")
+    p.add_argument("--train-steps", type=int, default=6, help="timed training steps of batch 32 per run")
     p.add_argument("--predict-images", type=int, default=256, help="images classified per prediction run")
     p.add_argument("--micro-batch", type=int, default=0, help="the project's --micro-batch for training")
     p.add_argument("--skip", choices=["train", "predict"], default=None, help="leave out one half")
