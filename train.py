@@ -467,12 +467,16 @@ def main(args):
 
 
 def peak_rss_gib():
-    """Peak resident memory of this process and its finished loader workers (0 where unknown)."""
+    """Peak resident memory of this process, which holds the model and the image cache (0 where unknown).
+
+    Not its children's: loader workers are forks that share its pages, and the children's figure
+    also holds a fork that importing torch makes (to run ldconfig), which alone reports 0.4 GiB.
+    """
     try:
         import resource
     except ImportError:  # Windows
         return 0.0
-    kib = sum(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30  # macOS counts bytes
 
 

@@ -4,7 +4,8 @@
 
 DATA is a folder of class folders (or a split with train/). Each measurement runs in a fresh
 process, alternating the two configurations, so both see the same machine state; each prints
-images per second and the process's peak memory (RSS, loader workers included).
+images per second and the process's peak memory (RSS of the main process: loader
+workers are forks that share its pages).
 
 seed-style training: torchvision ImageFolder, ToTensor + Normalize in 2 loader workers, fp32
 NCHW, Adam, batch 32. Project training: train.py's own pieces (decoded-image cache, uint8
@@ -31,9 +32,8 @@ WARMUP_STEPS = 2
 
 
 def peak_rss_mib():
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024  # ru_maxrss is in KiB on Linux
+    """The measuring process's own peak, as train.py reports it (see train.peak_rss_gib)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def make_subset(root, count, dest):
