@@ -9,7 +9,7 @@ workers are forks that share its pages).
 
 seed-style training: torchvision ImageFolder, ToTensor + Normalize in 2 loader workers, fp32
 NCHW, Adam, batch 32. Project training: train.py's own pieces (decoded-image cache, uint8
-batches normalised in one pass, channels_last, fused Adam, the allocator setting, its
+batches normalised once per batch, channels_last, fused Adam, the allocator setting, its
 default loader workers). Prediction: the seed's one image at a time against predict.py's batches.
 """
 import argparse
