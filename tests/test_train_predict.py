@@ -482,6 +482,29 @@ def test_resume_mid_epoch_is_bit_for_bit(trained, one_epoch, tmp_path, monkeypat
     assert_same_weights(final["model"], load(one_epoch["epoch1"])["model"])
 
 
+def test_compiled_model_evaluates_like_the_eager_one(trained, tmp_path, monkeypatch, capsys):
+    """--compile (torch.compile, meant for GPUs) builds the same function: --eval-only with and
+    without it must count the same confusion matrix and the same loss on the val images."""
+    compiled, real_compile = [], torch.compile
+
+    def recording_compile(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    reports = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        argv = ["--eval-only", "--weights", trained["best"], "--data-path", trained["data"], "--output-dir",
+                tmp_path / name, "--device", "cpu", "--workers", "0", *extra]
+        code, out, err = call(train, argv, capsys)
+        assert code == 0, err
+        reports[name] = ((tmp_path / name / "confusion_matrix.csv").read_text(),
+                         float(re.search(r"loss: ([\d.]+)", out).group(1)))
+    assert compiled == ["GoogLeNet"]  # by the --compile run only
+    assert reports["compiled"][0] == reports["eager"][0]
+    assert reports["compiled"][1] == pytest.approx(reports["eager"][1], abs=2e-4)  # printed to 4 places
+
+
 def test_fp16_loss_scaling_trains_like_the_plain_run(trained, one_epoch, tmp_path, monkeypatch, capsys):
     """CUDA's fp16 path scales the loss, unscales the gradients inside the fused optimizer step and
     adapts the scale. Here that GradScaler runs on the CPU in fp32: scaling by a power of two is
