@@ -15,7 +15,6 @@ default loader workers). Prediction: the seed's one image at a time against pred
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -29,11 +28,6 @@ BATCH = 32
 # The first step picks oneDNN's kernels and the second still grows the heap (page faults); from the
 # third on, a step takes as long as it does in the middle of a long run, for both configurations.
 WARMUP_STEPS = 2
-
-
-def peak_rss_mib():
-    """The measuring process's own peak, as train.py reports it (see train.peak_rss_gib)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def make_subset(root, count, dest):
@@ -213,12 +207,14 @@ def main():
     if opts.run:
         import torch
 
+        from train import peak_rss_gib
+
         runs = {"train-seed": lambda: train_seed_style(root, BATCH, opts.train_steps),
                 "train-project": lambda: train_project(root, BATCH, opts.train_steps, opts.micro_batch),
                 "predict-seed": lambda: predict_seed_style(root),
                 "predict-project": lambda: predict_project(root)}
         result = runs[opts.run]()
-        result.update(peak_rss_mib=round(peak_rss_mib()), threads=torch.get_num_threads())
+        result.update(peak_rss_mib=round(peak_rss_gib() * 1024), threads=torch.get_num_threads())
         print(json.dumps(result))
         return
 
