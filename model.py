@@ -9,6 +9,7 @@ max-pool and torchvision's pooling and dropout in the aux heads. Those weights e
 normalised with mean 0.5 and std 0.5, the same as ours.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 VARIANTS = ("paper", "torchvision")
@@ -75,8 +76,13 @@ class InceptionAux(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        # aux1: N x 512 x 14 x 14, aux2: N x 528 x 14 x 14
-        x = self.averagePool(x)
+        # aux1: N x 512 x 14 x 14, aux2: N x 528 x 14 x 14 (at 224 px; H x W scale with the image)
+        if isinstance(self.averagePool, nn.AvgPool2d) and x.shape[-2:] != (14, 14):
+            # the paper's 5x5/3 window is sized for 224 px images; at other sizes the same 4 x 4
+            # grid of averages, which fc1 expects, comes from adaptive windows
+            x = F.adaptive_avg_pool2d(x, (4, 4))
+        else:
+            x = self.averagePool(x)
         # aux1: N x 512 x 4 x 4, aux2: N x 528 x 4 x 4
         x = self.conv(x)
         # N x 128 x 4 x 4
@@ -208,3 +214,8 @@ class GoogLeNet(nn.Module):
 
 # The layers that depend on the number of classes: replaced, not loaded, when fine-tuning.
 HEAD_PREFIXES = ("fc.", "aux1.fc2.", "aux2.fc2.")
+
+
+def logits_with_mirror(model, images):
+    """Test-time augmentation: the mean of the logits of the images and of their mirror images."""
+    return (model(images) + model(images.flip(3))) / 2
