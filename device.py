@@ -36,19 +36,51 @@ def pick_device(name="auto", local_rank=None):
     raise DeviceError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
 
 
-def amp_dtype(device, amp="auto"):
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the instructions that make bf16 fast on a CPU
+
+
+def cpu_bf16_flags(capabilities=None):
+    """The native-bf16 instructions this CPU reports (empty on CPUs without them)."""
+    capabilities = torch.cpu.get_capabilities() if capabilities is None else capabilities
+    return [flag for flag in BF16_CPU_FLAGS if capabilities.get(flag)]
+
+
+def amp_dtype(device, amp="auto", cpu_flags=None):
     """Mixed-precision dtype, or None for plain fp32.
 
-    CUDA: bf16 where the GPU has it, else fp16 (with a GradScaler). Never on the CPU by default:
-    without native bf16 a CPU runs it hundreds of times slower than fp32.
+    CUDA: bf16 where the GPU has it, else fp16 (with a GradScaler). A CPU: bf16 only where it has
+    native bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 runs many times slower than
+    fp32, so 'auto' keeps fp32 and an explicit 'bf16' is obeyed but warned about (see describe_precision).
     """
-    if amp == "off" or device.type != "cuda":
-        if amp in ("bf16", "fp16") and device.type != "cuda":
-            raise DeviceError(f"--amp {amp} is for CUDA devices; on {device.type} training runs in fp32")
+    if amp == "off":
         return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+    if device.type == "cuda":
+        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu":
+        if amp == "fp16":
+            raise DeviceError("--amp fp16 is for CUDA devices; on a CPU use --amp bf16 or off")
+        native = bool(cpu_bf16_flags() if cpu_flags is None else cpu_flags)
+        return torch.bfloat16 if amp == "bf16" or (amp == "auto" and native) else None
+    if amp in ("bf16", "fp16"):
+        raise DeviceError(f"--amp {amp} is for CUDA devices and CPUs; on {device.type} training runs in fp32")
+    return None
+
+
+def describe_precision(device, dtype, cpu_flags=None):
+    """The start-up line's words for the precision, and a warning for bf16 on a CPU without it."""
+    name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+    if device.type != "cpu":
+        return name, None
+    flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
+    if flags:
+        return f"{name} (CPU has native bf16: {', '.join(flags)})", None
+    warning = None
+    if dtype is not None:
+        warning = ("warning: --amp bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16): "
+                   "it runs many times slower than fp32; use --amp auto")
+    return f"{name} (CPU has no native bf16)", warning
 
 
 def grad_scaler(device, dtype):
