@@ -2,13 +2,11 @@
 
     python data_set/split_data.py [--source DIR] [--dest DIR] [--val-ratio 0.1] [--seed 0] [--force]
 
-The split is the same on every platform for a given seed: classes and files are
-listed in sorted order and each class is shuffled by its own RNG, seeded from the seed and the class
-name, so adding or removing one class leaves the split of the others unchanged.
+The split is data.split_samples, which train.py also uses on a folder of class folders: the same on
+every platform for a given seed; adding or removing one class leaves the split of the others unchanged.
 """
 import argparse
 import os
-import random
 import shutil
 import sys
 
@@ -17,20 +15,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from data import DataError, find_classes, list_images  # noqa: E402
+from data import DataError, find_classes, list_images, split_samples  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SOURCE = os.path.join(HERE, "flower_data", "flower_photos")
 DEFAULT_DEST = os.path.join(HERE, "flower_data")
-
-
-def val_count(n, val_ratio):
-    """Images of a class of n that go to val: int(n * ratio) as the classic script takes (3,306 train
-    / 364 val for the flower photos), at least 1 when n >= 2, at most n - 1."""
-    k = int(n * val_ratio)
-    if n >= 2:
-        k = max(k, 1)
-    return max(0, min(k, n - 1))
 
 
 def _is_within(path, folder):
@@ -60,19 +49,16 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
         if os.path.exists(out):
             shutil.rmtree(out)  # only train/ and val/: dest may also hold the source photos
 
-    counts = {}
-    for index, name in enumerate(classes):
-        folder = os.path.join(source, name)
-        files = [path for path, target in samples if target == index]
-        # A string seed is hashed with SHA-512, the same on every platform, unlike hash().
-        random.Random(f"{seed}:{name}").shuffle(files)
-        n_val = val_count(len(files), val_ratio)
-        for i, path in enumerate(files):
+    train, val = split_samples(samples, classes, val_ratio, seed)
+    for out, part in ((train_dir, train), (val_dir, val)):
+        for path, index in part:
             # Keep the path below the class folder, so files in subfolders cannot collide.
-            target = os.path.join(val_dir if i < n_val else train_dir, name, os.path.relpath(path, folder))
+            name = classes[index]
+            target = os.path.join(out, name, os.path.relpath(path, os.path.join(source, name)))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copy2(path, target)
-        counts[name] = (len(files) - n_val, n_val)
+    counts = {name: (sum(1 for _, k in train if k == i), sum(1 for _, k in val if k == i))
+              for i, name in enumerate(classes)}
 
     _log_table(counts, log)
     for name, (_, n_val) in counts.items():

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from data import DataError
-from data_set.split_data import split_dataset, val_count
+from data import val_count
+from data_set.split_data import split_dataset
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_set", "split_data.py")
 SIZES = {"daisy": 20, "roses": 7, "tulips": 2}
