@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 import checkpoint as ckpt
 import data
 import device as dev
-from model import GoogLeNet
+from model import GoogLeNet, logits_with_mirror
 
 
 class PredictionError(Exception):
@@ -37,6 +37,9 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=None,
                    help="image decoding processes (default: 1 on a CPU, min(cpu count, 8) on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA)")
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
     return p
 
 
@@ -59,8 +62,8 @@ def collect_images(paths):
 class ImageFiles(Dataset):
     """Decoded, resized images; an unreadable file gives an empty tensor and its error message."""
 
-    def __init__(self, files, transform):
-        self.files, self.transform = files, transform
+    def __init__(self, files, transform, size):
+        self.files, self.transform, self.size = files, transform, size
 
     def __len__(self):
         return len(self.files)
@@ -69,7 +72,7 @@ class ImageFiles(Dataset):
         try:
             return self.transform(data.load_image(self.files[index])), ""
         except Exception as e:  # reported per file after the run, never silently replaced
-            return torch.zeros(3, data.IMAGE_SIZE, data.IMAGE_SIZE, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
 
 def default_workers(num_files, device):
@@ -93,22 +96,30 @@ def load_model(weights, class_indices, device):
                                    f"{class_indices} names {len(classes)}: use the class index file "
                                    "written with these weights")
     ckpt.load_weights(model, state_dict, weights)
-    mean, std = tuple(loaded.get("mean", data.MEAN)), tuple(loaded.get("std", data.STD))
-    image_size = int(loaded.get("image_size", data.IMAGE_SIZE))
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, classes, (mean, std, image_size)
+    return model, classes, preprocessing_of(loaded)
+
+
+def preprocessing_of(loaded):
+    """(mean, std, resize, crop) recorded in a checkpoint; older files record one image_size for both."""
+    mean, std = tuple(loaded.get("mean", data.MEAN)), tuple(loaded.get("std", data.STD))
+    crop = int(loaded.get("val_crop") or loaded.get("image_size") or data.IMAGE_SIZE)
+    return mean, std, int(loaded.get("val_resize") or crop), crop
 
 
 @torch.inference_mode()
-def predict(model, files, preprocessing, device, batch_size, workers):
+def predict(model, files, preprocessing, device, batch_size, workers, amp_dtype=None, tta=False):
     """(probabilities N x classes, errors) with errors[i] = '' for every readable file."""
-    mean, std, image_size = preprocessing
-    loader = DataLoader(ImageFiles(files, data.build_transforms(train=False, image_size=image_size)),
-                        batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    mean, std, resize, crop = preprocessing
+    transform = data.build_transforms(train=False, val_resize=resize, val_crop=crop)
+    loader = DataLoader(ImageFiles(files, transform, crop), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     probabilities, errors = [], []
     for images, batch_errors in loader:
         images = data.normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last=True)
-        probabilities.append(torch.softmax(model(images).float(), dim=1).cpu())
+        with dev.autocast(device, amp_dtype):
+            logits = logits_with_mirror(model, images) if tta else model(images)
+        probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
         errors.extend(batch_errors)
     return torch.cat(probabilities), errors
 
@@ -138,9 +149,14 @@ def main(args):
     files = collect_images(args.images)
     device = dev.pick_device(args.device)
     dev.tune_backends(device)
+    amp_dtype = dev.amp_dtype(device, args.amp)
+    warning = dev.describe_precision(device, amp_dtype)[1]
+    if warning:
+        print(warning, file=sys.stderr)
     model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
     workers = args.workers if args.workers is not None else default_workers(len(files), device)
-    probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers)
+    probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers,
+                                    amp_dtype, args.tta)
 
     good = [i for i, e in enumerate(errors) if not e]
     if len(files) == 1 and good:

@@ -5,7 +5,7 @@ import os
 
 from checkpoint import atomic_write_text
 
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "images_per_s", "seconds"]
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "seconds"]
 
 
 def append_metrics(path, epoch, row):

@@ -32,7 +32,8 @@ from helpers import (CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, 
                      run_script, save_image, script_env, train_argv, write_corrupt, write_truncated_jpeg)
 from model import GoogLeNet
 
-METRIC_HEADER = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "images_per_s", "seconds"]
+METRIC_HEADER = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s",
+                 "seconds"]
 
 
 @pytest.fixture(autouse=True)
@@ -96,24 +97,26 @@ def test_train_end_to_end(trained):
         rows = list(csv.reader(f))
     assert rows[0] == METRIC_HEADER
     assert len(rows) == 2 and rows[1][0] == "1"
-    assert 0.0 <= float(rows[1][4]) <= 1.0
+    assert 0.0 <= float(rows[1][3]) <= 1.0 and 0.0 <= float(rows[1][5]) <= 1.0  # train and val accuracy
 
     expected = {str(i): c for i, c in enumerate(sorted(CLASSES))}
     assert json.loads((out / "class_indices.json").read_text()) == expected
     assert json.loads(trained["ci"].read_text()) == expected
 
     best = load(out / "best.pth")
-    for key in ("model", "classes", "variant", "image_size", "mean", "std", "args"):
+    for key in ("model", "classes", "variant", "image_size", "val_resize", "val_crop", "mean", "std", "args"):
         assert key in best, key
     assert best["classes"] == list(sorted(CLASSES))
-    assert best["variant"] == "paper" and best["image_size"] == 224
+    assert best["variant"] == "paper" and best["image_size"] == best["val_resize"] == best["val_crop"] == 224
+    assert best["split"] is None  # a train/ + val/ tree: nothing held out by train.py
     assert any(k.startswith("aux1.") for k in best["model"])
     assert best["model"]["fc.weight"].shape[0] == 3
 
     last = load(out / "last.pth")
     assert last["epoch"] == 1 and last["step"] == 0 and "optimizer" in last
 
-    assert re.search(r"\[epoch 1\] train_loss: [\d.]+ .*val_accuracy: [\d.]+", proc.stdout), proc.stdout[-2000:]
+    assert re.search(r"\[epoch 1\] train_loss: [\d.]+  train_accuracy: [\d.]+ .*val_accuracy: [\d.]+",
+                     proc.stdout), proc.stdout[-2000:]
     assert re.search(r"best val_accuracy [\d.]+", last_line(proc.stdout))
 
 
@@ -195,10 +198,12 @@ def test_predict_batches_give_the_same_probabilities(trained, tmp_path, capsys):
 # bad input: one line "error: ...", a non-zero exit, never a traceback
 # ---------------------------------------------------------------------------------------------
 def test_cli_train_missing_data_path(tmp_path):
+    """A folder of the user's that is missing: the error names both layouts, never a download into it."""
     missing = tmp_path / "nowhere"
     proc = run_script(TRAIN, train_argv(missing, tmp_path / "out"))
-    line = assert_clean_error(proc.returncode, proc.stderr, os.path.join(str(missing), "train"), "--data-path")
-    assert "--download" in line
+    line = assert_clean_error(proc.returncode, proc.stderr, str(missing), "does not exist", "--data-path",
+                              "DIR/<class>/", "DIR/train/<class>/")
+    assert "--download" not in line
     assert not (tmp_path / "out").exists()
 
 
@@ -206,7 +211,7 @@ def test_cli_train_missing_default_data_path(tmp_path):
     """From a folder without data_set/flower_data the hint is the download command."""
     proc = run_script(TRAIN, ["--output-dir", tmp_path / "out", "--class-indices", tmp_path / "ci.json"],
                       cwd=tmp_path)
-    assert_clean_error(proc.returncode, proc.stderr, os.path.join("data_set", "flower_data", "train"),
+    assert_clean_error(proc.returncode, proc.stderr, os.path.join("data_set", "flower_data"),
                        "python train.py --download")
 
 
