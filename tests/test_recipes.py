@@ -290,17 +290,20 @@ def test_ema_weights_are_validated_and_saved_as_best(recipe_epoch):
     assert (best["image_size"], best["val_resize"], best["val_crop"]) == (48, 64, 64)
 
 
-def test_ema_is_torchvisions_averaged_model(recipe_epoch):
+def test_ema_is_pytorchs_averaged_model_with_a_growing_decay():
     args = train.get_args_parser().parse_args(["--model-ema", "--model-ema-decay", "0.5"])
     model = torch.nn.Linear(2, 1)
     ema = train.build_ema(args, model)
     assert isinstance(ema, torch.optim.swa_utils.AveragedModel)
-    first = model.weight.detach().clone()
+    expected = model.weight.detach().clone()
     ema.update_parameters(model)  # the first update copies
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update_parameters(model)
-    torch.testing.assert_close(ema.module.weight, first + 0.5)
+    for n in range(1, 30):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update_parameters(model)
+        decay = min(0.5, (1 + n) / (10 + n))  # 1/10, 2/11, ... until it reaches --model-ema-decay
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected)
     assert train.build_ema(train.get_args_parser().parse_args([]), model) is None
 
 
