@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
@@ -105,10 +105,14 @@ def _draft(img, min_side):
 
 
 def load_image(path, min_side=DECODE_MIN_SIDE):
-    """Decode one file to an RGB PIL image; raises OSError/ValueError for unreadable files."""
+    """Decode one file to an upright RGB PIL image; raises OSError/ValueError for unreadable files.
+
+    Upright: a camera that stores a photo sideways tags it with an EXIF orientation, which photo
+    viewers apply; so does this, before anything else sees the pixels.
+    """
     with Image.open(path) as img:
         _draft(img, min_side)
-        return img.convert("RGB")
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def find_classes(root):
