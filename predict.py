@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 import checkpoint as ckpt
 import data
 import device as dev
+import export
+import options
 from model import GoogLeNet, logits_with_mirror
 
 
@@ -28,13 +30,14 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--weights", default=os.path.join("weights", "best.pth"),
-                   help="a checkpoint from train.py, or a plain state dict (then --class-indices names the classes)")
+                   help="a checkpoint from train.py, a plain state dict (then --class-indices names the classes), "
+                        "or a .onnx file from export.py (run by ONNX Runtime)")
     p.add_argument("--class-indices", default="class_indices.json",
                    help="class names, used only when the weights file does not hold them")
-    p.add_argument("--topk", type=int, default=None, help="show only the K most likely classes for one image")
+    p.add_argument("--topk", type=options.positive_int, default=None, help="show only the K most likely classes for one image")
     p.add_argument("--output", default=None, help="also write the predictions to this .csv or .json file")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="image decoding processes (default: 1 on a CPU, min(cpu count, 8) on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
@@ -147,13 +150,20 @@ def main(args):
     if args.output and not args.output.lower().endswith((".csv", ".json")):
         raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
     files = collect_images(args.images)
-    device = dev.pick_device(args.device)
-    dev.tune_backends(device)
-    amp_dtype = dev.amp_dtype(device, args.amp)
-    warning = dev.describe_precision(device, amp_dtype)[1]
-    if warning:
-        print(warning, file=sys.stderr)
-    model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
+    if args.weights.lower().endswith(".onnx"):
+        if not os.path.isfile(args.weights):
+            raise PredictionError(f"weights file {args.weights} does not exist: export one with "
+                                  f"python export.py --output {args.weights}, or pass --weights with the right path")
+        model, classes, preprocessing = export.load_onnx(args.weights)
+        device, amp_dtype = torch.device("cpu"), None  # ONNX Runtime runs it, on the CPU in fp32
+    else:
+        device = dev.pick_device(args.device)
+        dev.tune_backends(device)
+        amp_dtype = dev.amp_dtype(device, args.amp)
+        warning = dev.describe_precision(device, amp_dtype)[1]
+        if warning:
+            print(warning, file=sys.stderr)
+        model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
     workers = args.workers if args.workers is not None else default_workers(len(files), device)
     probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers,
                                     amp_dtype, args.tta)
@@ -182,11 +192,9 @@ def main(args):
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or (args.topk is not None and args.topk < 1):
-        parser.error("--batch-size and --topk must be at least 1")
     try:
         return main(args)
-    except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError) as e:
+    except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

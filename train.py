@@ -21,6 +21,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import data
 import device as dev
+import options
 from model import HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
 from report import append_metrics, print_evaluation, write_confusion_csv
 
@@ -57,51 +58,51 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-path", default=DEFAULT_DATA,
                    help="folder of class folders (<class>/<images>), or with train/<class>/ and val/<class>/")
-    p.add_argument("--val-ratio", type=float, default=0.1,
+    p.add_argument("--val-ratio", type=options.open_fraction, default=0.1,
                    help="for a folder of class folders: the share of each class held out for validation")
-    p.add_argument("--split-seed", type=int, default=0,
+    p.add_argument("--split-seed", type=options.seed, default=0,
                    help="for a folder of class folders: seed of that split (as split_data.py's --seed)")
     p.add_argument("--download", action="store_true",
                    help="if --data-path is missing, download the flower photos into it and split them 9:1")
     p.add_argument("--data-url", default=data.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
     p.add_argument("--data-sha256", default=data.FLOWERS_SHA256, help="expected SHA-256 of the --data-url archive")
-    p.add_argument("--epochs", type=int, default=30, help="passes over the training images")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step in each process")
-    p.add_argument("--micro-batch", type=int, default=0,
+    p.add_argument("--epochs", type=options.positive_int, default=30, help="passes over the training images")
+    p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per step in each process")
+    p.add_argument("--micro-batch", type=options.non_negative_int, default=0,
                    help="split each step into chunks of this many images, accumulating gradients "
                         "(same result without BatchNorm, less memory; 0: the whole batch at once)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate, applied as given in every process")
+    p.add_argument("--lr", type=options.positive_float, default=3e-4, help="learning rate, applied as given in every process")
     p.add_argument("--opt", default="adam", choices=["adam", "adamw", "sgd"], help="optimizer")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (decoupled for adamw)")
+    p.add_argument("--momentum", type=options.below_one, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=options.non_negative_float, default=0.0, help="L2 penalty (decoupled for adamw)")
     p.add_argument("--lr-scheduler", default="none", choices=["none", "cosine", "step"],
                    help="learning-rate schedule over the epochs, stepped once per epoch")
-    p.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up before the schedule")
-    p.add_argument("--lr-step-size", type=int, default=10, help="epochs between decays of the step schedule")
-    p.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of the step schedule")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    p.add_argument("--aux-weight", type=float, default=0.3, help="weight of each auxiliary classifier's loss")
+    p.add_argument("--warmup-epochs", type=options.non_negative_int, default=0, help="linear warm-up before the schedule")
+    p.add_argument("--lr-step-size", type=options.positive_int, default=10, help="epochs between decays of the step schedule")
+    p.add_argument("--lr-gamma", type=options.positive_float, default=0.1, help="decay factor of the step schedule")
+    p.add_argument("--label-smoothing", type=options.below_one, default=0.0, help="cross-entropy label smoothing")
+    p.add_argument("--aux-weight", type=options.non_negative_float, default=0.3, help="weight of each auxiliary classifier's loss")
     p.add_argument("--variant", default=None, choices=VARIANTS,
                    help="network layout: the paper's, or torchvision's with BatchNorm (default: paper, "
                         "or that of --weights)")
-    p.add_argument("--image-size", type=int, default=data.IMAGE_SIZE, help="training crop size in pixels")
-    p.add_argument("--val-resize", type=int, default=None,
+    p.add_argument("--image-size", type=options.image_size, default=data.IMAGE_SIZE, help="training crop size in pixels")
+    p.add_argument("--val-resize", type=options.image_size, default=None,
                    help="evaluation: resize images to this square size (default: --val-crop)")
-    p.add_argument("--val-crop", type=int, default=None,
+    p.add_argument("--val-crop", type=options.image_size, default=None,
                    help="evaluation: then take the centre crop of this size (default: --image-size; "
                         "for --eval-only, the size recorded in --weights)")
     p.add_argument("--auto-augment", default="none", choices=["none", *data.AUTO_AUGMENT],
                    help="augmentation policy applied after the crop and flip")
-    p.add_argument("--random-erase", type=float, default=0.0,
+    p.add_argument("--random-erase", type=options.probability, default=0.0,
                    help="probability of erasing a random rectangle of each training image")
-    p.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp's Beta(alpha, alpha) (0: off)")
-    p.add_argument("--cutmix-alpha", type=float, default=0.0,
+    p.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0, help="MixUp's Beta(alpha, alpha) (0: off)")
+    p.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
                    help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
     p.add_argument("--model-ema", action="store_true",
                    help="keep an exponential moving average of the weights; validate and save it as best.pth")
-    p.add_argument("--model-ema-decay", type=float, default=0.999,
+    p.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
                    help="EMA decay per step: the average spans about 1 / (1 - decay) steps")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="data loader processes (default: min(cpu count, batch size, 8) on CUDA; "
                         "on a CPU 0 with the cache and 1 without, so loading does not fight the compute)")
     p.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
@@ -123,12 +124,12 @@ def get_args_parser():
     p.add_argument("--tta", action="store_true",
                    help="with --eval-only: average the logits of each image and its mirror image")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--save-every", type=options.non_negative_int, default=0,
                    help="also save last.pth every this many steps inside an epoch (0: at epoch ends only)")
     p.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
     p.add_argument("--class-indices", default="class_indices.json",
                    help="also write the class index file here (it is always written into --output-dir)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffling and the augmentation")
+    p.add_argument("--seed", type=options.seed, default=0, help="seeds the weights, the shuffling and the augmentation")
     return p
 
 
@@ -644,9 +645,9 @@ def resume_command(args, last_path):
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.val_crop and args.val_resize and args.val_crop > args.val_resize:
+        parser.error(f"--val-crop {args.val_crop} is larger than --val-resize {args.val_resize}: "
+                     "the crop is taken from the resized image")
     try:
         code = main(args)
     except (data.DataError, ckpt.CheckpointError, dev.DeviceError, TrainingError) as e:

@@ -24,6 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import options  # noqa: E402
 BATCH = 32
 # The first step picks oneDNN's kernels and the second still grows the heap (page faults); from the
 # third on, a step takes as long as it does in the middle of a long run, for both configurations.
@@ -192,10 +193,10 @@ def measure(kind, folder, opts):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="folder of class folders (or of train/<class>/), e.g. ../shared/flower_photos")
-    p.add_argument("--rounds", type=int, default=2, help="alternations of the two configurations")
-    p.add_argument("--train-steps", type=int, default=6, help="timed training steps of batch 32 per run")
-    p.add_argument("--predict-images", type=int, default=256, help="images classified per prediction run")
-    p.add_argument("--micro-batch", type=int, default=0, help="the project's --micro-batch for training")
+    p.add_argument("--rounds", type=options.positive_int, default=2, help="alternations of the two configurations")
+    p.add_argument("--train-steps", type=options.positive_int, default=6, help="timed training steps of batch 32 per run")
+    p.add_argument("--predict-images", type=options.positive_int, default=256, help="images classified per prediction run")
+    p.add_argument("--micro-batch", type=options.non_negative_int, default=0, help="the project's --micro-batch for training")
     p.add_argument("--skip", choices=["train", "predict"], default=None, help="leave out one half")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     opts = p.parse_args()

@@ -15,6 +15,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import options  # noqa: E402
 from data import DataError, find_classes, list_images, split_samples  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,9 +83,9 @@ def main(argv=None):
                         help="folder of class folders to split (default: %(default)s)")
     parser.add_argument("--dest", metavar="DIR", default=DEFAULT_DEST,
                         help="where train/ and val/ are written (default: %(default)s)")
-    parser.add_argument("--val-ratio", metavar="R", type=float, default=0.1,
+    parser.add_argument("--val-ratio", metavar="R", type=options.open_fraction, default=0.1,
                         help="share of each class that goes to val, between 0 and 1 (default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=int, default=0,
+    parser.add_argument("--seed", metavar="N", type=options.seed, default=0,
                         help="seed of the shuffle; the same seed gives the same split (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="delete an existing dest/train and dest/val first instead of refusing")

@@ -1,0 +1,31 @@
+"""Argument types for the command-line scripts: a number out of range is argparse's one-line error
+naming the option ("argument --lr: must be above 0, got -1"), never a traceback from deep inside."""
+import argparse
+
+
+def _number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+
+
+def _checked(kind, ok, rule):
+    def parse(text):
+        value = _number(kind, text)
+        if not ok(value) or value != value:  # NaN compares unequal to itself
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} {rule}"
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
+positive_float = _checked(float, lambda v: 0 < v < float("inf"), "above 0")
+non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "0 or more")
+probability = _checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+open_fraction = _checked(float, lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
+below_one = _checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+image_size = _checked(int, lambda v: v >= 32, "at least 32 (pixels)")  # GoogLeNet halves it 5 times
+seed = non_negative_int
