@@ -33,26 +33,47 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+class SaveError(OSError):
+    """A file that could not be written (a full disk, a read-only folder); str() is the one-line message.
+
+    errno and strerror are those of the failed write, so callers can word their own message.
+    """
+
+    def __init__(self, path, error):
+        super().__init__(error.errno, error.strerror or str(error))
+        self.path = path
+
+    def __str__(self):
+        return f"cannot write {self.path} ({self.strerror}): free some disk space, or write it somewhere else"
+
+
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside path, fsync it, then rename it over path.
 
     A crash at any moment leaves either the old complete file or the new complete one; a failed
-    write (a full disk, say) removes the temporary file and keeps the old file untouched.
+    write (a full disk, say) removes the temporary file, keeps the old file untouched and raises
+    SaveError.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; users expect their umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            e = e.__context__  # torch.save reports a failed write (a full disk) as a RuntimeError
+        if isinstance(e, OSError) and not isinstance(e, SaveError):
+            raise SaveError(path, e) from e
         raise
     _fsync_dir(folder)
 

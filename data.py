@@ -356,9 +356,6 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
     Returns the path of the extracted flower_photos folder. The archive is written to a temporary
     file beside its final place and renamed only once its checksum is right.
     """
-    from tqdm import tqdm
-
-    os.makedirs(dest_dir, exist_ok=True)
     archive = os.path.join(dest_dir, "flower_photos.tgz")
     if os.path.exists(url):
         src, total = open(url, "rb"), os.path.getsize(url)
@@ -369,6 +366,18 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
             raise DataError(f"cannot download {url} ({e}): check the network, or pass --data-url "
                             "with a mirror or a local copy of flower_photos.tgz")
         total = int(src.headers.get("Content-Length") or 0) or None
+    try:
+        os.makedirs(dest_dir, exist_ok=True)
+        return _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log)
+    except OSError as e:
+        raise DataError(f"cannot fetch and unpack the flower photos into {dest_dir} ({e.strerror or e}): check "
+                        "the network and the free disk space (they need about 0.5 GB), or pass --data-path "
+                        "with another folder")
+
+
+def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
+    from tqdm import tqdm
+
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".flower_photos.", suffix=".part")
     try:

@@ -194,7 +194,8 @@ def run(argv=None):
     args = parser.parse_args(argv)
     try:
         return main(args)
-    except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError, export.ExportError) as e:
+    except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError, export.ExportError,
+            ckpt.SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

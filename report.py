@@ -3,7 +3,7 @@ import csv
 import io
 import os
 
-from checkpoint import atomic_write_text
+from checkpoint import SaveError, atomic_write, atomic_write_text
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "seconds"]
 
@@ -64,6 +64,18 @@ def write_confusion_csv(path, classes, confusion):
     atomic_write_text(path, out.getvalue())
 
 
+def save_png(fig, path):
+    """fig as a PNG file, written atomically; a full disk ends the program with a one-line error."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    except SaveError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        plt.close(fig)
+
+
 def plot(folder):
     """Draw folder/metrics.csv as loss and accuracy curves, and folder/confusion_matrix.csv."""
     try:
@@ -90,8 +102,7 @@ def plot(folder):
             ax.grid(alpha=0.3)
         fig.tight_layout()
         written.append(os.path.join(folder, "curves.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save_png(fig, written[-1])
     confusion_path = os.path.join(folder, "confusion_matrix.csv")
     if os.path.exists(confusion_path):
         with open(confusion_path, newline="") as f:
@@ -110,8 +121,7 @@ def plot(folder):
                 ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black")
         fig.tight_layout()
         written.append(os.path.join(folder, "confusion_matrix.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save_png(fig, written[-1])
     if not written:
         raise SystemExit(f"error: {folder} has neither metrics.csv nor confusion_matrix.csv: "
                          "train (python train.py) or evaluate (python train.py --eval-only) first")

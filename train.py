@@ -650,9 +650,9 @@ def run(argv=None):
                      "the crop is taken from the resized image")
     try:
         code = main(args)
-    except (data.DataError, ckpt.CheckpointError, dev.DeviceError, TrainingError) as e:
+    except (data.DataError, ckpt.CheckpointError, dev.DeviceError, TrainingError, ckpt.SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 2 if not isinstance(e, TrainingError) else 1
+        code = 1 if isinstance(e, (TrainingError, ckpt.SaveError)) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -190,7 +190,7 @@ def measure(kind, folder, opts):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="folder of class folders (or of train/<class>/), e.g. ../shared/flower_photos")
     p.add_argument("--rounds", type=options.positive_int, default=2, help="alternations of the two configurations")
@@ -199,7 +199,11 @@ def main():
     p.add_argument("--micro-batch", type=options.non_negative_int, default=0, help="the project's --micro-batch for training")
     p.add_argument("--skip", choices=["train", "predict"], default=None, help="leave out one half")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one measurement
-    opts = p.parse_args()
+    return p
+
+
+def main():
+    opts = get_args_parser().parse_args()
     root = os.path.join(opts.data, "train") if os.path.isdir(os.path.join(opts.data, "train")) else opts.data
     if not os.path.isdir(root):
         sys.exit(f"error: data folder {opts.data} does not exist: pass a folder of class folders")

@@ -56,8 +56,12 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
             # Keep the path below the class folder, so files in subfolders cannot collide.
             name = classes[index]
             target = os.path.join(out, name, os.path.relpath(path, os.path.join(source, name)))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(path, target)
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copy2(path, target)
+            except OSError as e:
+                raise DataError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
+                                "or pass --dest with another folder")
     counts = {name: (sum(1 for _, k in train if k == i), sum(1 for _, k in val if k == i))
               for i, name in enumerate(classes)}
 
@@ -77,7 +81,7 @@ def _log_table(counts, log):
         log(f"{name:<{width}}  {t:>6}  {v:>6}  {t + v:>6}")
 
 
-def main(argv=None):
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", metavar="DIR", default=DEFAULT_SOURCE,
                         help="folder of class folders to split (default: %(default)s)")
@@ -89,7 +93,11 @@ def main(argv=None):
                         help="seed of the shuffle; the same seed gives the same split (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="delete an existing dest/train and dest/val first instead of refusing")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
         split_dataset(args.source, args.dest, args.val_ratio, args.seed, args.force)
     except DataError as e:

@@ -1,0 +1,142 @@
+"""export.py: ONNX export of a small trained model, its metadata, ONNX Runtime against PyTorch, and
+predict.py running the .onnx file. Skipped with a reason where onnx/onnxruntime are not installed."""
+import json
+import signal
+
+import pytest
+import torch
+
+import data
+import export
+import predict
+import train
+from helpers import assert_clean_error, make_tree, train_argv
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (requirements-dev.txt)")
+onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime (requirements-dev.txt)")
+pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (requirements-dev.txt)")
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def call(module, argv, capsys):
+    capsys.readouterr()
+    code = module.run([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 2-epoch run at 64 px (evaluated at 80 px) of the torchvision variant, exported."""
+    root = tmp_path_factory.mktemp("export")
+    tree = make_tree(root / "data", n_train=4, n_val=2)
+    out = root / "out"
+    assert train.run([str(a) for a in train_argv(tree, out, "--image-size", 64, "--val-resize", 96, "--val-crop", 80,
+                                                 "--variant", "torchvision", epochs=2)]) == 0
+    onnx_path = root / "flowers.onnx"
+    assert export.run(["--weights", str(out / "best.pth"), "--output", str(onnx_path)]) == 0
+    return {"root": root, "data": tree, "best": out / "best.pth", "onnx": onnx_path}
+
+
+def test_the_graph_has_a_free_batch_size_and_no_aux_heads(exported):
+    model = onnx.load(str(exported["onnx"]))
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version == export.OPSET
+    (images,), (logits,) = model.graph.input, model.graph.output
+    assert images.name == "images" and logits.name == "logits"
+    dims = images.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # symbolic: any batch size
+    assert [d.dim_value for d in dims[1:]] == [3, 80, 80]
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 3
+    assert not any("aux" in node.name for node in model.graph.node)
+    assert not any("aux" in init.name for init in model.graph.initializer)
+
+
+def test_metadata_holds_the_class_names_and_preprocessing(exported):
+    meta = {p.key: p.value for p in onnx.load(str(exported["onnx"])).metadata_props}
+    assert json.loads(meta["classes"]) == ["daisy", "roses", "tulips"]
+    assert (meta["val_resize"], meta["val_crop"], meta["variant"]) == ("96", "80", "torchvision")
+    assert json.loads(meta["mean"]) == list(data.MEAN) and json.loads(meta["std"]) == list(data.STD)
+    model, classes, preprocessing = export.load_onnx(str(exported["onnx"]))
+    assert classes == ["daisy", "roses", "tulips"] and preprocessing == (data.MEAN, data.STD, 96, 80)
+
+
+def test_onnx_runtime_gives_pytorchs_probabilities_on_images(exported):
+    torch_model, _, preprocessing = predict.load_model(str(exported["best"]), "unused.json", CPU)
+    onnx_model, _, onnx_preprocessing = export.load_onnx(str(exported["onnx"]))
+    files = sorted(str(p) for p in (exported["data"] / "val").rglob("*.jpg"))
+    expected, _ = predict.predict(torch_model, files, preprocessing, CPU, 4, 0)
+    got, errors = predict.predict(onnx_model, files, onnx_preprocessing, CPU, 4, 0)
+    assert errors == [""] * len(files) and got.shape == (6, 3)
+    assert (got - expected).abs().max().item() <= export.TOLERANCE
+
+
+def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path, capsys):
+    image = exported["data"] / "val" / "roses" / "roses_01.jpg"
+    outputs = {}
+    for name in ("best", "onnx"):
+        code, out, err = call(predict, [image, "--weights", exported[name], "--topk", 2], capsys)
+        assert code == 0, err
+        outputs[name] = [(line.split()[0], float(line.split()[1])) for line in out.splitlines()]
+    assert [c for c, _ in outputs["onnx"]] == [c for c, _ in outputs["best"]] and len(outputs["onnx"]) == 2
+    for (_, p), (_, q) in zip(outputs["onnx"], outputs["best"]):
+        assert p == pytest.approx(q, abs=2e-4)
+    for ext in ("csv", "json"):
+        for name in ("best", "onnx"):
+            path = tmp_path / f"{name}.{ext}"
+            assert call(predict, [exported["data"] / "val", "--weights", exported[name], "--output", path],
+                        capsys)[0] == 0
+        if ext == "json":
+            a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("best", "onnx"))
+            assert [r["class"] for r in a] == [r["class"] for r in b]
+        else:
+            a, b = ((tmp_path / f"{n}.csv").read_text().splitlines() for n in ("best", "onnx"))
+            assert [r.split(",")[:2] for r in a] == [r.split(",")[:2] for r in b]
+
+
+def test_export_refuses_a_result_that_does_not_match(exported, tmp_path, monkeypatch, capsys):
+    real_call = export.OnnxModel.__call__
+    monkeypatch.setattr(export.OnnxModel, "__call__", lambda self, x: real_call(self, x) * 1.5)
+    out = tmp_path / "bad.onnx"
+    code, _, err = call(export, ["--weights", exported["best"], "--output", out], capsys)
+    assert_clean_error(code, err, "differ from PyTorch's", "was not written")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_errors_are_one_line(exported, tmp_path, capsys):
+    code, _, err = call(export, ["--weights", tmp_path / "missing.pth", "--output", tmp_path / "x.onnx"], capsys)
+    assert_clean_error(code, err, "does not exist")
+    code, _, err = call(export, ["--weights", exported["best"], "--output", tmp_path / "x.pth"], capsys)
+    assert_clean_error(code, err, "must end in .onnx")
+    not_onnx = tmp_path / "fake.onnx"
+    not_onnx.write_bytes(b"not a model")
+    code, _, err = call(predict, [exported["data"] / "val", "--weights", not_onnx], capsys)
+    assert_clean_error(code, err, "not a readable ONNX model")
+    code, _, err = call(predict, [exported["data"] / "val", "--weights", tmp_path / "none.onnx"], capsys)
+    assert_clean_error(code, err, "does not exist", "export.py")
+
+
+def test_missing_onnx_packages_give_one_line(exported, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    code, _, err = call(export, ["--weights", exported["best"], "--output", exported["root"] / "y.onnx"], capsys)
+    assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")
+    code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"]], capsys)
+    assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")

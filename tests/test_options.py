@@ -1,0 +1,91 @@
+"""Every number a user types is checked when the arguments are parsed: argparse's one-line error
+naming the option, exit status 2, never a traceback."""
+import argparse
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+import export
+import options
+import predict
+import train
+from helpers import REPO, script_env
+from data_set import split_data
+
+BAD_VALUES = {  # per type: values it must refuse
+    options.positive_int: ["0", "-3", "2.5", "x"],
+    options.non_negative_int: ["-1", "1.5", "x"],
+    options.seed: ["-1", "x"],
+    options.image_size: ["16", "0", "x"],
+    options.positive_float: ["0", "-1e-3", "nan", "inf", "x"],
+    options.non_negative_float: ["-0.1", "nan", "inf", "x"],
+    options.probability: ["-0.1", "1.01", "nan", "x"],
+    options.open_fraction: ["0", "1", "nan", "x"],
+    options.below_one: ["-0.1", "1", "nan", "x"],
+}
+GOOD_VALUES = {options.positive_int: "3", options.non_negative_int: "0", options.seed: "0",
+               options.image_size: "96", options.positive_float: "1e-3", options.non_negative_float: "0",
+               options.probability: "1", options.open_fraction: "0.5", options.below_one: "0"}
+
+
+def benchmark_parser():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "benchmarks" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
+
+
+PARSERS = {"train.py": train.get_args_parser, "predict.py": predict.get_args_parser,
+           "export.py": export.get_args_parser, "split_data.py": split_data.get_args_parser,
+           "benchmark.py": benchmark_parser}
+POSITIONAL = {"predict.py": ["x.jpg"], "benchmark.py": ["data"]}
+
+
+def numeric_actions(parser):
+    return [a for a in parser._actions if a.option_strings and a.type is not None]
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_every_numeric_option_has_a_checked_type(script):
+    actions = numeric_actions(PARSERS[script]())
+    assert actions, script
+    for action in actions:
+        assert action.type in BAD_VALUES, f"{script} {action.option_strings[0]} is parsed with {action.type}"
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_bad_numbers_are_argparse_errors_naming_the_option(script, capsys):
+    parser = PARSERS[script]()
+    for action in numeric_actions(parser):
+        option = action.option_strings[-1]
+        assert action.type(GOOD_VALUES[action.type]) is not None
+        for bad in BAD_VALUES[action.type]:
+            with pytest.raises(SystemExit) as stop:
+                parser.parse_args(POSITIONAL.get(script, []) + [option, bad])
+            assert stop.value.code == 2
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith(f"{parser.prog}: error: argument {option}"), err
+
+
+def test_the_messages_say_the_rule():
+    with pytest.raises(argparse.ArgumentTypeError, match="must be above 0, got -1"):
+        options.positive_float("-1")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer, got '2.5'"):
+        options.positive_int("2.5")
+    assert options.probability("0.25") == 0.25 and options.positive_int("7") == 7
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("train.py", ["--lr", "-1"]),
+    ("train.py", ["--val-resize", "100", "--val-crop", "200"]),
+    ("predict.py", ["x.jpg", "--batch-size", "0"]),
+    ("data_set/split_data.py", ["--val-ratio", "1.5"]),
+    ("export.py", ["--check-images", "0"]),
+])
+def test_from_the_command_line_one_line_and_exit_2(script, argv):
+    proc = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{script.split('/')[-1]}: error: ")
