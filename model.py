@@ -219,3 +219,73 @@ HEAD_PREFIXES = ("fc.", "aux1.fc2.", "aux2.fc2.")
 def logits_with_mirror(model, images):
     """Test-time augmentation: the mean of the logits of the images and of their mirror images."""
     return (model(images) + model(images.flip(3))) / 2
+
+
+STAGES = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+          "inception4a", "aux1", "inception4b", "inception4c", "inception4d", "aux2", "inception4e", "maxpool4",
+          "inception5a", "inception5b", "avgpool", "dropout", "fc")
+
+
+def summary(model, image_size=224):
+    """One row per stage for one image: (name, output shape, parameters, forward FLOPs), then the
+    totals {"parameters", "inference_flops", "training_flops"} (torch.utils.flop_counter counts a
+    multiply-add as 2 FLOPs; training is a forward and backward pass with the aux heads)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(output.shape)
+        return hook
+
+    hooks = [getattr(model, name).register_forward_hook(record(name))
+             for name in STAGES if getattr(model, name, None) is not None]
+    x = torch.zeros(1, 3, image_size, image_size)
+    model.train()  # the aux heads run only in training
+    with FlopCounterMode(display=False) as forward:
+        outputs = model(x)
+    with FlopCounterMode(display=False) as backward:
+        (sum(o.sum() for o in outputs) if isinstance(outputs, tuple) else outputs.sum()).backward()
+    for hook in hooks:
+        hook.remove()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with FlopCounterMode(display=False) as inference, torch.no_grad():
+        model(x)
+    per_module = forward.get_flop_counts()
+    rows = [(name, shapes[name], sum(p.numel() for p in getattr(model, name).parameters()),
+             sum(per_module.get(f"{type(model).__name__}.{name}", {}).values())) for name in STAGES if name in shapes]
+    totals = {"parameters": sum(p.numel() for p in model.parameters()),
+              "inference_flops": inference.get_total_flops(),
+              "training_flops": forward.get_total_flops() + backward.get_total_flops()}
+    return rows, totals
+
+
+def print_summary(model, image_size):
+    rows, totals = summary(model, image_size)
+    print(f"GoogLeNet, {model.variant} variant, {model.fc.out_features} classes, {image_size} x {image_size} input"
+          + ("" if model.aux_logits else ", without aux heads"))
+    print(f"{'stage':<12} {'output (N x C x H x W)':<24} {'parameters':>11} {'forward GFLOPs':>15}")
+    for name, shape, params, flops in rows:
+        print(f"{name:<12} {' x '.join(['N', *map(str, shape[1:])]):<24} {params:>11,} {flops / 1e9:>15.3f}")
+    without_aux = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("aux1.", "aux2.")))
+    print(f"total: {totals['parameters']:,} parameters"
+          + (f" ({without_aux:,} without the aux heads)" if model.aux_logits else "")
+          + f"; {totals['inference_flops'] / 1e9:.2f} GFLOPs per image "
+          f"for inference, {totals['training_flops'] / 1e9:.2f} per image for a training step (forward and "
+          "backward); a multiply-add counts as 2 FLOPs")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import options
+
+    parser = argparse.ArgumentParser(description="Print GoogLeNet's stages: output shapes, parameters and FLOPs.")
+    parser.add_argument("--num-classes", type=options.positive_int, default=5, help="classes of the classifier")
+    parser.add_argument("--image-size", type=options.image_size, default=224, help="input height and width in pixels")
+    parser.add_argument("--variant", default="paper", choices=VARIANTS, help="the paper's layout or torchvision's")
+    parser.add_argument("--no-aux", action="store_true", help="without the auxiliary classifiers")
+    args = parser.parse_args()
+    print_summary(GoogLeNet(args.num_classes, aux_logits=not args.no_aux, variant=args.variant), args.image_size)

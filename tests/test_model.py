@@ -612,3 +612,52 @@ def test_channels_last_model_same_logits(model_default_init, x):
         ref = model_default_init(x)
         got = m(xc)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# python model.py: the layer summary
+# ---------------------------------------------------------------------------------------------
+def summary_lines(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "model.py"), *args], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[1] == "N":
+            rows[parts[0]] = (line[13:37].strip(), int(parts[-2].replace(",", "")), float(parts[-1]))
+    return rows, proc.stdout.strip().splitlines()[-1]
+
+
+def test_summary_prints_every_stage_and_the_tested_totals():
+    from model import STAGES
+
+    rows, total = summary_lines()
+    assert list(rows) == list(STAGES)  # conv1 ... fc with aux1 after 4a and aux2 after 4d
+    model = GoogLeNet(num_classes=5)
+    for name in ("conv1", "conv3", "inception4e", "aux1", "aux2", "fc"):
+        assert rows[name][1] == sum(p.numel() for p in getattr(model, name).parameters()), name
+    assert rows["conv1"][0] == "N x 64 x 112 x 112"
+    assert rows["inception3b"][0] == "N x 480 x 28 x 28"
+    assert rows["inception5b"][0] == "N x 1024 x 7 x 7"
+    assert rows["aux1"][0] == rows["aux2"][0] == rows["fc"][0] == "N x 5"
+    assert sum(r[1] for r in rows.values()) == 10_318_655
+    assert "10,318,655 parameters (5,978,677 without the aux heads)" in total
+    assert "3.16 GFLOPs per image for inference, 9.29 per image for a training step" in total  # as README states
+    # 2 FLOPs per multiply-add: conv3 is 56 x 56 positions x 192 outputs x (64 x 3 x 3) inputs, plus nothing else
+    assert rows["conv3"][2] == pytest.approx(2 * 56 * 56 * 192 * 64 * 9 / 1e9, abs=1e-3)
+
+
+def test_summary_without_aux_heads_and_at_other_sizes():
+    rows, total = summary_lines("--no-aux", "--image-size", "160", "--num-classes", "3", "--variant", "torchvision")
+    assert "aux1" not in rows and "aux2" not in rows and rows["fc"][0] == "N x 3"
+    assert rows["inception5b"][0] == "N x 1024 x 5 x 5"
+    model = GoogLeNet(num_classes=3, aux_logits=False, variant="torchvision")
+    assert f"total: {sum(p.numel() for p in model.parameters()):,} parameters;" in total
+    rows, total = summary_lines("--no-aux")
+    assert total.startswith("total: 5,978,677 parameters;")
