@@ -13,6 +13,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import cam
 import checkpoint as ckpt
 import data
 import device as dev
@@ -43,6 +44,10 @@ def get_args_parser():
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA)")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
+    p.add_argument("--cam", default=None, metavar="OUT_DIR",
+                   help="also write a Grad-CAM heat map of each image to this folder (needs captum)")
+    p.add_argument("--cam-class", default=None, help="the class whose heat map --cam draws (default: the predicted one)")
+    p.add_argument("--cam-layer", default="inception5b", choices=cam.LAYERS, help="the layer whose output --cam weighs")
     return p
 
 
@@ -151,6 +156,9 @@ def main(args):
         raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
     files = collect_images(args.images)
     if args.weights.lower().endswith(".onnx"):
+        if args.cam:
+            raise PredictionError("--cam needs the gradients of PyTorch weights: pass the .pth file the "
+                                  ".onnx file was exported from")
         if not os.path.isfile(args.weights):
             raise PredictionError(f"weights file {args.weights} does not exist: export one with "
                                   f"python export.py --output {args.weights}, or pass --weights with the right path")
@@ -183,6 +191,10 @@ def main(args):
     if args.output and good:
         write_output(args.output, [files[i] for i in good], classes, probabilities[good])
         print(f"predictions written to {args.output}")
+    if args.cam and good:
+        written = cam.write_cams(model, [files[i] for i in good], preprocessing, classes, probabilities[good],
+                                 args.cam, args.cam_class, args.cam_layer, device)
+        print(f"{len(written)} Grad-CAM heat map(s) ({args.cam_layer}) written to {args.cam}")
     for f, e in zip(files, errors):
         if e:
             print(f"error: cannot read image {f} ({e}): is it a complete image file?", file=sys.stderr)
@@ -195,7 +207,7 @@ def run(argv=None):
     try:
         return main(args)
     except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError, export.ExportError,
-            ckpt.SaveError) as e:
+            ckpt.SaveError, cam.CamError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
