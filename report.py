@@ -64,6 +64,20 @@ def write_confusion_csv(path, classes, confusion):
     atomic_write_text(path, out.getvalue())
 
 
+PREDICTION_FIELDS = ["file", "true_class", "predicted_class", "loss"]  # then one probability per class
+
+
+def write_predictions_csv(path, classes, rows):
+    """predictions.csv: per image (path, true class index, probabilities, cross-entropy), in that order."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(PREDICTION_FIELDS + [f"p_{c}" for c in classes])
+    for path_, target, probabilities, loss in rows:
+        best = max(range(len(classes)), key=probabilities.__getitem__)
+        writer.writerow([path_, classes[target], classes[best], f"{loss:.6f}"] + [f"{p:.6f}" for p in probabilities])
+    atomic_write_text(path, out.getvalue())
+
+
 def save_png(fig, path):
     """fig as a PNG file, written atomically; a full disk ends the program with a one-line error."""
     import matplotlib.pyplot as plt
@@ -76,8 +90,9 @@ def save_png(fig, path):
         plt.close(fig)
 
 
-def plot(folder):
-    """Draw folder/metrics.csv as loss and accuracy curves, and folder/confusion_matrix.csv."""
+def plot(folder, top_losses=16):
+    """Draw folder/metrics.csv as loss and accuracy curves, folder/confusion_matrix.csv, and the
+    top_losses images of folder/predictions.csv with the highest loss."""
     try:
         import matplotlib
 
@@ -96,8 +111,12 @@ def plot(folder):
         ax_loss.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="val")
         ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
         ax_loss.legend()
-        ax_acc.plot(epochs, [float(r["val_accuracy"]) for r in rows], "o-", color="tab:green")
-        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
+        trained = [(e, float(r["train_accuracy"])) for e, r in zip(epochs, rows) if r.get("train_accuracy")]
+        if trained:  # not with MixUp/CutMix, whose targets are mixtures
+            ax_acc.plot(*zip(*trained), "o-", label="train", color="tab:blue")
+        ax_acc.plot(epochs, [float(r["val_accuracy"]) for r in rows], "o-", label="val", color="tab:orange")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+        ax_acc.legend()
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -122,17 +141,55 @@ def plot(folder):
         fig.tight_layout()
         written.append(os.path.join(folder, "confusion_matrix.png"))
         save_png(fig, written[-1])
+    predictions_path = os.path.join(folder, "predictions.csv")
+    if os.path.exists(predictions_path) and top_losses:
+        written.append(os.path.join(folder, "top_losses.png"))
+        save_png(draw_top_losses(plt, predictions_path, top_losses), written[-1])
     if not written:
-        raise SystemExit(f"error: {folder} has neither metrics.csv nor confusion_matrix.csv: "
+        raise SystemExit(f"error: {folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
                          "train (python train.py) or evaluate (python train.py --eval-only) first")
     return written
+
+
+def draw_top_losses(plt, predictions_path, count):
+    """The `count` images with the highest loss in predictions.csv, each as a photo viewer shows it,
+    captioned with its true class, the predicted class and that prediction's probability."""
+    from data import load_image
+
+    with open(predictions_path, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: float(r["loss"]), reverse=True)[:count]
+    columns = min(4, len(rows))
+    lines = (len(rows) + columns - 1) // columns
+    fig, axes = plt.subplots(lines, columns, figsize=(3 * columns, 3.3 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        try:
+            image = load_image(row["file"], min_side=256)
+        except OSError as e:
+            raise SystemExit(f"error: cannot read {row['file']} named in {predictions_path} ({e.strerror or e}): "
+                             "run --eval-only again where the val images are")
+        image.thumbnail((256, 256))
+        ax.imshow(image)
+        probability = float(row[f"p_{row['predicted_class']}"])
+        ax.set_title(f"true {row['true_class']}\npredicted {row['predicted_class']} {probability:.2f}\n"
+                     f"loss {float(row['loss']):.2f}", fontsize=9)
+    fig.suptitle(f"the {len(rows)} validation images with the highest loss")
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv) and confusion matrix "
-                                                 "(confusion_matrix.csv) to PNG files beside them.")
+    import options
+
+    parser = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
+                                                 "(confusion_matrix.csv) and worst-classified images "
+                                                 "(predictions.csv) to PNG files beside them.")
     parser.add_argument("folder", nargs="?", default="weights", help="the run's --output-dir")
-    for path in plot(parser.parse_args().folder):
+    parser.add_argument("--top-losses", type=options.non_negative_int, default=16,
+                        help="how many of the highest-loss val images top_losses.png shows (0: none)")
+    args = parser.parse_args()
+    for path in plot(args.folder, args.top_losses):
         print(f"wrote {path}")

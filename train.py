@@ -23,7 +23,7 @@ import data
 import device as dev
 import options
 from model import HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
-from report import append_metrics, print_evaluation, write_confusion_csv
+from report import append_metrics, print_evaluation, write_confusion_csv, write_predictions_csv
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 DEFAULT_DATA = os.path.join("data_set", "flower_data")
@@ -229,11 +229,13 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
 
 
 @torch.inference_mode()
-def evaluate(model, criterion, loader, device, num_classes, state, desc="val", tta=False):
-    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over every image."""
+def evaluate(model, criterion, loader, device, num_classes, state, desc="val", tta=False, per_image=False):
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted) over every image;
+    with per_image, also [(dataset index, class probabilities, cross-entropy)] for every image, in order."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = 0.0
+    loss_sum, rows = 0.0, []
+    indices = iter(loader.sampler)  # an evaluation sampler hands out plain indices, in loading order
     for images, targets in tqdm(loader, desc=desc, disable=not state["is_main"], file=sys.stdout,
                                 dynamic_ncols=True, leave=False):
         images = data.normalize_batch(images.to(device, non_blocking=True), state["mean"], state["std"],
@@ -245,12 +247,22 @@ def evaluate(model, criterion, loader, device, num_classes, state, desc="val", t
         predictions = logits.argmax(dim=1)
         confusion += torch.bincount(targets * num_classes + predictions,
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
+        if per_image:
+            log_p = torch.log_softmax(logits.float(), dim=1)
+            losses = -log_p.gather(1, targets[:, None])[:, 0]
+            rows += [(next(indices), p, l) for p, l in zip(log_p.exp().tolist(), losses.tolist())]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
+        if per_image:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = sorted(r for part in gathered for r in part)
     total_loss = dev.all_reduce_sum([loss_sum], device)[0]
     confusion = confusion.cpu()
     count = int(confusion.sum())
     accuracy = confusion.diag().sum().item() / max(count, 1)
+    if per_image:
+        return total_loss / max(count, 1), accuracy, confusion, rows
     return total_loss / max(count, 1), accuracy, confusion
 
 
@@ -420,12 +432,17 @@ def evaluate_only(args, model, criterion, val_loader, device, classes, start, st
     if trained_on and trained_on != classes:
         raise ckpt.CheckpointError(f"{args.weights} was trained on classes {trained_on}, the val folder "
                                    f"has {classes}: evaluate on data with the same class folders")
-    loss, acc, confusion = evaluate(model, criterion, val_loader, device, len(classes), state, tta=args.tta)
+    loss, _, confusion, rows = evaluate(model, criterion, val_loader, device, len(classes), state, tta=args.tta,
+                                        per_image=True)
     if state["is_main"]:
         print_evaluation(classes, confusion, loss)
         path = os.path.join(args.output_dir, "confusion_matrix.csv")
         write_confusion_csv(path, classes, confusion)
-        print(f"confusion matrix written to {path}")
+        samples = val_loader.dataset.samples
+        write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
+                              [(samples[i][0], samples[i][1], p, l) for i, p, l in rows])
+        print(f"confusion matrix and per-image predictions written to {path} and "
+              f"{os.path.join(args.output_dir, 'predictions.csv')}")
     return 0
 
 

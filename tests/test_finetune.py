@@ -10,10 +10,12 @@ Offline, CPU only.
 import contextlib
 import csv
 import io
+import math
 import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,7 +254,21 @@ def test_eval_only_prints_the_report_and_writes_the_confusion_matrix(finetuned, 
     scores = report.per_class_scores(torch.tensor(cells))
     for row, (p, r, a, n) in zip(table, scores):
         assert row[1:] == [f"{p:.4f}", f"{r:.4f}", f"{a:.4f}", str(n)]
-    assert os.listdir(eval_dir) == ["confusion_matrix.csv"]
+    # predictions.csv: one row per val image, in the val folder's order, agreeing with the matrix
+    with open(eval_dir / "predictions.csv", newline="") as f:
+        predictions = list(csv.DictReader(f))
+    assert list(predictions[0]) == ["file", "true_class", "predicted_class", "loss"] + [f"p_{c}" for c in CLASSES]
+    assert [r["file"] for r in predictions] == sorted(str(p) for p in Path(tiny, "val").rglob("*.jpg"))
+    assert all(os.path.basename(os.path.dirname(r["file"])) == r["true_class"] for r in predictions)
+    counted = [[0] * len(CLASSES) for _ in CLASSES]
+    for r in predictions:
+        probabilities = [float(r[f"p_{c}"]) for c in CLASSES]
+        assert abs(sum(probabilities) - 1) < 1e-4
+        assert r["predicted_class"] == CLASSES[probabilities.index(max(probabilities))]
+        assert float(r["loss"]) == pytest.approx(-math.log(float(r[f"p_{r['true_class']}"])), abs=1e-4)
+        counted[CLASSES.index(r["true_class"])][CLASSES.index(r["predicted_class"])] += 1
+    assert counted == cells
+    assert sorted(os.listdir(eval_dir)) == ["confusion_matrix.csv", "predictions.csv"]
 
 
 def test_per_class_scores_by_hand():

@@ -28,7 +28,7 @@ def test_plot_writes_png_files(tmp_path):
 
 def test_plot_without_data_is_a_clear_error(tmp_path):
     pytest.importorskip("matplotlib")
-    with pytest.raises(SystemExit, match="neither metrics.csv nor confusion_matrix.csv"):
+    with pytest.raises(SystemExit, match="no metrics.csv, confusion_matrix.csv or predictions.csv"):
         report.plot(str(tmp_path))
 
 
@@ -37,3 +37,35 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         report.plot(str(tmp_path))
+
+
+def test_top_losses_shows_the_highest_loss_images_with_their_captions(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for i in range(7):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((40, 60, 3), 30 * i, np.uint8)).save(path)
+        probabilities = [0.2, 0.3, 0.5] if i % 2 else [0.7, 0.2, 0.1]
+        rows.append((str(path), i % 3, probabilities, -np.log(probabilities[i % 3])))
+    report.write_predictions_csv(str(tmp_path / "predictions.csv"), ["a", "b", "c"], rows)
+    fig = report.draw_top_losses(plt, str(tmp_path / "predictions.csv"), 4)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    expected = sorted(rows, key=lambda r: r[3], reverse=True)[:4]
+    assert len(titles) == 4
+    for title, (path, target, probabilities, loss) in zip(titles, expected):
+        best = int(np.argmax(probabilities))
+        assert title == (f"true {'abc'[target]}\npredicted {'abc'[best]} {probabilities[best]:.2f}\n"
+                         f"loss {loss:.2f}")
+    plt.close(fig)
+    written = report.plot(str(tmp_path), top_losses=4)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["top_losses.png"]
+    (tmp_path / "img0.png").unlink()  # moved away since the evaluation: one clear line
+    with pytest.raises(SystemExit, match="cannot read .*img0.png"):
+        report.plot(str(tmp_path), top_losses=7)
