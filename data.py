@@ -263,6 +263,11 @@ class EpochSampler(Sampler):
             order += order[: self.world_size - self.size % self.world_size]
         return order[self.rank :: self.world_size]
 
+    @property
+    def epoch_length(self):
+        """Samples this process gets in a whole epoch (len() counts those left after ``start``)."""
+        return len(self._indices())
+
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007
         for i in self._indices()[self.start :]:

@@ -78,6 +78,39 @@ def write_predictions_csv(path, classes, rows):
     atomic_write_text(path, out.getvalue())
 
 
+class TensorBoardLog:
+    """--tensorboard: the run's scalars in folder for `tensorboard --logdir`, rank 0 only.
+
+    Every scalar is logged at the global step (training steps since the start of the run), the
+    per-epoch ones at their epoch's last step. A resumed run opens its writer with purge_step set to
+    its next step, so TensorBoard drops whatever an interrupted run had logged past it: the curves
+    continue with no step twice. Raises ImportError without the tensorboard package.
+    """
+
+    def __init__(self, folder, next_step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = folder
+        self.writer = SummaryWriter(folder, purge_step=next_step if next_step > 1 else None)
+
+    def add(self, scalars, step):
+        try:
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+        except OSError as e:
+            raise SaveError(self.folder, e) from e
+
+    def flush(self):
+        try:
+            self.writer.flush()
+        except OSError as e:
+            raise SaveError(self.folder, e) from e
+
+    def close(self):
+        self.writer.close()
+
+
 def save_png(fig, path):
     """fig as a PNG file, written atomically; a full disk ends the program with a one-line error."""
     import matplotlib.pyplot as plt

@@ -23,7 +23,8 @@ import data
 import device as dev
 import options
 from model import HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
-from report import append_metrics, print_evaluation, write_confusion_csv, write_predictions_csv
+from report import (TensorBoardLog, append_metrics, print_evaluation, write_confusion_csv,
+                    write_predictions_csv)
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 DEFAULT_DATA = os.path.join("data_set", "flower_data")
@@ -127,6 +128,9 @@ def get_args_parser():
     p.add_argument("--save-every", type=options.non_negative_int, default=0,
                    help="also save last.pth every this many steps inside an epoch (0: at epoch ends only)")
     p.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the losses, accuracy, learning rate and speed to OUTPUT_DIR/tensorboard "
+                        "(needs tensorboard)")
     p.add_argument("--class-indices", default="class_indices.json",
                    help="also write the class index file here (it is always written into --output-dir)")
     p.add_argument("--seed", type=options.seed, default=0, help="seeds the weights, the shuffling and the augmentation")
@@ -211,6 +215,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
         if ema is not None:
             ema.update_parameters(model.module if hasattr(model, "module") else model)
         step += 1
+        if state.get("tensorboard"):
+            state["tensorboard"].add({"train/step_loss": step_loss}, epoch * state["steps_per_epoch"] + step)
         loss_sum += step_loss * len(images)
         seen += len(images)
         images_timed += len(images)
@@ -583,6 +589,14 @@ def main(args):
     stop = StopRequest()
     synced = False
     train_sampler = train_loader.sampler
+    state["steps_per_epoch"] = math.ceil(train_sampler.epoch_length / args.batch_size)
+    if args.tensorboard:
+        try:
+            next_step = start_epoch * state["steps_per_epoch"] + state.get("step", 0) + 1
+            tensorboard = TensorBoardLog(os.path.join(args.output_dir, "tensorboard"), next_step) if is_main else None
+        except ImportError:
+            raise TrainingError("--tensorboard needs tensorboard, an optional dependency: pip install tensorboard")
+        state["tensorboard"] = tensorboard
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch, start=state.get("step", 0) * args.batch_size)
         epoch_start = time.perf_counter()
@@ -590,6 +604,8 @@ def main(args):
                                  args, state, stop, save_last, mix, ema)
         if result is None:
             save_last(epoch)
+            if state.get("tensorboard"):
+                state["tensorboard"].close()
             signum = stop.signal or signal.SIGTERM  # another process may have caught it
             name = signal.Signals(signum).name
             log(f"\n{name}: stopped at epoch {epoch + 1}, step {state['step']}; saved {last_path}. "
@@ -618,6 +634,11 @@ def main(args):
                            dict(lr=lr, train_loss=train_loss, train_accuracy="" if train_acc is None else train_acc,
                                 val_loss=val_loss, val_accuracy=val_acc, images_per_s=images_per_s,
                                 seconds=seconds))
+            if state.get("tensorboard"):
+                state["tensorboard"].add({"epoch": epoch + 1, "lr": lr, "train/loss": train_loss,
+                                          "train/accuracy": train_acc, "val/loss": val_loss, "val/accuracy": val_acc,
+                                          "images_per_s": images_per_s}, (epoch + 1) * state["steps_per_epoch"])
+                state["tensorboard"].flush()
             if improved:
                 payload = describe(eval_model)
                 payload.update(epoch=epoch + 1, val_accuracy=val_acc)
@@ -627,6 +648,8 @@ def main(args):
                     raise TrainingError(f"cannot save {best_path} ({e.strerror or e}); the previous file is "
                                         "intact: free some disk space and resume from last.pth")
         save_last(epoch, completed=True)
+    if state.get("tensorboard"):
+        state["tensorboard"].close()
     if synced:
         log(f"ranks in sync: the {world_size} processes held identical weights after every epoch")
     log(f"best val_accuracy {best_acc:.3f} at epoch {best_epoch}, saved in {best_path}; "

@@ -62,6 +62,13 @@ def run_train_in_process(argv, capsys):
     return code, out, err
 
 
+try:
+    import tensorboard  # noqa: F401
+    TENSORBOARD = ["--tensorboard"]  # only rank 0 may write its event file
+except ImportError:
+    TENSORBOARD = []
+
+
 # ---------------------------------------------------------------------------------------------
 # the shared two-process run
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +91,7 @@ def ddp_run(tmp_path_factory):
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "train.py", "--data-path", data_path, "--output-dir", out_dir,
            "--class-indices", str(base / "class_indices.json"), "--weights", weights,
-           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off"]
+           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off"] + TENSORBOARD
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=480)
     return {"proc": proc, "data": data_path, "out": out_dir, "base": str(base)}
@@ -122,7 +129,11 @@ def test_only_rank_0_writes_files(ddp_run):
     proc = ddp_run["proc"]
     assert proc.returncode == 0, describe(proc)
     # no temporary files, no .write-test, nothing from rank 1
-    assert sorted(os.listdir(ddp_run["out"])) == ["best.pth", "class_indices.json", "last.pth", "metrics.csv"]
+    expected = ["best.pth", "class_indices.json", "last.pth", "metrics.csv"] + (["tensorboard"] if TENSORBOARD else [])
+    assert sorted(os.listdir(ddp_run["out"])) == expected
+    if TENSORBOARD:
+        (events,) = os.listdir(os.path.join(ddp_run["out"], "tensorboard"))  # one writer: rank 0's
+        assert events.startswith("events.out.tfevents.")
     assert sorted(os.listdir(ddp_run["base"])) == ["class_indices.json", "data", "out", "start.pth"]
     with open(os.path.join(ddp_run["out"], "metrics.csv"), newline="") as f:
         rows = list(csv.DictReader(f))

@@ -1,0 +1,106 @@
+"""--tensorboard: the event files read back with TensorBoard's own reader, and a resumed run that
+continues the same curves with no step twice."""
+import csv
+import shutil
+import signal
+
+import pytest
+
+import train
+from helpers import assert_clean_error, make_tree, train_argv
+
+pytest.importorskip("tensorboard", reason="--tensorboard needs tensorboard (requirements-dev.txt)")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def call(argv, capsys):
+    capsys.readouterr()
+    code = train.run([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def scalars(folder):
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("tb") / "data", n_train=4, n_val=2)  # 12 train: 3 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def straight(tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tb") / "A"
+    assert train.run([str(a) for a in train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)]) == 0
+    return out
+
+
+def test_epoch_and_step_scalars_match_metrics_csv(straight):
+    logged = scalars(straight)
+    assert sorted(logged) == sorted(["epoch", "lr", "train/loss", "train/accuracy", "val/loss", "val/accuracy",
+                                     "images_per_s", "train/step_loss"])
+    assert [s for s, _ in logged["train/step_loss"]] == [1, 2, 3, 4, 5, 6]
+    with open(straight / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for tag, column in (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("val/accuracy", "val_accuracy"),
+                        ("lr", "lr"), ("images_per_s", "images_per_s"), ("train/accuracy", "train_accuracy")):
+        assert [s for s, _ in logged[tag]] == [3, 6], tag  # each epoch at its last step
+        assert [v for _, v in logged[tag]] == pytest.approx([float(r[column]) for r in rows], rel=1e-5), tag
+    assert [v for _, v in logged["epoch"]] == [1, 2]
+    # the epoch's training loss is the mean of its steps' losses (all batches hold 4 images)
+    steps = [v for _, v in logged["train/step_loss"]]
+    assert logged["train/loss"][0][1] == pytest.approx(sum(steps[:3]) / 3, rel=1e-5)
+
+
+def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straight, tmp_path, monkeypatch, capsys):
+    """Stopped after step 5, resumed from the save after step 4: TensorBoard drops the orphaned
+    step 5 and the curves end equal to the uninterrupted run's, each step once."""
+    out, saved, steps = tmp_path / "C", tmp_path / "after_step_4.pth", {"n": 0}
+
+    def check(self, device, diverged=False):
+        steps["n"] += 1
+        if steps["n"] == 5:
+            shutil.copy(out / "last.pth", saved)
+        return diverged, steps["n"] == 5
+
+    argv = train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)
+    with monkeypatch.context() as m:
+        m.setattr(train.StopRequest, "check", check)
+        code, _, err = call(argv + ["--save-every", 1], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    assert [s for s, _ in scalars(out)["train/step_loss"]] == [1, 2, 3, 4, 5]
+    code, stdout, err = call(argv + ["--resume", saved], capsys)
+    assert code == 0, err
+    assert "epoch 2, step 1" in stdout
+    resumed, reference = scalars(out), scalars(straight)
+    assert sorted(resumed) == sorted(reference)
+    for tag in ("train/step_loss", "train/loss", "val/accuracy", "epoch"):
+        assert resumed[tag] == reference[tag], tag  # same steps, once each, bit-exact values
+    assert len(list((out / "tensorboard").iterdir())) == 2  # one event file per process run
+
+
+def test_without_tensorboard_installed_one_line(tree, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    code, out, err = call(train_argv(tree, tmp_path / "x", "--image-size", 48, "--tensorboard"), capsys)
+    assert_clean_error(code, err, "pip install tensorboard")
+    assert "train 1/" not in out
