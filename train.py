@@ -390,7 +390,7 @@ def build_datasets(args, classes, train_samples, val_samples, sizes, device, ran
     image_size, val_resize, val_crop = sizes
     cached = data.decide_cache(args.cache, [p for p, _ in train_samples + val_samples], log=log)
     workers = args.workers if args.workers is not None else data.default_workers(args.batch_size, device, cached)
-    sets, loaders = [], []
+    loaders = []
     for train, samples in ((True, train_samples), (False, val_samples)):
         if train and args.eval_only:
             loaders.append(None)
@@ -402,7 +402,6 @@ def build_datasets(args, classes, train_samples, val_samples, sizes, device, ran
         sampler = (data.EpochSampler(len(dataset), True, args.seed, rank, world_size) if train else
                    data.EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
         loaders.append(data.make_loader(dataset, sampler, args.batch_size, workers, device))
-        sets.append(dataset)
         if dataset.skipped:
             log(f"skipped {len(dataset.skipped)} unreadable image(s): "
                 + "; ".join(f"{p} ({e})" for p, e in dataset.skipped))
