@@ -159,6 +159,9 @@ def main(args):
         if args.cam:
             raise PredictionError("--cam needs the gradients of PyTorch weights: pass the .pth file the "
                                   ".onnx file was exported from")
+        if args.amp in ("bf16", "fp16") or args.device not in ("auto", "cpu"):
+            raise PredictionError(f"--amp {args.amp} --device {args.device} apply to PyTorch weights: ONNX Runtime "
+                                  "runs a .onnx file on the CPU in fp32; leave them out or pass the .pth file")
         if not os.path.isfile(args.weights):
             raise PredictionError(f"weights file {args.weights} does not exist: export one with "
                                   f"python export.py --output {args.weights}, or pass --weights with the right path")

@@ -123,6 +123,8 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
     assert_clean_error(code, err, "not a readable ONNX model")
     code, _, err = call(predict, [exported["data"] / "val", "--weights", tmp_path / "none.onnx"], capsys)
     assert_clean_error(code, err, "does not exist", "export.py")
+    code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"], "--amp", "bf16"], capsys)
+    assert_clean_error(code, err, "--amp bf16", "ONNX Runtime runs a .onnx file on the CPU in fp32")
 
 
 def test_missing_onnx_packages_give_one_line(exported, monkeypatch, capsys):
