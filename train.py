@@ -90,8 +90,9 @@ def get_args_parser():
     p.add_argument("--val-resize", type=options.image_size, default=None,
                    help="evaluation: resize images to this square size (default: --val-crop)")
     p.add_argument("--val-crop", type=options.image_size, default=None,
-                   help="evaluation: then take the centre crop of this size (default: --image-size; "
-                        "for --eval-only, the size recorded in --weights)")
+                   help="evaluation: then take the centre crop of this size (default: 1.25 x --image-size, "
+                        "as random crops show objects larger than a whole image does; for --eval-only, "
+                        "the size recorded in --weights)")
     p.add_argument("--auto-augment", default="none", choices=["none", *data.AUTO_AUGMENT],
                    help="augmentation policy applied after the crop and flip")
     p.add_argument("--random-erase", type=options.probability, default=0.0,
@@ -99,7 +100,7 @@ def get_args_parser():
     p.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0, help="MixUp's Beta(alpha, alpha) (0: off)")
     p.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
                    help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
-    p.add_argument("--model-ema", action="store_true",
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                    help="keep an exponential moving average of the weights; validate and save it as best.pth")
     p.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
                    help="EMA decay per step: the average spans about 1 / (1 - decay) steps")
@@ -380,7 +381,7 @@ def check_writable(folder):
 def image_sizes(args, start=None):
     """(training crop, evaluation resize, evaluation crop); --eval-only defaults to the sizes its weights record."""
     recorded = start if args.eval_only and start is not None else {}
-    crop = args.val_crop or recorded.get("val_crop") or recorded.get("image_size") or args.image_size
+    crop = args.val_crop or recorded.get("val_crop") or recorded.get("image_size") or args.image_size * 5 // 4
     resize = args.val_resize or (recorded.get("val_resize") if not args.val_crop else None) or crop
     return args.image_size, resize, crop
 
@@ -677,7 +678,10 @@ def resume_command(args, last_path):
         if key in ("resume", "download", "data_url", "data_sha256") or value == getattr(defaults, key):
             continue
         flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])  # flags that default to on have a --no- form
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 

@@ -111,3 +111,33 @@ def assert_clean_error(code, stderr, *fragments):
     for fragment in fragments:
         assert str(fragment) in line, (fragment, line)
     return line
+
+
+def call(module, argv, capsys):
+    """module.run(argv) in this process (train, predict, export): (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = module.run([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stop_after_step(n, out, keep):
+    """A StopRequest.check for monkeypatching: it asks train.py to stop after step n, having copied
+    the last.pth that --save-every 1 wrote after step n - 1 to keep (the place to resume from)."""
+    import shutil
+
+    steps = {"n": 0}
+
+    def check(self, device, diverged=False):  # called once in every step, before its --save-every save
+        steps["n"] += 1
+        if steps["n"] == n:
+            shutil.copy(Path(out) / "last.pth", keep)
+        return diverged, steps["n"] == n
+
+    return check

@@ -1,7 +1,6 @@
 """export.py: ONNX export of a small trained model, its metadata, ONNX Runtime against PyTorch, and
 predict.py running the .onnx file. Skipped with a reason where onnx/onnxruntime are not installed."""
 import json
-import signal
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import data
 import export
 import predict
 import train
-from helpers import assert_clean_error, make_tree, train_argv
+from helpers import assert_clean_error, call, make_tree, train_argv
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (requirements-dev.txt)")
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime (requirements-dev.txt)")
@@ -19,19 +18,8 @@ pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (requirem
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def call(module, argv, capsys):
-    capsys.readouterr()
-    code = module.run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

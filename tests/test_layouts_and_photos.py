@@ -1,7 +1,6 @@
 """A plain folder of class folders as training data, and photos read upright (EXIF orientation)."""
 import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -12,26 +11,13 @@ import data
 import predict
 import train
 from data_set.split_data import split_dataset
-from helpers import COLORS, assert_clean_error, save_image, train_argv
+from helpers import COLORS, assert_clean_error, call, load, save_image, train_argv
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def call(module, argv, capsys):
-    capsys.readouterr()
-    code = module.run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def plain_folder(root, counts=(6, 5, 4)):

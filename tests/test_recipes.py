@@ -4,7 +4,6 @@ Offline and CPU only. bf16 runs here even on CPUs without native bf16 (many time
 its tests use 48-64 px images and batches of 4.
 """
 import copy
-import shutil
 import signal
 
 import numpy as np
@@ -17,29 +16,16 @@ import data
 import device as dev
 import predict
 import train
-from helpers import make_tree, train_argv
+from helpers import call, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet, logits_with_mirror
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def call(module, argv, capsys):
-    capsys.readouterr()
-    code = module.run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def relative_error(got, expected):
@@ -317,17 +303,10 @@ def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epo
     if amp == "bf16":
         reference = tmp_path / "A"
         assert train.run([str(a) for a in train_argv(tree, reference, *RECIPE, "--amp", "bf16")]) == 0
-    out, saved, steps = tmp_path / "C", tmp_path / "after_step_1.pth", {"n": 0}
-
-    def check(self, device, diverged=False):
-        steps["n"] += 1
-        if steps["n"] == 2:
-            shutil.copy(out / "last.pth", saved)
-        return diverged, steps["n"] == 2
-
+    out, saved = tmp_path / "C", tmp_path / "after_step_1.pth"
     argv = train_argv(tree, out, *RECIPE, "--amp", amp)
     with monkeypatch.context() as m:
-        m.setattr(train.StopRequest, "check", check)
+        m.setattr(train.StopRequest, "check", stop_after_step(2, out, saved))
         code, _, err = call(train, argv + ["--save-every", "1"], capsys)
     assert code == 128 + signal.SIGTERM, err
     code, stdout, err = call(train, argv + ["--resume", saved], capsys)

@@ -1,31 +1,19 @@
 """--tensorboard: the event files read back with TensorBoard's own reader, and a resumed run that
 continues the same curves with no step twice."""
 import csv
-import shutil
 import signal
 
 import pytest
 
 import train
-from helpers import assert_clean_error, make_tree, train_argv
+from helpers import assert_clean_error, call, make_tree, stop_after_step, train_argv
 
 pytest.importorskip("tensorboard", reason="--tensorboard needs tensorboard (requirements-dev.txt)")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def call(argv, capsys):
-    capsys.readouterr()
-    code = train.run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def scalars(folder):
@@ -66,21 +54,14 @@ def test_epoch_and_step_scalars_match_metrics_csv(straight):
 def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straight, tmp_path, monkeypatch, capsys):
     """Stopped after step 5, resumed from the save after step 4: TensorBoard drops the orphaned
     step 5 and the curves end equal to the uninterrupted run's, each step once."""
-    out, saved, steps = tmp_path / "C", tmp_path / "after_step_4.pth", {"n": 0}
-
-    def check(self, device, diverged=False):
-        steps["n"] += 1
-        if steps["n"] == 5:
-            shutil.copy(out / "last.pth", saved)
-        return diverged, steps["n"] == 5
-
+    out, saved = tmp_path / "C", tmp_path / "after_step_4.pth"
     argv = train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)
     with monkeypatch.context() as m:
-        m.setattr(train.StopRequest, "check", check)
-        code, _, err = call(argv + ["--save-every", 1], capsys)
+        m.setattr(train.StopRequest, "check", stop_after_step(5, out, saved))
+        code, _, err = call(train, argv + ["--save-every", 1], capsys)
     assert code == 128 + signal.SIGTERM, err
     assert [s for s, _ in scalars(out)["train/step_loss"]] == [1, 2, 3, 4, 5]
-    code, stdout, err = call(argv + ["--resume", saved], capsys)
+    code, stdout, err = call(train, argv + ["--resume", saved], capsys)
     assert code == 0, err
     assert "epoch 2, step 1" in stdout
     resumed, reference = scalars(out), scalars(straight)
@@ -101,6 +82,6 @@ def test_without_tensorboard_installed_one_line(tree, tmp_path, monkeypatch, cap
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    code, out, err = call(train_argv(tree, tmp_path / "x", "--image-size", 48, "--tensorboard"), capsys)
+    code, out, err = call(train, train_argv(tree, tmp_path / "x", "--image-size", 48, "--tensorboard"), capsys)
     assert_clean_error(code, err, "pip install tensorboard")
     assert "train 1/" not in out

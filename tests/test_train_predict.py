@@ -28,33 +28,19 @@ import checkpoint as ckpt
 import data
 import predict
 import train
-from helpers import (CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, last_line, make_tree,
-                     run_script, save_image, script_env, train_argv, write_corrupt, write_truncated_jpeg)
+from helpers import (CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, call, last_line, load, make_tree,
+                     run_script, save_image, script_env, stop_after_step, train_argv, write_corrupt,
+                     write_truncated_jpeg)
 from model import GoogLeNet
 
 METRIC_HEADER = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s",
                  "seconds"]
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """train.run installs SIGINT/SIGTERM handlers in this process: put pytest's back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def call(module, argv, capsys):
-    """module.run(argv) in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = module.run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a, b):
@@ -460,17 +446,9 @@ def test_resume_mid_epoch_is_bit_for_bit(trained, one_epoch, tmp_path, monkeypat
     a signal sets); resuming the copy saved after step 1 must end where one uninterrupted epoch did."""
     out = tmp_path / "C"
     saved = tmp_path / "after_step_1.pth"
-    steps = {"n": 0}
-
-    def check(self, device, diverged=False):  # called once in every step, before its --save-every save
-        steps["n"] += 1
-        if steps["n"] == 2:
-            shutil.copy(out / "last.pth", saved)  # what --save-every wrote after step 1
-        return diverged, steps["n"] == 2
-
     argv = train_argv(trained["data"], out, epochs=1)
     with monkeypatch.context() as m:
-        m.setattr(train.StopRequest, "check", check)
+        m.setattr(train.StopRequest, "check", stop_after_step(2, out, saved))
         code, stdout, err = call(train, argv + ["--save-every", "1"], capsys)
     assert code == 128 + signal.SIGTERM, err
     assert "stopped at epoch 1, step 2" in stdout
