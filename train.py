@@ -28,6 +28,9 @@ from report import (TensorBoardLog, append_metrics, print_evaluation, write_conf
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 DEFAULT_DATA = os.path.join("data_set", "flower_data")
+# The default recipe (see README's results): the torchvision layout, AdamW with a cosine schedule,
+# TrivialAugment, random erasing, label smoothing and an EMA of the weights, at 128 px.
+DEFAULT_VARIANT = "torchvision"
 LAYOUTS = "a folder of class folders (DIR/<class>/<images>) or of a split (DIR/train/<class>/, DIR/val/<class>/)"
 
 
@@ -67,40 +70,40 @@ def get_args_parser():
                    help="if --data-path is missing, download the flower photos into it and split them 9:1")
     p.add_argument("--data-url", default=data.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
     p.add_argument("--data-sha256", default=data.FLOWERS_SHA256, help="expected SHA-256 of the --data-url archive")
-    p.add_argument("--epochs", type=options.positive_int, default=30, help="passes over the training images")
+    p.add_argument("--epochs", type=options.positive_int, default=25, help="passes over the training images")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per step in each process")
     p.add_argument("--micro-batch", type=options.non_negative_int, default=0,
                    help="split each step into chunks of this many images, accumulating gradients "
                         "(same result without BatchNorm, less memory; 0: the whole batch at once)")
-    p.add_argument("--lr", type=options.positive_float, default=3e-4, help="learning rate, applied as given in every process")
-    p.add_argument("--opt", default="adam", choices=["adam", "adamw", "sgd"], help="optimizer")
+    p.add_argument("--lr", type=options.positive_float, default=1e-3, help="learning rate, applied as given in every process")
+    p.add_argument("--opt", default="adamw", choices=["adam", "adamw", "sgd"], help="optimizer")
     p.add_argument("--momentum", type=options.below_one, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=options.non_negative_float, default=0.0, help="L2 penalty (decoupled for adamw)")
-    p.add_argument("--lr-scheduler", default="none", choices=["none", "cosine", "step"],
+    p.add_argument("--weight-decay", type=options.non_negative_float, default=0.05, help="L2 penalty (decoupled for adamw)")
+    p.add_argument("--lr-scheduler", default="cosine", choices=["none", "cosine", "step"],
                    help="learning-rate schedule over the epochs, stepped once per epoch")
-    p.add_argument("--warmup-epochs", type=options.non_negative_int, default=0, help="linear warm-up before the schedule")
+    p.add_argument("--warmup-epochs", type=options.non_negative_int, default=3, help="linear warm-up before the schedule")
     p.add_argument("--lr-step-size", type=options.positive_int, default=10, help="epochs between decays of the step schedule")
     p.add_argument("--lr-gamma", type=options.positive_float, default=0.1, help="decay factor of the step schedule")
-    p.add_argument("--label-smoothing", type=options.below_one, default=0.0, help="cross-entropy label smoothing")
+    p.add_argument("--label-smoothing", type=options.below_one, default=0.1, help="cross-entropy label smoothing")
     p.add_argument("--aux-weight", type=options.non_negative_float, default=0.3, help="weight of each auxiliary classifier's loss")
     p.add_argument("--variant", default=None, choices=VARIANTS,
-                   help="network layout: the paper's, or torchvision's with BatchNorm (default: paper, "
-                        "or that of --weights)")
-    p.add_argument("--image-size", type=options.image_size, default=data.IMAGE_SIZE, help="training crop size in pixels")
+                   help="network layout: the paper's, or torchvision's with BatchNorm, which trains "
+                        "faster from scratch (default: torchvision, or that of --weights)")
+    p.add_argument("--image-size", type=options.image_size, default=128, help="training crop size in pixels")
     p.add_argument("--val-resize", type=options.image_size, default=None,
                    help="evaluation: resize images to this square size (default: --val-crop)")
     p.add_argument("--val-crop", type=options.image_size, default=None,
                    help="evaluation: then take the centre crop of this size (default: 1.25 x --image-size, "
                         "as random crops show objects larger than a whole image does; for --eval-only, "
                         "the size recorded in --weights)")
-    p.add_argument("--auto-augment", default="none", choices=["none", *data.AUTO_AUGMENT],
+    p.add_argument("--auto-augment", default="trivialaugment", choices=["none", *data.AUTO_AUGMENT],
                    help="augmentation policy applied after the crop and flip")
-    p.add_argument("--random-erase", type=options.probability, default=0.0,
+    p.add_argument("--random-erase", type=options.probability, default=0.1,
                    help="probability of erasing a random rectangle of each training image")
     p.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0, help="MixUp's Beta(alpha, alpha) (0: off)")
     p.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
                    help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
-    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an exponential moving average of the weights; validate and save it as best.pth")
     p.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
                    help="EMA decay per step: the average spans about 1 / (1 - decay) steps")
@@ -412,7 +415,7 @@ def build_datasets(args, classes, train_samples, val_samples, sizes, device, ran
 def build_model(args, classes, resume, start, source, device, log):
     """GoogLeNet with aux heads, of the variant asked for or recorded, with --weights loaded."""
     recorded = resume or start
-    variant = args.variant or "paper"
+    variant = args.variant or DEFAULT_VARIANT
     if recorded is not None:
         variant = recorded.get("variant") or ckpt.guess_variant(ckpt.clean_state_dict(recorded["model"]))
         if args.variant and args.variant != variant:

@@ -1,7 +1,7 @@
 """Shared helpers for the end-to-end tests: tiny image trees, bad files and running the scripts.
 
 Everything here is offline and CPU only. Images are small (64 x 48); the model still sees them at
-224 x 224, so a training step of 4 images costs about a second on two cores: keep runs tiny.
+the recipe's 128 x 128 (or a test's --image-size), so keep runs tiny.
 """
 import io
 import os

@@ -12,7 +12,7 @@ import torch
 import cam
 import predict
 import train
-from helpers import assert_clean_error, call, make_tree, train_argv
+from helpers import assert_clean_error, call, load, make_tree, train_argv
 from model import GoogLeNet
 
 pytest.importorskip("captum", reason="Grad-CAM needs captum (requirements-dev.txt)")
@@ -106,8 +106,9 @@ def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability
     written = sorted(p.name for p in (tmp_path / "cams").iterdir())
     expected = sorted(f"{image.stem}_{row[1]}_{float(row[2]):.2f}.png" for image, row in zip(images, rows))
     assert written == expected
+    crop = load(run["best"])["val_crop"]  # 80: 1.25 x the 64 px training size
     with Image.open(tmp_path / "cams" / written[0]) as picture:
-        assert picture.size == (2 * 2 * 64, 2 * 64 + 24)  # photo and overlay, twice the 64 px crop, caption
+        assert picture.size == (2 * 2 * crop, 2 * crop + 24)  # photo and overlay, twice the crop, caption
 
 
 def test_cam_class_and_layer(run, tmp_path, capsys):

@@ -290,7 +290,7 @@ def test_ema_is_pytorchs_averaged_model_with_a_growing_decay():
         decay = min(0.5, (1 + n) / (10 + n))  # 1/10, 2/11, ... until it reaches --model-ema-decay
         expected = decay * expected + (1 - decay) * model.weight.detach()
         torch.testing.assert_close(ema.module.weight, expected)
-    assert train.build_ema(train.get_args_parser().parse_args([]), model) is None
+    assert train.build_ema(train.get_args_parser().parse_args(["--no-model-ema"]), model) is None
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
@@ -322,7 +322,7 @@ def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epo
 
 def test_resume_of_a_run_without_ema_asks_to_leave_it_out(tree, tmp_path, capsys):
     out = tmp_path / "plain"
-    assert call(train, train_argv(tree, out, "--image-size", 48), capsys)[0] == 0
+    assert call(train, train_argv(tree, out, "--image-size", 48, "--no-model-ema"), capsys)[0] == 0
     code, _, err = call(train, train_argv(tree, out, "--image-size", 48, "--model-ema", "--resume",
                                           out / "last.pth", epochs=2), capsys)
     assert code == 2 and "without --model-ema" in err
@@ -417,7 +417,9 @@ def test_tta_in_eval_only_and_predict(tree, tmp_path, capsys):
     image = tree / "val" / "tulips" / "tulips_01.jpg"
     model, _, preprocessing = predict.load_model(str(out / "best.pth"), "unused.json", CPU)
     with_tta, _ = predict.predict(model, [str(image)], preprocessing, CPU, 1, 0, tta=True)
-    x = data.normalize_batch(data.build_transforms(False, 64)(data.load_image(str(image)))[None], channels_last=True)
+    assert preprocessing[2:] == (80, 80)  # evaluation at 1.25 x the 64 px training crops
+    transform = data.build_transforms(False, val_resize=80, val_crop=80)
+    x = data.normalize_batch(transform(data.load_image(str(image)))[None], channels_last=True)
     with torch.inference_mode():
         expected = torch.softmax((model(x) + model(x.flip(3))) / 2, 1)
     torch.testing.assert_close(with_tta, expected)

@@ -1,7 +1,8 @@
 """train.py and predict.py end to end, on tiny image trees: outputs, errors, resume, signals, download.
 
-Offline and CPU only. GoogLeNet still sees 224 x 224 crops, so a training step of 4 images costs
-about a second on two cores: every run here is 1-2 epochs of at most 12 images. Scripts run as
+Offline and CPU only. GoogLeNet still sees 128 x 128 crops (160 for validation) with the default
+recipe, so a step of 4 images costs about half a second on two cores: every run here is 1-2 epochs
+of at most 12 images. Scripts run as
 subprocesses where the process itself matters (exit codes, tracebacks, signals) and in-process
 (``train.run(argv)``, ``predict.run(argv)``: the same code behind the same argument parser) where
 speed matters; an exception escaping run() fails the test just as a traceback would.
@@ -93,13 +94,15 @@ def test_train_end_to_end(trained):
     for key in ("model", "classes", "variant", "image_size", "val_resize", "val_crop", "mean", "std", "args"):
         assert key in best, key
     assert best["classes"] == list(sorted(CLASSES))
-    assert best["variant"] == "paper" and best["image_size"] == best["val_resize"] == best["val_crop"] == 224
+    # the default recipe: torchvision's layout, 128 px crops, evaluation at 1.25 x 128, an EMA of the weights
+    assert best["variant"] == "torchvision" and best["image_size"] == 128
+    assert best["val_resize"] == best["val_crop"] == 160
     assert best["split"] is None  # a train/ + val/ tree: nothing held out by train.py
     assert any(k.startswith("aux1.") for k in best["model"])
     assert best["model"]["fc.weight"].shape[0] == 3
 
     last = load(out / "last.pth")
-    assert last["epoch"] == 1 and last["step"] == 0 and "optimizer" in last
+    assert last["epoch"] == 1 and last["step"] == 0 and "optimizer" in last and "model_ema" in last
 
     assert re.search(r"\[epoch 1\] train_loss: [\d.]+  train_accuracy: [\d.]+ .*val_accuracy: [\d.]+",
                      proc.stdout), proc.stdout[-2000:]
