@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,20 +31,24 @@ def get_args_parser():
     return p
 
 
-def time_run(train_args, marks, out=sys.stdout):
+def time_run(train_args, out=sys.stdout, script=os.path.join(ROOT, "train.py")):
     """Run train.py with train_args; returns (exit code, [(epoch, minutes, accuracy)], total minutes)."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_args]
+    cmd = [sys.executable, script, *train_args]
     start = time.perf_counter()
     epochs = []
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
-        for line in proc.stdout:
-            match = EPOCH_LINE.search(line)
-            if match:
-                epochs.append((int(match.group(1)), (time.perf_counter() - start) / 60, float(match.group(2))))
-                print(f"{epochs[-1][1]:6.1f} min  epoch {epochs[-1][0]:3d}  val_accuracy {epochs[-1][2]:.3f}",
-                      file=out, flush=True)
-        error = proc.stderr.read()
+    # stderr (tqdm's bars: megabytes in a long run) goes to a file: a pipe read only at the end
+    # would fill up and stall train.py.
+    with tempfile.TemporaryFile("w+") as stderr:
+        with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
+            for line in proc.stdout:
+                match = EPOCH_LINE.search(line)
+                if match:
+                    epochs.append((int(match.group(1)), (time.perf_counter() - start) / 60, float(match.group(2))))
+                    print(f"{epochs[-1][1]:6.1f} min  epoch {epochs[-1][0]:3d}  val_accuracy {epochs[-1][2]:.3f}",
+                          file=out, flush=True)
+        stderr.seek(0)
+        error = stderr.read()
     if proc.returncode != 0:
         print(error.strip().splitlines()[-1] if error.strip() else f"train.py exited with {proc.returncode}",
               file=sys.stderr)
@@ -65,7 +70,7 @@ def report(epochs, total, marks, out=sys.stdout):
 def main(argv=None):
     opts, train_args = get_args_parser().parse_known_args(argv)
     print(f"{cpu_description()}\ncommand: python train.py {' '.join(train_args)}", flush=True)
-    code, epochs, total = time_run(train_args, opts.marks)
+    code, epochs, total = time_run(train_args)
     report(epochs, total, opts.marks)
     return code
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run and report what they measured (their figures are never asserted: speed
 is measured by benchmarks, not by tests)."""
+import io
 import re
 import subprocess
 import sys
@@ -33,6 +34,18 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_mark(tmp_path):
 def test_time_to_accuracy_passes_train_py_errors_on(tmp_path):
     proc = run("time_to_accuracy.py", "--data-path", tmp_path / "missing", "--output-dir", tmp_path / "out")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: data folder")
+
+
+def test_time_to_accuracy_survives_a_chatty_stderr(tmp_path):
+    # tqdm writes megabytes of progress bars in a long run: they must not stall the timed process
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import time_to_accuracy
+
+    chatty = tmp_path / "chatty.py"
+    chatty.write_text("import sys\nsys.stderr.write('x' * 4_000_000)\nprint('[epoch 1] val_accuracy: 0.500')\n"
+                      "sys.stderr.write('last line\\n')\nsys.exit(3)\n")
+    code, epochs, _ = time_to_accuracy.time_run([], out=io.StringIO(), script=str(chatty))
+    assert code == 3 and [(e, a) for e, _, a in epochs] == [(1, 0.5)]
 
 
 def test_benchmark_prediction_side_by_side(tmp_path):
