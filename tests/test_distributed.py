@@ -152,9 +152,11 @@ def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(
         row = next(csv.DictReader(f))
     assert f"{float(row['val_accuracy']):.3f}" == printed.group(2)
 
+    # best.pth holds the weights that were validated: with the default --model-ema, the average
+    # (last.pth's "model" is the raw weights, which were not)
     eval_dir = str(tmp_path / "eval")
     code, out, err = run_train_in_process(
-        ["--eval-only", "--weights", os.path.join(ddp_run["out"], "last.pth"), "--data-path", ddp_run["data"],
+        ["--eval-only", "--weights", os.path.join(ddp_run["out"], "best.pth"), "--data-path", ddp_run["data"],
          "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"], capsys)
     assert code == 0, out + err
     m = re.search(r"(?:^|\r)accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: (\S+)", out, flags=re.M)
