@@ -92,8 +92,6 @@ def run(tmp_path_factory):
     return {"data": tree, "best": root / "out" / "best.pth", "root": root}
 
 
-
-
 def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability(run, tmp_path, capsys):
     from PIL import Image
 

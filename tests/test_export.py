@@ -18,10 +18,6 @@ pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (requirem
 CPU = torch.device("cpu")
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A 2-epoch run at 64 px (evaluated at 80 px) of the torchvision variant, exported."""

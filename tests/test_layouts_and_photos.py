@@ -14,12 +14,6 @@ from data_set.split_data import split_dataset
 from helpers import COLORS, assert_clean_error, call, load, save_image, train_argv
 
 
-
-
-
-
-
-
 def plain_folder(root, counts=(6, 5, 4)):
     """root/<class>/<images> with no train/ or val/, as flower_photos is."""
     for k, (name, n) in enumerate(zip(("daisy", "roses", "tulips"), counts)):

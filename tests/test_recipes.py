@@ -22,12 +22,6 @@ from model import GoogLeNet, logits_with_mirror
 CPU = torch.device("cpu")
 
 
-
-
-
-
-
-
 def relative_error(got, expected):
     return ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
 

@@ -12,10 +12,6 @@ pytest.importorskip("tensorboard", reason="--tensorboard needs tensorboard (requ
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 
-
-
-
-
 def scalars(folder):
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()

@@ -38,12 +38,6 @@ METRIC_HEADER = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val
                  "seconds"]
 
 
-
-
-
-
-
-
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
