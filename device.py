@@ -37,11 +37,25 @@ def pick_device(name="auto", local_rank=None):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the instructions that make bf16 fast on a CPU
+# Set to 1 or 0, this says the CPU has (or lacks) native bf16 whatever it reports, so that what
+# --amp auto decides can be tried on any machine: the test suite runs both ways on one CPU.
+BF16_OVERRIDE = "GOOGLENET_CPU_BF16"
 
 
 def cpu_bf16_flags(capabilities=None):
-    """The native-bf16 instructions this CPU reports (empty on CPUs without them)."""
-    capabilities = torch.cpu.get_capabilities() if capabilities is None else capabilities
+    """The native-bf16 instructions this CPU reports (empty on CPUs without them).
+
+    Without capabilities given, GOOGLENET_CPU_BF16=1 or 0 in the environment overrides what the
+    CPU reports (the list then names the variable instead of a flag).
+    """
+    if capabilities is None:
+        forced = os.environ.get(BF16_OVERRIDE, "")
+        if forced in ("0", "1"):
+            return [f"{BF16_OVERRIDE}=1"] if forced == "1" else []
+        if forced:
+            raise DeviceError(f"{BF16_OVERRIDE}={forced}: expected 1 (treat the CPU as having native bf16) "
+                              "or 0 (as lacking it); unset it to use what the CPU reports")
+        capabilities = torch.cpu.get_capabilities()
     return [flag for flag in BF16_CPU_FLAGS if capabilities.get(flag)]
 
 

@@ -76,12 +76,19 @@ def write_truncated_jpeg(path, color=(120, 120, 120), seed=7, size=(256, 192)):
     return path
 
 
-def train_argv(data, out, *extra, epochs=1, batch_size=4):
-    """train.py arguments for a tiny CPU run whose files all go under out (never the repo)."""
+# The precision every test states: what --amp auto picks depends on the CPU (bf16 where it has native
+# bf16, fp32 elsewhere), so a test that leaves it to auto would compute different numbers on
+# different machines. Tests run fp32 unless they are about bf16 or about the auto decision itself.
+FP32 = ["--amp", "off"]
+
+
+def train_argv(data, out, *extra, epochs=1, batch_size=4, amp="off"):
+    """train.py arguments for a tiny CPU run whose files all go under out (never the repo), in fp32
+    unless amp says otherwise (None leaves --amp out: pass it in extra)."""
     out = Path(out)
     return ["--data-path", str(data), "--output-dir", str(out), "--class-indices", str(out / "ci.json"),
             "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", "0",
-            "--device", "cpu", *map(str, extra)]
+            "--device", "cpu", *(["--amp", amp] if amp else []), *map(str, extra)]
 
 
 def script_env():

@@ -19,7 +19,7 @@ def test_time_to_accuracy_reports_the_first_epoch_at_each_mark(tmp_path):
     tree = make_tree(tmp_path / "data", n_train=4, n_val=2)
     proc = run("time_to_accuracy.py", "--marks", 0.0, 0.99, "--data-path", tree, "--output-dir",
                tmp_path / "out", "--class-indices", tmp_path / "ci.json", "--epochs", 2, "--batch-size", 4,
-               "--image-size", 48, "--device", "cpu")
+               "--image-size", 48, "--device", "cpu", "--amp", "off")
     assert proc.returncode == 0, proc.stderr
     epochs = re.findall(r"([\d.]+) min  epoch +(\d+)  val_accuracy ([\d.]+)", proc.stdout)
     assert [int(e) for _, e, _ in epochs] == [1, 2]

@@ -12,7 +12,7 @@ import torch
 import cam
 import predict
 import train
-from helpers import assert_clean_error, call, load, make_tree, train_argv
+from helpers import FP32, assert_clean_error, call, load, make_tree, train_argv
 from model import GoogLeNet
 
 pytest.importorskip("captum", reason="Grad-CAM needs captum (requirements-dev.txt)")
@@ -96,7 +96,7 @@ def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability
     from PIL import Image
 
     images = sorted((run["data"] / "val").rglob("*.jpg"))
-    code, out, err = call(predict, [run["data"] / "val", "--weights", run["best"], "--cam", tmp_path / "cams",
+    code, out, err = call(predict, [*FP32, run["data"] / "val", "--weights", run["best"], "--cam", tmp_path / "cams",
                            "--output", tmp_path / "p.csv"], capsys)
     assert code == 0, err
     assert "6 Grad-CAM heat map(s) (inception5b) written to" in out
@@ -111,7 +111,7 @@ def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability
 
 def test_cam_class_and_layer(run, tmp_path, capsys):
     image = run["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, out, err = call(predict, [image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "tulips",
+    code, out, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "tulips",
                            "--cam-layer", "inception4e"], capsys)
     assert code == 0, err
     (picture,) = tmp_path.glob("daisy_00_tulips_*.png")
@@ -120,14 +120,14 @@ def test_cam_class_and_layer(run, tmp_path, capsys):
 
 def test_cam_errors_are_one_line(run, tmp_path, capsys, monkeypatch):
     image = run["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "lilies"], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "lilies"], capsys)
     assert_clean_error(code, err, "--cam-class lilies", "daisy, roses, tulips")
-    code, _, err = call(predict, [image, "--weights", tmp_path / "m.onnx", "--cam", tmp_path], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", tmp_path / "m.onnx", "--cam", tmp_path], capsys)
     assert_clean_error(code, err, "--cam needs", ".pth")
     import builtins
 
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("captum") else real_import(name, *a, **k))
-    code, _, err = call(predict, [image, "--weights", run["best"], "--cam", tmp_path], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path], capsys)
     assert_clean_error(code, err, "pip install captum")

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import torch
 
-from helpers import PREDICT, REPO, TRAIN, assert_clean_error, make_tree, script_env, train_argv
+from helpers import FP32, PREDICT, REPO, TRAIN, assert_clean_error, make_tree, script_env, train_argv
 
 MB = 2 ** 20
 
@@ -137,7 +137,7 @@ def test_class_index_copy_on_a_full_disk(tree_and_weights, small_disk, disk_mode
 
 def test_eval_only_confusion_matrix_on_a_full_disk(tree_and_weights, small_disk):
     disk = small_disk(1 * MB, full=True)
-    proc = disk.run(TRAIN, ["--eval-only", "--weights", tree_and_weights["best"], "--data-path",
+    proc = disk.run(TRAIN, [*FP32, "--eval-only", "--weights", tree_and_weights["best"], "--data-path",
                             tree_and_weights["data"], "--output-dir", disk.folder, "--device", "cpu"])
     line = assert_clean_error(proc.returncode, proc.stderr, "cannot write")
     assert "output folder" in line or "confusion_matrix.csv" in line
@@ -148,7 +148,7 @@ def test_prediction_csv_and_json_on_a_full_disk(tree_and_weights, small_disk):
     disk = small_disk(1 * MB, full=True)
     for name in ("p.csv", "p.json"):
         # no worker process: under the file-size limit even its semaphore's file could not be made
-        proc = disk.run(PREDICT, [tree_and_weights["data"] / "val", "--weights", tree_and_weights["best"],
+        proc = disk.run(PREDICT, [*FP32, tree_and_weights["data"] / "val", "--weights", tree_and_weights["best"],
                                   "--output", disk.folder / name, "--workers", 0])
         assert_clean_error(proc.returncode, proc.stderr, "cannot write", name, "free some disk space")
         assert not (disk.folder / name).exists()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import checkpoint
-from helpers import make_tree
+from helpers import FP32, make_tree
 import train
 from model import GoogLeNet
 
@@ -91,7 +91,7 @@ def ddp_run(tmp_path_factory):
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "train.py", "--data-path", data_path, "--output-dir", out_dir,
            "--class-indices", str(base / "class_indices.json"), "--weights", weights,
-           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off"] + TENSORBOARD
+           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off", *FP32] + TENSORBOARD
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=480)
     return {"proc": proc, "data": data_path, "out": out_dir, "base": str(base)}
@@ -156,7 +156,7 @@ def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(
     # (last.pth's "model" is the raw weights, which were not)
     eval_dir = str(tmp_path / "eval")
     code, out, err = run_train_in_process(
-        ["--eval-only", "--weights", os.path.join(ddp_run["out"], "best.pth"), "--data-path", ddp_run["data"],
+        [*FP32, "--eval-only", "--weights", os.path.join(ddp_run["out"], "best.pth"), "--data-path", ddp_run["data"],
          "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"], capsys)
     assert code == 0, out + err
     m = re.search(r"(?:^|\r)accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: (\S+)", out, flags=re.M)

@@ -9,7 +9,7 @@ import data
 import export
 import predict
 import train
-from helpers import assert_clean_error, call, make_tree, train_argv
+from helpers import FP32, assert_clean_error, call, make_tree, train_argv
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (requirements-dev.txt)")
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime (requirements-dev.txt)")
@@ -68,7 +68,7 @@ def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path,
     image = exported["data"] / "val" / "roses" / "roses_01.jpg"
     outputs = {}
     for name in ("best", "onnx"):
-        code, out, err = call(predict, [image, "--weights", exported[name], "--topk", 2], capsys)
+        code, out, err = call(predict, [*FP32, image, "--weights", exported[name], "--topk", 2], capsys)
         assert code == 0, err
         outputs[name] = [(line.split()[0], float(line.split()[1])) for line in out.splitlines()]
     assert [c for c, _ in outputs["onnx"]] == [c for c, _ in outputs["best"]] and len(outputs["onnx"]) == 2
@@ -77,7 +77,7 @@ def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path,
     for ext in ("csv", "json"):
         for name in ("best", "onnx"):
             path = tmp_path / f"{name}.{ext}"
-            assert call(predict, [exported["data"] / "val", "--weights", exported[name], "--output", path],
+            assert call(predict, [*FP32, exported["data"] / "val", "--weights", exported[name], "--output", path],
                         capsys)[0] == 0
         if ext == "json":
             a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("best", "onnx"))
@@ -103,9 +103,9 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
     assert_clean_error(code, err, "must end in .onnx")
     not_onnx = tmp_path / "fake.onnx"
     not_onnx.write_bytes(b"not a model")
-    code, _, err = call(predict, [exported["data"] / "val", "--weights", not_onnx], capsys)
+    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", not_onnx], capsys)
     assert_clean_error(code, err, "not a readable ONNX model")
-    code, _, err = call(predict, [exported["data"] / "val", "--weights", tmp_path / "none.onnx"], capsys)
+    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", tmp_path / "none.onnx"], capsys)
     assert_clean_error(code, err, "does not exist", "export.py")
     code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"], "--amp", "bf16"], capsys)
     assert_clean_error(code, err, "--amp bf16", "ONNX Runtime runs a .onnx file on the CPU in fp32")
@@ -124,5 +124,5 @@ def test_missing_onnx_packages_give_one_line(exported, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     code, _, err = call(export, ["--weights", exported["best"], "--output", exported["root"] / "y.onnx"], capsys)
     assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")
-    code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"]], capsys)
+    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", exported["onnx"]], capsys)
     assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")

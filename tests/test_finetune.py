@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 import checkpoint
-from helpers import make_tree
+from helpers import FP32, make_tree
 import predict
 import report
 import train
@@ -60,7 +60,7 @@ def run_cli(module, argv):
 def train_args(data_path, out_dir, *extra):
     return ["--data-path", data_path, "--output-dir", out_dir,
             "--class-indices", os.path.join(out_dir, "class_indices_copy.json"),
-            "--epochs", "1", "--batch-size", "4", "--workers", "0", *extra]
+            "--epochs", "1", "--batch-size", "4", "--workers", "0", *FP32, *extra]
 
 
 def lines(text):
@@ -154,7 +154,7 @@ def test_cli_finetunes_from_a_torchvision_file(finetuned, tv_file):
 def test_predict_uses_the_finetuned_best_pth(finetuned, tiny):
     require_ok(finetuned)
     image = os.path.join(tiny, "val", "roses", "roses_00.jpg")
-    code, out, err = run_cli(predict, [image, "--weights", finetuned["best"], "--workers", "0", "--device", "cpu"])
+    code, out, err = run_cli(predict, [*FP32, image, "--weights", finetuned["best"], "--workers", "0", "--device", "cpu"])
     assert code == 0, out + err
     rows = [l.split() for l in out.splitlines()]
     assert sorted(r[0] for r in rows) == CLASSES
@@ -208,7 +208,7 @@ def test_imagenet_without_network_is_a_one_line_error(tiny, tmp_path, monkeypatc
 
 def test_eval_only_does_not_reinitialise_heads_of_other_weights(tiny, tv_file, tmp_path):
     """Evaluating 1000-class weights on 3 classes must fail, not score freshly random heads."""
-    code, out, err = run_cli(train, ["--eval-only", "--weights", tv_file, "--data-path", tiny,
+    code, out, err = run_cli(train, [*FP32, "--eval-only", "--weights", tv_file, "--data-path", tiny,
                                      "--output-dir", tmp_path / "eval", "--workers", "0"])
     assert code == 2, out + err
     assert err.startswith("error: ") and "fc.weight (1000, 1024) vs (3, 1024)" in err
@@ -221,7 +221,7 @@ def test_eval_only_does_not_reinitialise_heads_of_other_weights(tiny, tv_file, t
 def test_eval_only_prints_the_report_and_writes_the_confusion_matrix(finetuned, tiny, tmp_path):
     require_ok(finetuned)
     eval_dir = tmp_path / "eval"
-    code, out, err = run_cli(train, ["--eval-only", "--weights", finetuned["best"], "--data-path", tiny,
+    code, out, err = run_cli(train, [*FP32, "--eval-only", "--weights", finetuned["best"], "--data-path", tiny,
                                      "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4"])
     assert code == 0, out + err
     text = lines(out)

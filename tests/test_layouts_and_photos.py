@@ -11,7 +11,7 @@ import data
 import predict
 import train
 from data_set.split_data import split_dataset
-from helpers import COLORS, assert_clean_error, call, load, save_image, train_argv
+from helpers import FP32, COLORS, assert_clean_error, call, load, save_image, train_argv
 
 
 def plain_folder(root, counts=(6, 5, 4)):
@@ -67,12 +67,12 @@ def test_resume_and_eval_only_use_the_recorded_val_images(plain_run, tmp_path, c
     assert code == 0, err
     assert "16 train, 3 val images" in stdout  # the 4 new photos train; val is the recorded 3
     assert load(out / "last.pth")["split"]["val_files"] == recorded
-    code, stdout, err = call(train, ["--eval-only", "--weights", out / "best.pth", "--data-path", photos,
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", photos,
                                      "--output-dir", tmp_path / "ev", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "accuracy:" in stdout and "/3)" in stdout  # n correct / 3 val images
     os.remove(photos / recorded[0])
-    code, _, err = call(train, ["--eval-only", "--weights", out / "best.pth", "--data-path", photos,
+    code, _, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", photos,
                                 "--output-dir", tmp_path / "ev", "--device", "cpu"], capsys)
     assert_clean_error(code, err, "no longer holds the run's val images", recorded[0].split("/")[-1])
 

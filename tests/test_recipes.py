@@ -16,7 +16,7 @@ import data
 import device as dev
 import predict
 import train
-from helpers import call, load, make_tree, stop_after_step, train_argv
+from helpers import FP32, call, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet, logits_with_mirror
 
 CPU = torch.device("cpu")
@@ -34,13 +34,31 @@ def tree(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # bf16 on CPUs: the decision, and what it computes
 # ---------------------------------------------------------------------------------------------
-def test_bf16_flags_are_read_from_the_cpu_capabilities():
+def test_bf16_flags_are_read_from_the_cpu_capabilities(monkeypatch):
+    monkeypatch.delenv(dev.BF16_OVERRIDE, raising=False)  # this test is about what the CPU itself reports
     assert dev.cpu_bf16_flags({"avx512_bf16": True, "amx_bf16": False, "avx2": True}) == ["avx512_bf16"]
     assert dev.cpu_bf16_flags({"avx512_bf16": True, "amx_bf16": True}) == ["avx512_bf16", "amx_bf16"]
     assert dev.cpu_bf16_flags({"avx2": True, "avx512_f": True}) == []
     reported = torch.cpu.get_capabilities()  # this machine's own answer has the keys we read
     assert all(flag in reported for flag in dev.BF16_CPU_FLAGS)
     assert dev.cpu_bf16_flags() == [f for f in dev.BF16_CPU_FLAGS if reported[f]]
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_the_environment_can_force_what_auto_decides(forced, monkeypatch):
+    """GOOGLENET_CPU_BF16 lets one machine run the suite as either kind of CPU would."""
+    monkeypatch.setenv(dev.BF16_OVERRIDE, forced)
+    assert dev.amp_dtype(CPU, "auto") is (torch.bfloat16 if forced == "1" else None)
+    words, warning = dev.describe_precision(CPU, dev.amp_dtype(CPU, "auto"))
+    assert warning is None
+    assert words == ("bf16 autocast (CPU has native bf16: GOOGLENET_CPU_BF16=1)" if forced == "1"
+                     else "fp32 (CPU has no native bf16)")
+    # injected flags still decide: the tests of the decision do not depend on the environment
+    assert dev.amp_dtype(CPU, "auto", cpu_flags=[]) is None
+    assert dev.amp_dtype(CPU, "auto", cpu_flags=["avx512_bf16"]) is torch.bfloat16
+    monkeypatch.setenv(dev.BF16_OVERRIDE, "yes")
+    with pytest.raises(dev.DeviceError, match="GOOGLENET_CPU_BF16=yes: expected 1"):
+        dev.amp_dtype(CPU, "auto")
 
 
 @pytest.mark.parametrize("flags", [[], ["avx512_bf16"], ["avx512_bf16", "amx_bf16"]])
@@ -61,14 +79,18 @@ def test_cpu_precision_follows_native_bf16(flags):
 
 
 def test_start_up_line_names_the_precision(tree, tmp_path, capsys):
-    code, out, err = call(train, train_argv(tree, tmp_path / "bf16", "--amp", "bf16", "--image-size", 48), capsys)
+    code, out, err = call(train, train_argv(tree, tmp_path / "bf16", "--image-size", 48, amp="bf16"), capsys)
     assert code == 0, err
     native = bool(dev.cpu_bf16_flags())
     assert "device cpu, bf16 autocast" in out
     assert ("warning: --amp bf16 on a CPU without native bf16" in out) != native
-    code, out, err = call(train, train_argv(tree, tmp_path / "off", "--amp", "off", "--image-size", 48), capsys)
+    code, out, err = call(train, train_argv(tree, tmp_path / "off", "--image-size", 48, amp="off"), capsys)
     assert code == 0, err
     assert "device cpu, fp32" in out
+    # left to auto, the run takes what this CPU (or GOOGLENET_CPU_BF16) decides, and says so
+    code, out, err = call(train, train_argv(tree, tmp_path / "auto", "--image-size", 48, amp=None), capsys)
+    assert code == 0, err
+    assert f"device cpu, {dev.describe_precision(CPU, dev.amp_dtype(CPU, 'auto'))[0]};" in out
 
 
 @pytest.mark.parametrize("variant", ["paper", "torchvision"])
@@ -296,9 +318,9 @@ def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epo
     reference = recipe_epoch
     if amp == "bf16":
         reference = tmp_path / "A"
-        assert train.run([str(a) for a in train_argv(tree, reference, *RECIPE, "--amp", "bf16")]) == 0
+        assert train.run([str(a) for a in train_argv(tree, reference, *RECIPE, amp="bf16")]) == 0
     out, saved = tmp_path / "C", tmp_path / "after_step_1.pth"
-    argv = train_argv(tree, out, *RECIPE, "--amp", amp)
+    argv = train_argv(tree, out, *RECIPE, amp=amp)
     with monkeypatch.context() as m:
         m.setattr(train.StopRequest, "check", stop_after_step(2, out, saved))
         code, _, err = call(train, argv + ["--save-every", "1"], capsys)
@@ -365,11 +387,11 @@ def test_other_sizes_train_and_predict_at_the_recorded_sizes(tree, tmp_path, cap
         expected = torch.softmax(model(data.normalize_batch(x[None], channels_last=True)), 1)
     torch.testing.assert_close(got, expected)
     # --eval-only takes the sizes the weights record unless told otherwise
-    code, stdout, err = call(train, ["--eval-only", "--weights", out / "best.pth", "--data-path", tree,
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", tree,
                                      "--output-dir", tmp_path / "ev", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "evaluation at 128 px" in stdout
-    code, stdout, err = call(train, ["--eval-only", "--weights", out / "best.pth", "--data-path", tree,
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", tree,
                                      "--output-dir", tmp_path / "ev", "--device", "cpu", "--val-crop", 96], capsys)
     assert code == 0, err
     assert "evaluation at 96 px" in stdout
@@ -381,7 +403,7 @@ def test_torchvision_variant_trains_from_scratch_and_predicts(tree, tmp_path, ca
     assert code == 0, err
     best = load(out / "best.pth")
     assert best["variant"] == "torchvision" and any(".bn." in k for k in best["model"])
-    code, stdout, err = call(predict, [tree / "val" / "daisy" / "daisy_00.jpg", "--weights", out / "best.pth"], capsys)
+    code, stdout, err = call(predict, [*FP32, tree / "val" / "daisy" / "daisy_00.jpg", "--weights", out / "best.pth"], capsys)
     assert code == 0, err
     assert len([line for line in stdout.splitlines() if line.split()[0] in ("daisy", "roses", "tulips")]) == 3
     code, _, err = call(train, train_argv(tree, tmp_path / "x", "--variant", "paper", "--weights", out / "best.pth"),
@@ -404,7 +426,7 @@ def test_tta_averages_the_image_and_its_mirror():
 def test_tta_in_eval_only_and_predict(tree, tmp_path, capsys):
     out = tmp_path / "run"
     assert call(train, train_argv(tree, out, "--image-size", 64), capsys)[0] == 0
-    code, stdout, err = call(train, ["--eval-only", "--tta", "--weights", out / "best.pth", "--data-path", tree,
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--tta", "--weights", out / "best.pth", "--data-path", tree,
                                      "--output-dir", tmp_path / "ev", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "accuracy:" in stdout
@@ -417,7 +439,7 @@ def test_tta_in_eval_only_and_predict(tree, tmp_path, capsys):
     with torch.inference_mode():
         expected = torch.softmax((model(x) + model(x.flip(3))) / 2, 1)
     torch.testing.assert_close(with_tta, expected)
-    code, stdout, err = call(predict, [image, "--weights", out / "best.pth", "--tta"], capsys)
+    code, stdout, err = call(predict, [*FP32, image, "--weights", out / "best.pth", "--tta"], capsys)
     assert code == 0, err
     printed = {line.split()[0]: float(line.split()[1]) for line in stdout.splitlines() if len(line.split()) == 2}
     classes = ckpt.load_checkpoint(str(out / "best.pth"))["classes"]

@@ -29,7 +29,7 @@ import checkpoint as ckpt
 import data
 import predict
 import train
-from helpers import (CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, call, last_line, load, make_tree,
+from helpers import (FP32, CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, call, last_line, load, make_tree,
                      run_script, save_image, script_env, stop_after_step, train_argv, write_corrupt,
                      write_truncated_jpeg)
 from model import GoogLeNet
@@ -108,7 +108,7 @@ def test_train_end_to_end(trained):
 # ---------------------------------------------------------------------------------------------
 def test_predict_one_image_prints_every_class(trained, capsys):
     image = trained["data"] / "val" / "roses" / "roses_00.jpg"
-    code, out, err = call(predict, [image, "--weights", trained["best"], "--workers", "0"], capsys)
+    code, out, err = call(predict, [*FP32, image, "--weights", trained["best"], "--workers", "0"], capsys)
     assert code == 0, err
     rows = class_lines(out)
     assert sorted(c for c, _ in rows) == sorted(CLASSES)  # every class exactly once
@@ -116,7 +116,7 @@ def test_predict_one_image_prints_every_class(trained, capsys):
     assert abs(sum(probs) - 1) < 1e-3
     assert probs == sorted(probs, reverse=True)
 
-    code, out, err = call(predict, [image, "--weights", trained["best"], "--workers", "0", "--topk", "2"], capsys)
+    code, out, err = call(predict, [*FP32, image, "--weights", trained["best"], "--workers", "0", "--topk", "2"], capsys)
     assert code == 0, err
     assert len(class_lines(out)) == 2
     assert [c for c, _ in class_lines(out)] == [c for c, _ in rows[:2]]
@@ -126,7 +126,7 @@ def test_predict_folder_table_csv_and_json(trained, tmp_path, capsys):
     folder = trained["data"] / "val"
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
     csv_path, json_path = tmp_path / "x.csv", tmp_path / "x.json"
-    code, out, err = call(predict, [folder, "--weights", trained["best"], "--workers", "0",
+    code, out, err = call(predict, [*FP32, folder, "--weights", trained["best"], "--workers", "0",
                                     "--output", csv_path], capsys)
     assert code == 0, err
     assert re.search(r"^file\s+class\s+probability", out, re.M)
@@ -140,7 +140,7 @@ def test_predict_folder_table_csv_and_json(trained, tmp_path, capsys):
         assert abs(sum(values) - 1) < 1e-4
         assert r["class"] == CLASSES[max(range(3), key=values.__getitem__)]
 
-    code, out, err = call(predict, [folder, "--weights", trained["best"], "--workers", "0",
+    code, out, err = call(predict, [*FP32, folder, "--weights", trained["best"], "--workers", "0",
                                     "--output", json_path], capsys)
     assert code == 0, err
     records = json.loads(json_path.read_text())
@@ -155,7 +155,7 @@ def test_predict_plain_state_dict_with_class_indices(trained, tmp_path, capsys):
     weights = tmp_path / "googleNet.pth"
     torch.save(GoogLeNet(num_classes=3, aux_logits=True).state_dict(), weights)  # the classic format
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, out, err = call(predict, [image, "--weights", weights, "--class-indices", trained["ci"],
+    code, out, err = call(predict, [*FP32, image, "--weights", weights, "--class-indices", trained["ci"],
                                     "--workers", "0"], capsys)
     assert code == 0, err
     rows = class_lines(out)
@@ -168,7 +168,7 @@ def test_predict_batches_give_the_same_probabilities(trained, tmp_path, capsys):
     results = []
     for batch in (2, 4):
         path = tmp_path / f"b{batch}.json"
-        code, _, err = call(predict, [*images, "--weights", trained["best"], "--workers", "0",
+        code, _, err = call(predict, [*FP32, *images, "--weights", trained["best"], "--workers", "0",
                                       "--batch-size", batch, "--output", path], capsys)
         assert code == 0, err
         results.append(torch.tensor([[r["probabilities"][c] for c in CLASSES]
@@ -207,7 +207,7 @@ def test_cli_predict_unreadable_images(trained, tmp_path):
     write_truncated_jpeg(folder / "half.jpg")
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
-    proc = run_script(PREDICT, [folder, notes, "--weights", trained["best"]])
+    proc = run_script(PREDICT, [*FP32, folder, notes, "--weights", trained["best"]])
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert str(folder / "good.jpg") in proc.stdout
@@ -318,20 +318,20 @@ def foreign_weights(tmp_path_factory):
 
 def test_predict_missing_image(trained, tmp_path, capsys):
     missing = tmp_path / "nope.jpg"
-    code, _, err = call(predict, [missing, "--weights", trained["best"]], capsys)
+    code, _, err = call(predict, [*FP32, missing, "--weights", trained["best"]], capsys)
     assert_clean_error(code, err, str(missing), "does not exist")
 
 
 def test_predict_missing_weights(trained, tmp_path, capsys):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
     missing = tmp_path / "nope.pth"
-    code, _, err = call(predict, [image, "--weights", missing], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", missing], capsys)
     assert_clean_error(code, err, str(missing), "does not exist")
 
 
 def test_eval_only_missing_weights_fails_before_decoding(trained, tmp_path, capsys):
     missing = tmp_path / "nope.pth"
-    code, out, err = call(train, ["--eval-only", "--weights", missing, "--data-path", trained["data"],
+    code, out, err = call(train, [*FP32, "--eval-only", "--weights", missing, "--data-path", trained["data"],
                                   "--output-dir", tmp_path / "eval"], capsys)
     assert_clean_error(code, err, str(missing), "does not exist")
     assert "cache:" not in out and "data:" not in out  # no image was decoded first
@@ -344,27 +344,27 @@ def test_predict_unreadable_image(trained, tmp_path, capsys, make):
         bad.write_text("not an image")
     else:
         write_truncated_jpeg(bad)
-    code, out, err = call(predict, [bad, "--weights", trained["best"], "--workers", "0"], capsys)
+    code, out, err = call(predict, [*FP32, bad, "--weights", trained["best"], "--workers", "0"], capsys)
     assert_clean_error(code, err, str(bad), "cannot read image")
     assert class_lines(out) == []
 
 
 def test_predict_weights_not_a_checkpoint(trained, foreign_weights, capsys):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [image, "--weights", foreign_weights["noise"]], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["noise"]], capsys)
     assert_clean_error(code, err, str(foreign_weights["noise"]), "not a readable PyTorch weights file")
 
 
 def test_predict_weights_for_other_class_count(trained, foreign_weights, capsys):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [image, "--weights", foreign_weights["five"], "--class-indices",
+    code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["five"], "--class-indices",
                                   foreign_weights["ci"]], capsys)
     assert_clean_error(code, err, "5 classes", str(foreign_weights["ci"]), "names 3")
 
 
 def test_predict_weights_of_another_architecture(trained, foreign_weights, capsys):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [image, "--weights", foreign_weights["resnet"], "--class-indices",
+    code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["resnet"], "--class-indices",
                                   foreign_weights["ci"]], capsys)
     line = assert_clean_error(code, err, str(foreign_weights["resnet"]), "missing keys", "unexpected keys")
     assert "conv1.conv.weight" in line or "inception" in line  # names GoogLeNet keys it lacks
@@ -373,7 +373,7 @@ def test_predict_weights_of_another_architecture(trained, foreign_weights, capsy
 
 def test_predict_output_with_bad_extension(trained, tmp_path, capsys):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [image, "--weights", trained["best"], "--output", tmp_path / "x.txt"], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", trained["best"], "--output", tmp_path / "x.txt"], capsys)
     assert_clean_error(code, err, "x.txt", ".csv or .json")
     assert not (tmp_path / "x.txt").exists()
 
@@ -401,7 +401,7 @@ def test_grayscale_palette_rgba_and_cmyk_images_train_and_predict(trained, tmp_p
 
     images = [root / split / name / file for (split, name), files in layout.items() for file, _ in files]
     path = tmp_path / "modes.json"
-    code, out, err = call(predict, [*images, "--weights", trained["best"], "--workers", "0",
+    code, out, err = call(predict, [*FP32, *images, "--weights", trained["best"], "--workers", "0",
                                     "--output", path], capsys)
     assert code == 0, err
     records = json.loads(path.read_text())
