@@ -6,15 +6,17 @@
 The method is captum's LayerGradCam (PyTorch's interpretability library, an optional dependency):
 the gradients of the class score, averaged over each channel of a layer's output, weight that
 output's channels, and the positive part of the sum is the heat map, upsampled to the image.
+torch is imported by the functions that use it: predict.py reads LAYERS for its --help, and a
+.onnx prediction never imports torch.
 """
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import checkpoint as ckpt
-import data
+import images as imgs
+from atomic import atomic_write
+from options import UserError
 
 # the layers whose outputs are spatial maps; the last Inception block is the default, as in the paper's
 # CAM; earlier blocks give finer maps from smaller receptive fields
@@ -23,7 +25,7 @@ LAYERS = ("conv1", "conv2", "conv3", "inception3a", "inception3b", "inception4a"
 MISSING = "Grad-CAM needs captum, an optional dependency: pip install captum"
 
 
-class CamError(Exception):
+class CamError(UserError):
     """A heat map that cannot be drawn: the message says what to do."""
 
 
@@ -32,6 +34,8 @@ def grad_cam(model, images, targets, layer="inception5b"):
 
     images: normalised N x 3 x H x W; model: eval mode, without aux heads.
     """
+    import torch
+
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
@@ -44,11 +48,11 @@ def grad_cam(model, images, targets, layer="inception5b"):
 
 
 def overlay(image, heat, caption, scale=2):
-    """The photo (uint8 3 x H x W, as the model saw it) beside it with the heat map laid over it
+    """The photo (uint8 H x W x 3, as the model saw it) beside it with the heat map laid over it
     (matplotlib's jet colours, half transparent), the caption on a strip above both."""
     from matplotlib import colormaps
 
-    photo = image.permute(1, 2, 0).numpy().astype(np.float32)
+    photo = image.astype(np.float32)
     colours = colormaps["jet"](heat.numpy())[..., :3] * 255
     blended = (0.5 * photo + 0.5 * colours).clip(0, 255).astype(np.uint8)
     h, w = photo.shape[:2]
@@ -65,12 +69,14 @@ def overlay(image, heat, caption, scale=2):
 
 
 def write_cams(model, files, preprocessing, classes, probabilities, out_dir, class_name=None,
-               layer="inception5b", device=torch.device("cpu"), batch_size=16):
-    """One PNG per readable file in out_dir, named <image>_<class>_<probability>.png; returns the paths."""
+               layer="inception5b", batch_size=16):
+    """One PNG per readable file in out_dir, named <image>_<class>_<probability>.png; returns the paths.
+    model: eval mode, without aux heads, on its device."""
+    import torch
+
+    device = next(model.parameters()).device
     if class_name is not None and class_name not in classes:
         raise CamError(f"--cam-class {class_name} is not one of the model's classes: {', '.join(classes)}")
-    mean, std, resize, crop = preprocessing
-    transform = data.build_transforms(train=False, val_resize=resize, val_crop=crop)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -78,8 +84,8 @@ def write_cams(model, files, preprocessing, classes, probabilities, out_dir, cla
     written = []
     for start in range(0, len(files), batch_size):
         chunk = [(i, f) for i, f in enumerate(files[start:start + batch_size], start)]
-        raw = torch.stack([transform(data.load_image(f)) for _, f in chunk])
-        images = data.normalize_batch(raw.to(device), mean, std, channels_last=True)
+        raw = np.stack([imgs.resize_and_crop(imgs.load_image(f), preprocessing) for _, f in chunk])
+        images = torch.from_numpy(imgs.normalize(raw, preprocessing)).to(device, memory_format=torch.channels_last)
         targets = [classes.index(class_name) if class_name else int(probabilities[i].argmax()) for i, _ in chunk]
         heat = grad_cam(model, images, torch.tensor(targets, device=device), layer).cpu()
         for (i, path), k, image, h in zip(chunk, targets, raw, heat):
@@ -89,5 +95,5 @@ def write_cams(model, files, preprocessing, classes, probabilities, out_dir, cla
                 name = os.path.join(out_dir, f"{i:05d}_{os.path.basename(name)}")
             picture = overlay(image, h, f"{classes[k]} {p:.2f} ({layer})")
             written.append(name)
-            ckpt.atomic_write(written[-1], lambda f: picture.save(f, format="PNG"))
+            atomic_write(written[-1], lambda f: picture.save(f, format="PNG"))
     return written

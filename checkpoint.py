@@ -1,109 +1,158 @@
-"""Files that must survive a crash: atomic writes, the one checkpoint format, and loading weights.
+"""The one checkpoint format: writing it, reading it back, and loading weights into the model.
 
 A checkpoint is a dict with the weights under "model" and what predict.py needs to use them
-("classes", "variant", "image_size", "mean", "std"), plus the run's "args" and, in last.pth, the
-state to resume ("optimizer", "scheduler", "scaler", "epoch", "step", "best_acc", "rng", ...).
-A plain state dict (the classic ``googleNet.pth``) loads too; its classes come from class_indices.json.
+("classes", "variant", "image_size", "val_resize", "val_crop", "mean", "std"), the run's "split"
+and "args"; last.pth adds the state to continue ("optimizer", "scheduler", "scaler", "model_ema",
+the Progress fields and every process's "rng"). A plain state dict (the classic ``googleNet.pth``)
+loads too; its classes then come from class_indices.json.
 """
 import json
 import os
-import tempfile
+import random
+import shlex
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from model import HEAD_PREFIXES
+from atomic import DISK_HINT, atomic_write, atomic_write_text
+from images import MEAN, STD, Preprocessing
+from model import AUX_PREFIXES, HEAD_PREFIXES, GoogLeNet
+from options import UserError
 
-AUX_PREFIXES = ("aux1.", "aux2.")
 
-
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A weights file that is missing, unreadable or for another model: the message says what to do."""
 
 
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open folders; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint holds
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Record:
+    """What every checkpoint of a run says besides the weights: the classes, the network's layout,
+    the training crop and the evaluation preprocessing, the val split and the run's arguments."""
+
+    classes: list
+    variant: str
+    image_size: int
+    preprocessing: Preprocessing
+    split: Optional[dict]
+    args: dict
+
+    def describe(self, model):
+        """A checkpoint of model's weights (best.pth; last.pth adds the training state)."""
+        return {"model": model.state_dict(), "classes": self.classes, "variant": self.variant,
+                "image_size": self.image_size, "val_resize": self.preprocessing.resize,
+                "val_crop": self.preprocessing.crop, "mean": list(self.preprocessing.mean),
+                "std": list(self.preprocessing.std), "split": self.split, "args": self.args}
 
 
-class SaveError(OSError):
-    """A file that could not be written (a full disk, a read-only folder); str() is the one-line message.
+@dataclass
+class Progress:
+    """Where a run stands: what last.pth saves so that --resume continues bit for bit, from the
+    end of an epoch or from the middle of one."""
 
-    errno and strerror are those of the failed write, so callers can word their own message.
-    """
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps done in the current epoch
+    loss_sum: float = 0.0  # this process's sum of step loss x images over those steps
+    seen: int = 0  # images of those steps
+    correct: int = 0  # of them classified right
+    best_accuracy: float = 0.0
+    best_epoch: int = 0
 
-    def __init__(self, path, error):
-        super().__init__(error.errno, error.strerror or str(error))
-        self.path = path
+    def add_step(self, loss, images, correct):
+        self.step += 1
+        self.loss_sum += loss * images
+        self.seen += images
+        self.correct += correct
 
-    def __str__(self):
-        return f"cannot write {self.path} ({self.strerror}): free some disk space, or write it somewhere else"
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, fsync it, then rename it over path.
-
-    A crash at any moment leaves either the old complete file or the new complete one; a failed
-    write (a full disk, say) removes the temporary file, keeps the old file untouched and raises
-    SaveError.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; users expect their umask
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
-            e = e.__context__  # torch.save reports a failed write (a full disk) as a RuntimeError
-        if isinstance(e, OSError) and not isinstance(e, SaveError):
-            raise SaveError(path, e) from e
-        raise
-    _fsync_dir(folder)
+    def end_epoch(self, val_accuracy):
+        """Count the epoch as done; True when its accuracy is the best so far (the first always is)."""
+        improved = val_accuracy > self.best_accuracy or self.best_epoch == 0
+        self.epoch += 1
+        if improved:
+            self.best_accuracy, self.best_epoch = val_accuracy, self.epoch
+        self.step, self.loss_sum, self.seen, self.correct = 0, 0.0, 0, 0
+        return improved
 
 
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+@dataclass
+class TrainingState:
+    """The objects whose state last.pth saves beside the Progress (ema: None without --model-ema)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: Optional[torch.nn.Module]
 
 
-def remove_stale_temp_files(folder, names=("best.pth", "last.pth", "class_indices.json", "metrics.csv")):
-    """Delete the temporary files of saves that a crash or SIGKILL cut short (never a real file)."""
-    for entry in os.listdir(folder):
-        if entry.endswith(".tmp") and any(entry.startswith(f".{n}.") for n in names):
-            try:
-                os.remove(os.path.join(folder, entry))
-            except OSError:
-                pass
+def training_checkpoint(record, state, progress, rngs):
+    """last.pth's payload: the model's checkpoint, its training state, the progress and rngs (every
+    process's RNG state, in rank order)."""
+    payload = record.describe(state.model)
+    payload.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
+                   scaler=state.scaler.state_dict(), epoch=progress.epoch, step=progress.step,
+                   epoch_loss_sum=progress.loss_sum, epoch_seen=progress.seen, epoch_correct=progress.correct,
+                   best_acc=progress.best_accuracy, best_epoch=progress.best_epoch, rng=rngs)
+    if state.ema is not None:
+        payload["model_ema"] = state.ema.state_dict()
+    return payload
 
 
-def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+def save_training(path, record, state, progress, rngs):
+    """Write last.pth (atomically: a failed save leaves the previous one whole)."""
+    save_checkpoint(training_checkpoint(record, state, progress, rngs), path,
+                    "the previous file is intact; free some disk space and resume from it")
 
 
-def save_checkpoint(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+def restore_training(resume, path, state, rank):
+    """Put last.pth's state back into the training objects and this process's RNGs; the Progress."""
+    load_weights(state.model, resume["model"], path)
+    if state.ema is not None:
+        if "model_ema" not in resume:
+            raise CheckpointError(f"{path} was saved without --model-ema: resume without it")
+        state.ema.load_state_dict(resume["model_ema"])
+    state.optimizer.load_state_dict(resume["optimizer"])
+    state.scheduler.load_state_dict(resume["scheduler"])
+    state.scaler.load_state_dict(resume["scaler"])
+    restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+    return Progress(epoch=resume["epoch"], step=resume["step"], loss_sum=resume["epoch_loss_sum"],
+                    seen=resume["epoch_seen"], correct=resume.get("epoch_correct", 0),
+                    best_accuracy=resume["best_acc"], best_epoch=resume["best_epoch"])
 
 
-def write_class_indices(path, classes):
-    atomic_write_text(path, json.dumps({str(i): c for i, c in enumerate(classes)}, indent=4) + "\n")
+def resume_command(args, defaults, last_path):
+    """train.py's arguments that continue this run: --resume and every option not at its default."""
+    parts = [f"--resume {shlex.quote(last_path)}"]  # quoted: paths may hold spaces
+    for key, value in vars(args).items():
+        if key in ("resume", "download", "data_url", "data_sha256") or value == getattr(defaults, key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])  # flags that default to on have a --no- form
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def preprocessing_of(loaded):
+    """The evaluation Preprocessing a checkpoint records; older files record one image_size for both."""
+    crop = int(loaded.get("val_crop") or loaded.get("image_size") or 224)
+    return Preprocessing(int(loaded.get("val_resize") or crop), crop,
+                         tuple(loaded.get("mean", MEAN)), tuple(loaded.get("std", STD)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(obj, path, hint=DISK_HINT):
+    atomic_write(path, lambda f: torch.save(obj, f), hint)
+
+
+def write_class_indices(path, classes, hint=DISK_HINT):
+    atomic_write_text(path, json.dumps({str(i): c for i, c in enumerate(classes)}, indent=4) + "\n", hint)
 
 
 def read_class_indices(path):
@@ -161,13 +210,11 @@ def load_weights(model, state_dict, path, reinit_heads=False):
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        def names(keys):
-            return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
         parts = []
         if missing:
-            parts.append(f"missing keys: {names(missing)}")
+            parts.append(f"missing keys: {_names(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {names(unexpected)}")
+            parts.append(f"unexpected keys: {_names(unexpected)}")
         raise CheckpointError(f"{path} does not fit this GoogLeNet ({model.variant} variant): "
                               f"{'; '.join(parts)}. Use weights trained with this repository's model.py")
     misshaped = sorted(k for k in own if own[k].shape != state_dict[k].shape)
@@ -185,9 +232,41 @@ def load_weights(model, state_dict, path, reinit_heads=False):
     return sorted({k.rsplit(".", 1)[0] for k in reinit})
 
 
-def capture_rng_state():
-    import random
+def _names(keys):
+    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
+
+def check_classes(path, trained_on, classes, what):
+    """A checkpoint's classes against the data's: one line naming both when they differ."""
+    if trained_on and trained_on != classes:
+        raise CheckpointError(f"{path} was trained on classes {trained_on}, {what} has {classes}: "
+                              "use data with the same class folders")
+
+
+def load_model(weights, class_indices, device):
+    """The eval-mode GoogLeNet without aux heads, on device in channels_last, for prediction and
+    export: (model, classes, Preprocessing)."""
+    loaded = load_checkpoint(weights)
+    state_dict = clean_state_dict(loaded["model"])
+    classes = loaded.get("classes") or read_class_indices(class_indices)
+    variant = loaded.get("variant") or guess_variant(state_dict)
+    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant)
+    # Only weights with this model's layers can be for another class count; for any other network
+    # (a ResNet has an fc.weight too) load_weights below names the keys that do not fit.
+    if (set(model.state_dict()) <= set(state_dict) and "fc.weight" in state_dict
+            and state_dict["fc.weight"].shape[0] != len(classes)):
+        raise CheckpointError(f"{weights} is for {state_dict['fc.weight'].shape[0]} classes but "
+                              f"{class_indices} names {len(classes)}: use the class index file "
+                              "written with these weights")
+    load_weights(model, state_dict, weights)
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return model, classes, preprocessing_of(loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states, for an exact resume
+# ---------------------------------------------------------------------------------------------
+def capture_rng_state():
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -195,8 +274,6 @@ def capture_rng_state():
 
 
 def restore_rng_state(state):
-    import random
-
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -1,45 +1,42 @@
-"""Images in, batches out: the transforms, the image-folder dataset, the cache and the flower download.
+"""Training data: finding the images and the split, the transforms, the dataset, its order and cache.
 
-Every image is decoded with Pillow and converted to RGB, so grayscale, palette, RGBA and CMYK files
-train like any photo. The per-image transforms end in uint8 tensors; scaling to [0, 1] and the
-normalisation happen once per batch on the training device (``normalize_batch``), which is the same
-arithmetic as torchvision's ToTensor + Normalize, a quarter of the bytes to copy, and one pass.
+    find_data       a folder of class folders (split here) or a train/ and val/ split -> FoundData
+    train_transform, EvalTransform   the per-image transforms, the one place they are built
+    ImageDataset    (path, class) samples decoded with images.load_image, optionally cached
+    EpochSampler    the order of one epoch, split over processes, seeded per image for exact resume
+
+Scaling to [0, 1] and the normalisation happen once per batch on the training device
+(``normalize_batch``): the same arithmetic as torchvision's ToTensor + Normalize, a quarter of the
+bytes to copy, and one pass.
 """
-import hashlib
 import os
 import random
 import shutil
-import sys
-import tarfile
-import tempfile
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
 
-IMAGE_SIZE = 224
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+import images
+from images import IMAGE_EXTENSIONS, MEAN, STD
+from options import UserError
 
-# Large JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps the shorter side at
-# least this long: four times the crop size, so even RandomResizedCrop's smallest crop (8% of the
-# area) still covers more than 224 pixels of real detail. Photos smaller than this are untouched.
-DECODE_MIN_SIDE = 4 * IMAGE_SIZE
-
-FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
-FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+LAYOUTS = "a folder of class folders (DIR/<class>/<images>) or of a split (DIR/train/<class>/, DIR/val/<class>/)"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Something wrong with the user's data: the message says what and what to do."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
 AUTO_AUGMENT = {  # torchvision's learned or random augmentation policies, on PIL images
     "trivialaugment": transforms.TrivialAugmentWide,
     "randaugment": transforms.RandAugment,
@@ -48,29 +45,26 @@ AUTO_AUGMENT = {  # torchvision's learned or random augmentation policies, on PI
 ERASE_VALUE = 127  # uint8 grey: 0 after normalisation with mean 0.5, like erasing to the mean
 
 
-def build_transforms(train, image_size=IMAGE_SIZE, auto_augment=None, random_erase=0.0,
-                     val_resize=None, val_crop=None):
-    """The one place that builds the per-image transforms (PIL image in, uint8 C x H x W out).
-
-    Training: a random crop resized to image_size, a flip, optionally an augmentation policy and
-    random erasing. Evaluation: the image resized to val_resize x val_resize (aspect not kept, as
-    the classic script does), then its centre val_crop x val_crop; both default to image_size.
-    """
-    if train:
-        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-        if auto_augment:
-            steps.append(AUTO_AUGMENT[auto_augment]())
-        steps.append(transforms.PILToTensor())
-        if random_erase > 0:
-            steps.append(transforms.RandomErasing(p=random_erase, value=ERASE_VALUE))
-        return transforms.Compose(steps)
-    val_crop = val_crop or image_size
-    val_resize = val_resize or val_crop
-    steps = [transforms.Resize((val_resize, val_resize))]
-    if val_crop != val_resize:
-        steps.append(transforms.CenterCrop(val_crop))
+def train_transform(image_size, auto_augment=None, random_erase=0.0):
+    """A random crop resized to image_size, a flip, optionally an augmentation policy and random erasing."""
+    steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    if auto_augment:
+        steps.append(AUTO_AUGMENT[auto_augment]())
     steps.append(transforms.PILToTensor())
+    if random_erase > 0:
+        steps.append(transforms.RandomErasing(p=random_erase, value=ERASE_VALUE))
     return transforms.Compose(steps)
+
+
+class EvalTransform:
+    """The evaluation preprocessing (images.resize_and_crop, the one shared with predict.py and
+    the .onnx path) as a transform: PIL image in, uint8 3 x crop x crop tensor out."""
+
+    def __init__(self, preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, image):
+        return torch.from_numpy(images.resize_and_crop(image, self.preprocessing)).permute(2, 0, 1)
 
 
 def build_batch_mix(mixup_alpha, cutmix_alpha, num_classes):
@@ -89,32 +83,18 @@ def build_batch_mix(mixup_alpha, cutmix_alpha, num_classes):
     return mixes[0] if len(mixes) == 1 else transforms_v2.RandomChoice(mixes)
 
 
-def normalize_batch(images, mean=MEAN, std=STD, channels_last=False):
-    """uint8 N x C x H x W -> float32, scaled to [0, 1] and normalised, on images' device."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+def normalize_batch(batch, mean=MEAN, std=STD, channels_last=False):
+    """uint8 N x C x H x W -> float32, scaled to [0, 1] and normalised, on batch's device."""
+    mean = torch.tensor(mean, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=batch.device).view(1, -1, 1, 1)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(dtype=torch.float32, memory_format=memory_format)
-    return images.div_(255).sub_(mean).div_(std)
+    batch = batch.to(dtype=torch.float32, memory_format=memory_format)
+    return batch.div_(255).sub_(mean).div_(std)
 
 
-def _draft(img, min_side):
-    """Ask a JPEG for its reduced DCT scale before decoding (sets img.size; decodes nothing)."""
-    if img.format == "JPEG" and min_side:
-        img.draft("RGB", (min_side, min_side))  # only ever shrinks by a power of two
-
-
-def load_image(path, min_side=DECODE_MIN_SIDE):
-    """Decode one file to an upright RGB PIL image; raises OSError/ValueError for unreadable files.
-
-    Upright: a camera that stores a photo sideways tags it with an EXIF orientation, which photo
-    viewers apply; so does this, before anything else sees the pixels.
-    """
-    with Image.open(path) as img:
-        _draft(img, min_side)
-        return ImageOps.exif_transpose(img).convert("RGB")
-
-
+# ---------------------------------------------------------------------------------------------
+# Finding the images, and the train/val split
+# ---------------------------------------------------------------------------------------------
 def find_classes(root):
     """Sorted class folder names, as torchvision's ImageFolder orders them."""
     if not os.path.isdir(root):
@@ -130,12 +110,7 @@ def list_images(root, classes):
     samples = []
     for index, name in enumerate(classes):
         folder = os.path.join(root, name)
-        files = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, names in os.walk(folder, followlinks=True)
-            for f in names
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = images.find_image_files(folder)
         if not files:
             raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")
@@ -170,16 +145,133 @@ def split_samples(samples, classes, val_ratio=0.1, seed=0):
     return sorted(train, key=lambda s: (s[1], s[0])), sorted(val, key=lambda s: (s[1], s[0]))
 
 
+@dataclass
+class FoundData:
+    """The classes and the (path, class index) samples to train and validate on; split is the
+    record of a split made here (None for a train/ and val/ tree), saved in the checkpoints."""
+
+    classes: list
+    train: list
+    val: list
+    split: Optional[dict]
+
+
+def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=False, missing_hint=None,
+              log=print):
+    """The data under root, in one of two layouts.
+
+    root/train/<class>/ with root/val/<class>/, a split made beforehand (by data_set/split_data.py,
+    say), is used as it is. root/<class>/, a plain folder of class folders, is split here: val_ratio
+    of each class held out with split_samples (split_data.py's rule, so the same split); a
+    recorded split (resume, --eval-only) is used again exactly as it was.
+    """
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist: {missing_hint or 'pass --data-path with ' + LAYOUTS}")
+    if os.path.isdir(train_dir) or os.path.isdir(val_dir):
+        for folder in ([] if eval_only else [train_dir]) + [val_dir]:
+            if not os.path.isdir(folder):
+                raise DataError(f"data folder {folder} does not exist: a split needs both "
+                                f"{train_dir} and {val_dir}")
+        classes = find_classes(val_dir if eval_only else train_dir)
+        train = [] if eval_only else list_images(train_dir, classes)
+        return FoundData(classes, train, list_images(val_dir, classes), None)
+
+    folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    if not folders:
+        files = sum(1 for e in os.scandir(root) if e.is_file())
+        raise DataError(f"{root} holds {files} file(s) and no folders: pass --data-path with {LAYOUTS}")
+    classes = sorted(folders)
+    samples = list_images(root, classes)
+    if recorded_split is not None:
+        val = [(os.path.join(root, *f.split("/")), classes.index(f.split("/")[0]))
+               for f in recorded_split["val_files"] if f.split("/")[0] in classes]
+        missing = [p for p, _ in val if not os.path.isfile(p)]
+        if missing or len(val) != len(recorded_split["val_files"]):
+            raise DataError(f"{root} no longer holds the run's val images ({(missing or ['a class'])[0]} "
+                            "is missing): use the folder the run was trained on")
+        held_out = {p for p, _ in val}
+        train = [s for s in samples if s[0] not in held_out]
+        split = recorded_split
+    else:
+        train, val = split_samples(samples, classes, val_ratio, split_seed)
+        split = {"val_ratio": val_ratio, "seed": split_seed,
+                 "val_files": [os.path.relpath(p, root).replace(os.sep, "/") for p, _ in val]}
+    log(f"split: {root} is a folder of class folders; held out for val (ratio {split['val_ratio']}, "
+        f"seed {split['seed']}): " + ", ".join(f"{c} {sum(k == i for _, k in train)}/{sum(k == i for _, k in val)}"
+                                               for i, c in enumerate(classes)) + " (train/val)")
+    return FoundData(classes, [] if eval_only else train, val, split)
+
+
+def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
+    """Copy source/<class>/* into dest/{train,val}/<class>/ with split_samples; {class: (n_train, n_val)}."""
+    if not 0 < val_ratio < 1:
+        raise DataError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+    if not os.path.isdir(source):
+        raise DataError(f"source folder {source} does not exist: extract flower_photos.tgz there "
+                        "(see data_set/README.md), or pass --source with a folder of class folders")
+    classes = find_classes(source)
+    samples = list_images(source, classes)
+    train_dir, val_dir = outputs = [os.path.join(dest, "train"), os.path.join(dest, "val")]
+    for out in outputs:
+        # --force deletes these folders, so they must not hold the photos being split; nor may they
+        # sit inside the source, where the next run would take them for classes.
+        if _is_within(source, out) or _is_within(out, source):
+            raise DataError(f"source {source} and output {out} overlap: choose a --dest outside "
+                            "the source folder")
+        if os.path.exists(out) and not force:
+            raise DataError(f"{out} already exists: pass --force to replace it")
+    for out in outputs:
+        if os.path.exists(out):
+            shutil.rmtree(out)  # only train/ and val/: dest may also hold the source photos
+
+    train, val = split_samples(samples, classes, val_ratio, seed)
+    for out, part in ((train_dir, train), (val_dir, val)):
+        for path, index in part:
+            # Keep the path below the class folder, so files in subfolders cannot collide.
+            name = classes[index]
+            target = os.path.join(out, name, os.path.relpath(path, os.path.join(source, name)))
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copy2(path, target)
+            except OSError as e:
+                raise DataError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
+                                "or pass --dest with another folder")
+    counts = {name: (sum(1 for _, k in train if k == i), sum(1 for _, k in val if k == i))
+              for i, name in enumerate(classes)}
+    _log_table(counts, log)
+    for name, (_, n_val) in counts.items():
+        if n_val == 0:
+            log(f"warning: class {name} has a single image, so val has none of it")
+    return counts
+
+
+def _is_within(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def _log_table(counts, log):
+    rows = [(name, t, v) for name, (t, v) in counts.items()]
+    rows.append(("total", sum(t for _, t, _ in rows), sum(v for _, _, v in rows)))
+    width = max(len("class"), *(len(name) for name, _, _ in rows))
+    log(f"{'class':<{width}}  {'train':>6}  {'val':>6}  {'total':>6}")
+    for name, t, v in rows:
+        log(f"{name:<{width}}  {t:>6}  {v:>6}  {t + v:>6}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset, its order, its cache
+# ---------------------------------------------------------------------------------------------
 def _decode_or_error(path):
     try:
-        return np.asarray(load_image(path)), None
+        return np.asarray(images.load_image(path)), None
     except Exception as e:  # any decoder failure means the same thing here: an unusable file
         return None, f"{type(e).__name__}: {e}"
 
 
-class FlowerFolder(Dataset):
-    """An ImageFolder tree (root/<class>/<image>), or the given samples of one, whose unreadable
-    files follow an explicit policy.
+class ImageDataset(Dataset):
+    """(path, class index) samples whose unreadable files follow an explicit policy.
 
     Every file is decoded once when the dataset is built. ``bad_images="skip"`` drops unreadable
     files and lists them in ``self.skipped``; ``"error"`` raises DataError naming the first one.
@@ -187,11 +279,8 @@ class FlowerFolder(Dataset):
     disk or the JPEG decoder; otherwise they are decoded again from disk on every access.
     """
 
-    def __init__(self, root, transform, classes=None, cache=False, bad_images="skip", threads=4, samples=None):
-        self.root = root
+    def __init__(self, samples, transform, cache=False, bad_images="skip", threads=4):
         self.transform = transform
-        self.classes = classes if classes is not None else find_classes(root)
-        samples = samples if samples is not None else list_images(root, self.classes)
         self.skipped = []
         self.cache = [] if cache else None
         kept = []
@@ -207,7 +296,7 @@ class FlowerFolder(Dataset):
                 if cache:
                     self.cache.append(pixels)
         if not kept:
-            raise DataError(f"no readable images under {root}")
+            raise DataError(f"none of the {len(samples)} images could be read")
         self.samples = kept
         self.targets = [t for _, t in kept]
 
@@ -219,7 +308,7 @@ class FlowerFolder(Dataset):
         # seed, so a run is the same whatever the worker count, and resumes exactly mid-epoch.
         index, seed = item if isinstance(item, tuple) else (item, None)
         path, target = self.samples[index]
-        image = Image.fromarray(self.cache[index]) if self.cache is not None else load_image(path)
+        image = Image.fromarray(self.cache[index]) if self.cache is not None else images.load_image(path)
         if seed is None:
             return self.transform(image), target
         # torchvision's random transforms draw from the CPU generator: seed it for this image and
@@ -239,18 +328,18 @@ class EpochSampler(Sampler):
 
     The order depends only on (seed, epoch), like DistributedSampler's. Training pads the order
     with its first samples so every process runs the same number of steps; validation
-    (pad=False) hands each image to exactly one process. ``start`` skips samples this process
-    has already seen, to resume in the middle of an epoch.
+    (pad=False) hands each image to exactly one process. ``skip`` leaves out the samples this
+    process has already seen, to resume in the middle of an epoch.
     """
 
     def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=True):
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = 0
-        self.start = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
 
     def _indices(self):
         if self.shuffle:
@@ -265,16 +354,16 @@ class EpochSampler(Sampler):
 
     @property
     def epoch_length(self):
-        """Samples this process gets in a whole epoch (len() counts those left after ``start``)."""
+        """Samples this process gets in a whole epoch (len() counts those left after ``skip``)."""
         return len(self._indices())
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007
-        for i in self._indices()[self.start :]:
+        for i in self._indices()[self.skip :]:
             yield (i, (base + i) % 2**63) if self.shuffle else i
 
     def __len__(self):
-        return len(self._indices()) - self.start
+        return len(self._indices()) - self.skip
 
 
 def estimate_decoded_bytes(paths):
@@ -282,9 +371,8 @@ def estimate_decoded_bytes(paths):
     total = 0
     for path in paths:
         try:
-            with Image.open(path) as img:
-                _draft(img, DECODE_MIN_SIDE)
-                total += img.size[0] * img.size[1] * 3
+            width, height = images.decoded_size(path)
+            total += width * height * 3
         except Exception:
             pass  # unreadable files are reported when the dataset is built
     return total
@@ -339,83 +427,3 @@ def make_loader(dataset, sampler, batch_size, workers, device):
         # The augmentation is seeded per sample by EpochSampler, so nothing else uses that seed.
         generator=torch.Generator(),
     )
-
-
-def default_workers(batch_size, device, cached):
-    """Worker processes for the loader.
-
-    On a CPU the model's own threads already use every core: workers would only take turns with
-    them, so cached images (a crop and a flip, about 1 ms each) are prepared in the main process,
-    and JPEG decoding from disk gets one worker that overlaps it with the compute. On CUDA the CPU
-    is free for decoding: min(cpu count, batch size, 8), as the classic scripts do.
-    """
-    cpus = os.cpu_count() or 1
-    if device.type == "cuda":
-        return min(cpus, batch_size if batch_size > 1 else 0, 8)
-    return 0 if cached else min(1, cpus - 1)
-
-
-def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print):
-    """Fetch flower_photos.tgz (URL, file:// URL or local path), check its SHA-256, extract into dest_dir.
-
-    Returns the path of the extracted flower_photos folder. The archive is written to a temporary
-    file beside its final place and renamed only once its checksum is right.
-    """
-    archive = os.path.join(dest_dir, "flower_photos.tgz")
-    if os.path.exists(url):
-        src, total = open(url, "rb"), os.path.getsize(url)
-    else:
-        try:
-            src = urllib.request.urlopen(url, timeout=60)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot download {url} ({e}): check the network, or pass --data-url "
-                            "with a mirror or a local copy of flower_photos.tgz")
-        total = int(src.headers.get("Content-Length") or 0) or None
-    try:
-        os.makedirs(dest_dir, exist_ok=True)
-        return _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log)
-    except OSError as e:
-        raise DataError(f"cannot fetch and unpack the flower photos into {dest_dir} ({e.strerror or e}): check "
-                        "the network and the free disk space (they need about 0.5 GB), or pass --data-path "
-                        "with another folder")
-
-
-def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
-    from tqdm import tqdm
-
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".flower_photos.", suffix=".part")
-    try:
-        with src, os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                                    desc="download", file=sys.stderr) as bar:
-            while True:
-                chunk = src.read(1 << 20)
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-        if sha256 and digest.hexdigest() != sha256:
-            raise DataError(f"{url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
-                            "the download is damaged or not flower_photos.tgz; try again or use another --data-url")
-        os.replace(tmp, archive)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    log(f"extracting {archive}")
-    extracted = os.path.join(dest_dir, "flower_photos")
-    if os.path.isdir(extracted):
-        shutil.rmtree(extracted)
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest_dir, filter="data")  # refuses links and paths outside dest_dir
-        else:  # a Python from before the 2023 tarfile update: the same refusal, by hand
-            for member in tar.getmembers():
-                parts = member.name.replace("\\", "/").split("/")
-                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
-                    raise DataError(f"{archive} holds an unsafe entry {member.name!r}: it is not the flower archive")
-            tar.extractall(dest_dir)
-    if not os.path.isdir(extracted):
-        raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
-    return extracted

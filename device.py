@@ -1,13 +1,36 @@
-"""Where the model runs: the one place that picks the device, its precision and the process group."""
+"""Where the model runs: the one place that picks the device and its precision (``place``)."""
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from options import UserError
 
 
-class DeviceError(Exception):
-    """A device the user asked for that this machine does not have."""
+class DeviceError(UserError):
+    """A device or precision the user asked for that this machine does not have."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device, the autocast dtype (None: fp32), and the words the start-up line uses for them."""
+
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    precision: str
+    warning: Optional[str]  # forced bf16 on a CPU without native bf16
+
+
+def place(device="auto", amp="auto", local_rank=None):
+    """The one device-and-precision set-up that train.py and predict.py share: picks the device
+    (--device), tunes its backends and resolves --amp."""
+    device = pick_device(device, local_rank)
+    tune_backends(device)
+    dtype = amp_dtype(device, amp)
+    precision, warning = describe_precision(device, dtype)
+    return Placement(device, dtype, precision, warning)
 
 
 def pick_device(name="auto", local_rank=None):
@@ -113,31 +136,9 @@ def tune_backends(device):
     if device.type == "cpu":
         tune_cpu_allocator()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 224 x 224 inputs: pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True  # one input size per epoch: the fastest kernels are picked once
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def init_distributed():
-    """(rank, world_size, local_rank); (0, 1, None) when not launched by torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, None
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
-    return rank, world_size, local_rank
-
-
-def all_reduce_sum(values, device):
-    """Sum a list of numbers over every process (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def tune_cpu_allocator():

@@ -1,4 +1,4 @@
-"""Export trained weights to ONNX, check the file in ONNX Runtime, and load it back for predict.py.
+"""Export trained weights to ONNX and check the file in ONNX Runtime before writing it.
 
     python export.py --weights weights/best.pth --output googlenet.onnx
     python predict.py tulip.jpg --weights googlenet.onnx      # runs in ONNX Runtime
@@ -15,6 +15,9 @@ import torch
 
 import checkpoint as ckpt
 import options
+from atomic import atomic_write
+from options import UserError
+from runtimes import OnnxModel
 
 OPSET = 18  # run by every ONNX Runtime since 1.14 (2023)
 TOLERANCE = 1e-4  # largest allowed difference between ONNX Runtime's and PyTorch's probabilities
@@ -22,7 +25,7 @@ MISSING = "ONNX export and inference need onnx, onnxscript and onnxruntime, opti
           "pip install onnx onnxscript onnxruntime"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export that cannot be done or did not check out: the message says what to do."""
 
 
@@ -52,15 +55,16 @@ def export(model, classes, preprocessing, variant, output, check_images=4, log=p
     probability difference ONNX Runtime showed against PyTorch. The file is written only if it checks out."""
     import onnx
 
-    mean, std, resize, crop = preprocessing
+    crop = preprocessing.crop
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     example = torch.randn(2, 3, crop, crop)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
                                 verbose=False)
     proto = program.model_proto
-    metadata = {"classes": json.dumps(classes), "variant": variant, "val_resize": str(resize),
-                "val_crop": str(crop), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
+    metadata = {"classes": json.dumps(classes), "variant": variant, "val_resize": str(preprocessing.resize),
+                "val_crop": str(crop), "mean": json.dumps(list(preprocessing.mean)),
+                "std": json.dumps(list(preprocessing.std))}
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
@@ -73,64 +77,24 @@ def export(model, classes, preprocessing, variant, output, check_images=4, log=p
         images = torch.randn(n, 3, crop, crop, generator=generator)
         with torch.inference_mode():
             expected = torch.softmax(model(images), dim=1)
-        got = torch.softmax(session(images), dim=1)
+        got = torch.softmax(torch.from_numpy(session(images.numpy())), dim=1)
         worst = max(worst, (got - expected).abs().max().item())
     log(f"ONNX Runtime against PyTorch on {1 + check_images} random images: largest probability difference {worst:.2e}")
     if worst > TOLERANCE:
         raise ExportError(f"ONNX Runtime's probabilities differ from PyTorch's by {worst:.2e} (more than "
                           f"{TOLERANCE:g}): {output} was not written; report this with your torch and "
                           "onnxruntime versions")
-    try:
-        ckpt.atomic_write(output, lambda f: f.write(blob))
-    except OSError as e:
-        raise ExportError(f"cannot write {output} ({e.strerror or e}): pass --output with a writable path, "
-                          "or free some disk space")
+    atomic_write(output, lambda f: f.write(blob), hint="pass --output with a writable path, or free some disk space")
     return worst
 
 
-class OnnxModel:
-    """An exported .onnx file (a path or its bytes) in ONNX Runtime, called like the PyTorch model:
-    a float tensor N x 3 x H x W in, logits out. ``metadata`` holds what export() stored."""
-
-    def __init__(self, source):
-        import onnxruntime
-
-        try:
-            self.session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ExportError(f"{source if isinstance(source, str) else 'the model'} is not a readable ONNX "
-                              f"model ({str(e).splitlines()[0][:120]}): export it again with export.py")
-        self.metadata = self.session.get_modelmeta().custom_metadata_map
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, images):
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-
-def load_onnx(path):
-    """(model, classes, (mean, std, resize, crop)) from a file written by export()."""
-    require_onnx()
-    model = OnnxModel(path)
-    try:
-        meta = model.metadata
-        classes = json.loads(meta["classes"])
-        preprocessing = (tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
-                         int(meta["val_resize"]), int(meta["val_crop"]))
-    except (KeyError, ValueError):
-        raise ExportError(f"{path} has no class names and preprocessing in its metadata: export it with export.py")
-    return model, classes, preprocessing
-
-
 def main(args):
-    import predict  # which imports this module for its .onnx path
-
     require_onnx()
     if not args.output.lower().endswith(".onnx"):
         raise ExportError(f"--output {args.output}: the file name must end in .onnx")
-    model, classes, preprocessing = predict.load_model(args.weights, args.class_indices, torch.device("cpu"))
+    model, classes, preprocessing = ckpt.load_model(args.weights, args.class_indices, torch.device("cpu"))
     variant = model.variant
-    print(f"exporting {args.weights} ({variant} variant, {len(classes)} classes, {preprocessing[3]} px) "
+    print(f"exporting {args.weights} ({variant} variant, {len(classes)} classes, {preprocessing.crop} px) "
           f"to ONNX opset {OPSET}")
     export(model, classes, preprocessing, variant, args.output, args.check_images)
     print(f"wrote {args.output}: predict with  python predict.py IMAGE --weights {args.output}")
@@ -141,9 +105,9 @@ def run(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         return main(args)
-    except (ExportError, ckpt.CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

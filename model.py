@@ -212,6 +212,8 @@ class GoogLeNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
 
+# The auxiliary classifiers' state-dict keys: dropped for prediction, trained with --freeze-layers.
+AUX_PREFIXES = ("aux1.", "aux2.")
 # The layers that depend on the number of classes: replaced, not loaded, when fine-tuning.
 HEAD_PREFIXES = ("fc.", "aux1.fc2.", "aux2.fc2.")
 
@@ -269,7 +271,7 @@ def print_summary(model, image_size):
     print(f"{'stage':<12} {'output (N x C x H x W)':<24} {'parameters':>11} {'forward GFLOPs':>15}")
     for name, shape, params, flops in rows:
         print(f"{name:<12} {' x '.join(['N', *map(str, shape[1:])]):<24} {params:>11,} {flops / 1e9:>15.3f}")
-    without_aux = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("aux1.", "aux2.")))
+    without_aux = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(AUX_PREFIXES))
     print(f"total: {totals['parameters']:,} parameters"
           + (f" ({without_aux:,} without the aux heads)" if model.aux_logits else "")
           + f"; {totals['inference_flops'] / 1e9:.2f} GFLOPs per image "

@@ -1,6 +1,13 @@
-"""Argument types for the command-line scripts: a number out of range is argparse's one-line error
-naming the option ("argument --lr: must be above 0, got -1"), never a traceback from deep inside."""
+"""The scripts' argument types and their user-error base: a number out of range is argparse's one-line
+error naming the option ("argument --lr: must be above 0, got -1"), never a traceback from deep inside."""
 import argparse
+
+
+class UserError(Exception):
+    """Something the user can put right (a path, a file, an option's value): the scripts print
+    "error: <message>" as one line and exit with exit_code, never with a traceback."""
+
+    exit_code = 2
 
 
 def _number(kind, text):

@@ -1,7 +1,12 @@
-"""Classify flower photos with trained weights.
+"""Classify photos with trained weights.
 
     python predict.py tulip.jpg                          # every class with its probability
     python predict.py photos/ more.jpg --output out.csv  # a table, also written as CSV or JSON
+    python predict.py tulip.jpg --weights googlenet.onnx # through ONNX Runtime, without torch
+
+A .pth checkpoint runs in PyTorch; a .onnx file from export.py (fp32 or INT8) runs in ONNX Runtime
+and never imports torch, which takes seconds to import. Both see the same pixels: images.py's
+decoding and preprocessing, and the same softmax here.
 """
 import argparse
 import csv
@@ -9,20 +14,21 @@ import io
 import json
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+import numpy as np
 
 import cam
-import checkpoint as ckpt
-import data
-import device as dev
-import export
+import images
 import options
-from model import GoogLeNet, logits_with_mirror
+from atomic import atomic_write_text
+from options import UserError
 
 
-class PredictionError(Exception):
+class PredictionError(UserError):
     """Bad input to predict.py: the message says what and what to do."""
 
 
@@ -39,7 +45,8 @@ def get_args_parser():
     p.add_argument("--output", default=None, help="also write the predictions to this .csv or .json file")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=options.non_negative_int, default=None,
-                   help="image decoding processes (default: 1 on a CPU, min(cpu count, 8) on CUDA)")
+                   help="threads that decode images ahead of the model (default: 1 on a CPU, none for a "
+                        "single image; min(cpu count, batch size, 8) on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA)")
@@ -51,14 +58,78 @@ def get_args_parser():
     return p
 
 
+@dataclass
+class Classifier:
+    """A trained model ready to classify: logits_of maps normalised float32 images N x 3 x H x W to
+    logits N x classes (numpy both). torch_model is the PyTorch module of .pth weights (for
+    Grad-CAM), None for a .onnx file."""
+
+    logits_of: Callable
+    classes: list
+    preprocessing: images.Preprocessing
+    device_type: str = "cpu"
+    torch_model: Optional[object] = None
+
+    def probabilities(self, pixels, tta=False):
+        """Class probabilities N x classes of uint8 N x H x W x 3 images, preprocessed already;
+        with tta, of the mean logits of each image and its mirror."""
+        batch = images.normalize(pixels, self.preprocessing)
+        logits = self.logits_of(batch)
+        if tta:
+            logits = (logits + self.logits_of(np.ascontiguousarray(batch[..., ::-1]))) / 2
+        return softmax(logits)
+
+
+def softmax(logits):
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print):
+    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in ONNX Runtime)."""
+    if weights.lower().endswith(".onnx"):
+        if not os.path.isfile(weights):
+            raise PredictionError(f"weights file {weights} does not exist: export one with "
+                                  f"python export.py --output {weights}, or pass --weights with the right path")
+        from runtimes import load_onnx  # no torch on this path
+
+        model, classes, preprocessing = load_onnx(weights)
+        return Classifier(model, classes, preprocessing)
+    # torch only here: importing it takes seconds that a .onnx file never pays
+    import checkpoint as ckpt
+    import device as dev
+
+    placement = dev.place(device, amp)
+    if placement.warning:
+        warn(placement.warning)
+    model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device)
+    return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model)
+
+
+class TorchLogits:
+    """A PyTorch model called like an ONNX Runtime session: numpy in, numpy logits out."""
+
+    def __init__(self, model, placement):
+        self.model, self.placement = model, placement
+
+    def __call__(self, batch):
+        import torch
+
+        import device as dev
+
+        x = torch.from_numpy(batch).to(self.placement.device, memory_format=torch.channels_last)
+        with torch.inference_mode(), dev.autocast(self.placement.device, self.placement.amp_dtype):
+            return self.model(x).float().cpu().numpy()
+
+
 def collect_images(paths):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                           if f.lower().endswith(data.IMAGE_EXTENSIONS))
+            found = images.find_image_files(path)
             if not found:
-                raise PredictionError(f"folder {path} holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+                raise PredictionError(f"folder {path} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)
@@ -67,69 +138,41 @@ def collect_images(paths):
     return files
 
 
-class ImageFiles(Dataset):
-    """Decoded, resized images; an unreadable file gives an empty tensor and its error message."""
-
-    def __init__(self, files, transform, size):
-        self.files, self.transform, self.size = files, transform, size
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        try:
-            return self.transform(data.load_image(self.files[index])), ""
-        except Exception as e:  # reported per file after the run, never silently replaced
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+def prepare(path, preprocessing):
+    """(uint8 crop x crop x 3, '') for a readable image, (None, its error) for any other file."""
+    try:
+        return images.resize_and_crop(images.load_image(path), preprocessing), ""
+    except Exception as e:  # reported per file after the run, never silently replaced
+        return None, f"{type(e).__name__}: {e}"
 
 
-def default_workers(num_files, device):
-    """Decoding processes: on a CPU one, overlapping decoding with the compute (none for one file)."""
-    if device.type == "cuda":
-        return min(os.cpu_count() or 1, 8)
-    return min(1, num_files - 1)
-
-
-def load_model(weights, class_indices, device):
-    loaded = ckpt.load_checkpoint(weights)
-    state_dict = ckpt.clean_state_dict(loaded["model"])
-    classes = loaded.get("classes") or ckpt.read_class_indices(class_indices)
-    variant = loaded.get("variant") or ckpt.guess_variant(state_dict)
-    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant)
-    # Only weights with this model's layers can be for another class count; for any other network
-    # (a ResNet has an fc.weight too) load_weights below names the keys that do not fit.
-    if (set(model.state_dict()) <= set(state_dict) and "fc.weight" in state_dict
-            and state_dict["fc.weight"].shape[0] != len(classes)):
-        raise ckpt.CheckpointError(f"{weights} is for {state_dict['fc.weight'].shape[0]} classes but "
-                                   f"{class_indices} names {len(classes)}: use the class index file "
-                                   "written with these weights")
-    ckpt.load_weights(model, state_dict, weights)
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, classes, preprocessing_of(loaded)
-
-
-def preprocessing_of(loaded):
-    """(mean, std, resize, crop) recorded in a checkpoint; older files record one image_size for both."""
-    mean, std = tuple(loaded.get("mean", data.MEAN)), tuple(loaded.get("std", data.STD))
-    crop = int(loaded.get("val_crop") or loaded.get("image_size") or data.IMAGE_SIZE)
-    return mean, std, int(loaded.get("val_resize") or crop), crop
-
-
-@torch.inference_mode()
-def predict(model, files, preprocessing, device, batch_size, workers, amp_dtype=None, tta=False):
-    """(probabilities N x classes, errors) with errors[i] = '' for every readable file."""
-    mean, std, resize, crop = preprocessing
-    transform = data.build_transforms(train=False, val_resize=resize, val_crop=crop)
-    loader = DataLoader(ImageFiles(files, transform, crop), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+def predict(classifier, files, batch_size=32, workers=1, tta=False):
+    """(probabilities N x classes, errors) with errors[i] = '' for every readable file; unreadable
+    files get a row of zeros. workers threads decode the next two batches while the model runs
+    (Pillow decodes without the GIL); 0 decodes in this thread."""
+    crop = classifier.preprocessing.crop
     probabilities, errors = [], []
-    for images, batch_errors in loader:
-        images = data.normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last=True)
-        with dev.autocast(device, amp_dtype):
-            logits = logits_with_mirror(model, images) if tta else model(images)
-        probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
-        errors.extend(batch_errors)
-    return torch.cat(probabilities), errors
+    for prepared in _prepared_batches(files, classifier.preprocessing, batch_size, workers):
+        pixels = np.stack([p if p is not None else np.zeros((crop, crop, 3), np.uint8) for p, _ in prepared])
+        probabilities.append(classifier.probabilities(pixels, tta))
+        errors.extend(e for _, e in prepared)
+    return np.concatenate(probabilities), errors
+
+
+def _prepared_batches(files, preprocessing, batch_size, workers):
+    batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    if workers == 0:
+        for batch in batches:
+            yield [prepare(f, preprocessing) for f in batch]
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ahead = deque()
+        for batch in batches:
+            ahead.append([pool.submit(prepare, f, preprocessing) for f in batch])
+            if len(ahead) > 2:
+                yield [f.result() for f in ahead.popleft()]
+        while ahead:
+            yield [f.result() for f in ahead.popleft()]
 
 
 def write_output(path, files, classes, probabilities):
@@ -148,7 +191,7 @@ def write_output(path, files, classes, probabilities):
         text = out.getvalue()
     else:
         raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
-    ckpt.atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 def main(args):
@@ -162,41 +205,31 @@ def main(args):
         if args.amp in ("bf16", "fp16") or args.device not in ("auto", "cpu"):
             raise PredictionError(f"--amp {args.amp} --device {args.device} apply to PyTorch weights: ONNX Runtime "
                                   "runs a .onnx file on the CPU in fp32; leave them out or pass the .pth file")
-        if not os.path.isfile(args.weights):
-            raise PredictionError(f"weights file {args.weights} does not exist: export one with "
-                                  f"python export.py --output {args.weights}, or pass --weights with the right path")
-        model, classes, preprocessing = export.load_onnx(args.weights)
-        device, amp_dtype = torch.device("cpu"), None  # ONNX Runtime runs it, on the CPU in fp32
-    else:
-        device = dev.pick_device(args.device)
-        dev.tune_backends(device)
-        amp_dtype = dev.amp_dtype(device, args.amp)
-        warning = dev.describe_precision(device, amp_dtype)[1]
-        if warning:
-            print(warning, file=sys.stderr)
-        model, classes, preprocessing = load_model(args.weights, args.class_indices, device)
-    workers = args.workers if args.workers is not None else default_workers(len(files), device)
-    probabilities, errors = predict(model, files, preprocessing, device, args.batch_size, workers,
-                                    amp_dtype, args.tta)
+    classifier = load_classifier(args.weights, args.class_indices, args.device, args.amp,
+                                 warn=lambda line: print(line, file=sys.stderr))
+    workers = (args.workers if args.workers is not None
+               else images.default_workers(classifier.device_type, args.batch_size, items=len(files)))
+    probabilities, errors = predict(classifier, files, args.batch_size, workers, args.tta)
 
+    classes = classifier.classes
     good = [i for i, e in enumerate(errors) if not e]
     if len(files) == 1 and good:
-        top = torch.argsort(probabilities[0], descending=True)[: args.topk or len(classes)]
+        top = np.argsort(-probabilities[0], kind="stable")[: args.topk or len(classes)]
         width = max(len(c) for c in classes)
         for k in top.tolist():
-            print(f"{classes[k]:<{width}}  {probabilities[0, k].item():.4f}")
+            print(f"{classes[k]:<{width}}  {probabilities[0, k]:.4f}")
     elif good:
         width = max(len(files[i]) for i in good)
         print(f"{'file':<{width}}  {'class':<12} probability")
         for i in good:
-            p, k = probabilities[i].max(dim=0)
-            print(f"{files[i]:<{width}}  {classes[k]:<12} {p.item():.4f}")
+            k = int(np.argmax(probabilities[i]))
+            print(f"{files[i]:<{width}}  {classes[k]:<12} {probabilities[i, k]:.4f}")
     if args.output and good:
         write_output(args.output, [files[i] for i in good], classes, probabilities[good])
         print(f"predictions written to {args.output}")
     if args.cam and good:
-        written = cam.write_cams(model, [files[i] for i in good], preprocessing, classes, probabilities[good],
-                                 args.cam, args.cam_class, args.cam_layer, device)
+        written = cam.write_cams(classifier.torch_model, [files[i] for i in good], classifier.preprocessing,
+                                 classes, probabilities[good], args.cam, args.cam_class, args.cam_layer)
         print(f"{len(written)} Grad-CAM heat map(s) ({args.cam_layer}) written to {args.cam}")
     for f, e in zip(files, errors):
         if e:
@@ -205,14 +238,12 @@ def main(args):
 
 
 def run(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     try:
         return main(args)
-    except (PredictionError, ckpt.CheckpointError, dev.DeviceError, data.DataError, export.ExportError,
-            ckpt.SaveError, cam.CamError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

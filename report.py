@@ -3,7 +3,7 @@ import csv
 import io
 import os
 
-from checkpoint import SaveError, atomic_write, atomic_write_text
+from atomic import SaveError, atomic_write, atomic_write_text
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "seconds"]
 
@@ -187,7 +187,7 @@ def plot(folder, top_losses=16):
 def draw_top_losses(plt, predictions_path, count):
     """The `count` images with the highest loss in predictions.csv, each as a photo viewer shows it,
     captioned with its true class, the predicted class and that prediction's probability."""
-    from data import load_image
+    from images import load_image
 
     with open(predictions_path, newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["loss"]), reverse=True)[:count]

@@ -93,18 +93,18 @@ def train_project(root, size, steps, amp):
 
     import data
     import device as dev
+    import images
     import train
     from model import GoogLeNet
 
-    cpu = torch.device("cpu")
-    dev.tune_backends(cpu)
-    amp_dtype = dev.amp_dtype(cpu, amp)
-    classes, _ = subset(root)
+    placement = dev.place("cpu", amp)
+    cpu, amp_dtype = placement.device, placement.amp_dtype
+    classes, samples = subset(root)
     start = time.perf_counter()
-    ds = data.FlowerFolder(root, data.build_transforms(True, size), classes, cache=True)
+    ds = data.ImageDataset(samples, data.train_transform(size), cache=True)
     cache_seconds = time.perf_counter() - start
     sampler = data.EpochSampler(len(ds), shuffle=True)
-    loader = data.make_loader(ds, sampler, BATCH, data.default_workers(BATCH, cpu, True), cpu)
+    loader = data.make_loader(ds, sampler, BATCH, images.default_workers("cpu", BATCH, cached=True), cpu)
     model = GoogLeNet(num_classes=len(classes), aux_logits=True, init_weights=True)
     model = model.to(memory_format=torch.channels_last)
     optimizer = train.build_optimizer(train.get_args_parser().parse_args([]), model.parameters())
@@ -167,26 +167,23 @@ def predict_project(root, size, config, onnx_file):
     import torch
 
     import device as dev
-    import export
+    import images
     import predict
     from model import GoogLeNet
 
-    cpu = torch.device("cpu")
-    dev.tune_backends(cpu)
     classes, chosen = subset(root)
     files = [p for p, _ in chosen]
     if config == "onnx":
-        model, _, preprocessing = export.load_onnx(onnx_file)
-        amp_dtype = None
+        classifier = predict.load_classifier(onnx_file)
     else:
+        placement = dev.place("cpu", "off" if config == "fp32" else "bf16")
         model = GoogLeNet(num_classes=len(classes), aux_logits=False, init_weights=True)
         model = model.to(memory_format=torch.channels_last).eval()
-        preprocessing = ((0.5,) * 3, (0.5,) * 3, size, size)
-        amp_dtype = dev.amp_dtype(cpu, "off" if config == "fp32" else "bf16")
+        classifier = predict.Classifier(predict.TorchLogits(model, placement), classes, images.Preprocessing(size, size))
     args = predict.get_args_parser().parse_args(files[:1])
-    workers = predict.default_workers(len(files), cpu)
+    workers = images.default_workers("cpu", args.batch_size, items=len(files))
     start = time.perf_counter()
-    probabilities, _ = predict.predict(model, files, preprocessing, cpu, args.batch_size, workers, amp_dtype)
+    probabilities, _ = predict.predict(classifier, files, args.batch_size, workers)
     assert probabilities.shape == (len(files), len(classes))
     return {"images_per_s": len(files) / (time.perf_counter() - start)}
 
@@ -196,13 +193,14 @@ def export_for_benchmark(root, size, dest):
     import torch
 
     import export
+    import images
     from model import GoogLeNet
 
     classes, _ = subset(root)
     torch.manual_seed(0)
     model = GoogLeNet(num_classes=len(classes), aux_logits=False, init_weights=True).eval()
     path = os.path.join(dest, "benchmark.onnx")
-    export.export(model, classes, ((0.5,) * 3, (0.5,) * 3, size, size), "paper", path, log=lambda *a: None)
+    export.export(model, classes, images.Preprocessing(size, size), "paper", path, log=lambda *a: None)
     return path
 
 

@@ -3,8 +3,10 @@
 Everything here is offline and CPU only. Images are small (64 x 48); the model still sees them at
 the recipe's 128 x 128 (or a test's --image-size), so keep runs tiny.
 """
+import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,13 @@ def make_tree(root, classes=CLASSES, n_train=4, n_val=2, size=SIZE):
     return root
 
 
+def samples_of(root):
+    """(path, class index) samples of a folder of class folders, as train.py lists them."""
+    import data
+
+    return data.list_images(str(root), data.find_classes(str(root)))
+
+
 def write_corrupt(path, n=2000, seed=1):
     """Random bytes under an image name."""
     path = Path(path)
@@ -98,10 +107,15 @@ def script_env():
     return env
 
 
-def run_script(script, args, cwd=REPO, timeout=600):
-    """Run a script with this interpreter; returns the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, env=script_env(),
-                          capture_output=True, text=True, timeout=timeout)
+SPLIT_DATA = ["-m", "data_set.split_data"]  # run from the repository's folder, as README shows
+
+
+def run_script(script, args=(), cwd=REPO, timeout=600, env=None, **popen):
+    """Run one of the repository's scripts in a new process with this interpreter: script is a path
+    or ["-m", module]. Returns the CompletedProcess, with text output."""
+    command = [sys.executable, *(script if isinstance(script, list) else [str(script)]), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env or script_env(), capture_output=True, text=True,
+                          timeout=timeout, **popen)
 
 
 def last_line(text):
@@ -120,12 +134,19 @@ def assert_clean_error(code, stderr, *fragments):
     return line
 
 
-def call(module, argv, capsys):
-    """module.run(argv) in this process (train, predict, export): (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = module.run([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+def call(module, argv):
+    """module.run(argv) in this process (train, predict, export: no seconds spent importing torch
+    again): (exit code, stdout, stderr). The signal handlers train.py installs are put back, so a
+    module-scoped fixture can call it too."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = module.run([str(a) for a in argv])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return code, out.getvalue(), err.getvalue()
 
 
 def load(path):

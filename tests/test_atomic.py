@@ -1,4 +1,4 @@
-"""Files that must survive a crash: checkpoint.atomic_write and the files written with it.
+"""Files that must survive a crash: atomic.atomic_write and the files written with it.
 
   (a) a write that fails halfway leaves the old file byte-identical and no temporary file;
   (b) SIGKILL at random moments during repeated ~20 MB checkpoint saves never leaves a damaged file;
@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import atomic
 import checkpoint
 import report
 import train
@@ -46,7 +47,7 @@ def test_write_failing_halfway_keeps_old_file_and_leaves_no_temp(tmp_path, error
         raise error
 
     with pytest.raises(type(error)):
-        checkpoint.atomic_write(str(path), write)
+        atomic.atomic_write(str(path), write)
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == ["last.pth"]
     assert checkpoint.load_checkpoint(str(path))["epoch"] == 1
@@ -77,6 +78,7 @@ SAVER_SERVER = r"""
 import os, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import torch
+import atomic
 import checkpoint
 
 path, n = sys.argv[2], int(sys.argv[3])
@@ -171,7 +173,7 @@ def test_unwritable_destination_raises_oserror_and_creates_nothing(tmp_path, whe
     before = sorted(os.listdir(tmp_path))
     parent = tmp_path / ("gone" if where == "removed folder" else "a_file")
     for save in (lambda p: checkpoint.save_checkpoint({"model": {"w": torch.ones(2)}}, p),
-                 lambda p: checkpoint.atomic_write_text(p, "text"),
+                 lambda p: atomic.atomic_write_text(p, "text"),
                  lambda p: checkpoint.write_class_indices(p, ["a", "b"])):
         with pytest.raises(OSError):
             save(str(parent / "best.pth"))
@@ -182,7 +184,7 @@ def test_unwritable_destination_raises_oserror_and_creates_nothing(tmp_path, whe
 def test_train_reports_unwritable_output_dir_as_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(train.TrainingError, match="cannot write to output folder .*--output-dir"):
-        train.check_writable(str(tmp_path / "a_file" / "weights"))
+        train.prepare_output_dir(str(tmp_path / "a_file" / "weights"))
     assert os.listdir(tmp_path) == ["a_file"]
 
 
@@ -193,7 +195,7 @@ def test_read_only_folder_raises_oserror_and_creates_nothing(tmp_path):
     folder.chmod(0o555)
     try:
         with pytest.raises(OSError):
-            checkpoint.atomic_write_text(str(folder / "x.json"), "{}")
+            atomic.atomic_write_text(str(folder / "x.json"), "{}")
         assert os.listdir(folder) == []
     finally:
         folder.chmod(0o755)

@@ -2,17 +2,15 @@
 is measured by benchmarks, not by tests)."""
 import io
 import re
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, make_tree, script_env
+from helpers import REPO, make_tree, run_script
 
 
 def run(script, *args, timeout=900):
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)], cwd=REPO,
-                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+    return run_script(REPO / "benchmarks" / script, args, timeout=timeout)
 
 
 def test_time_to_accuracy_reports_the_first_epoch_at_each_mark(tmp_path):

@@ -86,18 +86,18 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cam")
     tree = make_tree(root / "data", n_train=4, n_val=2)
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    assert train.run([str(a) for a in train_argv(tree, root / "out", "--image-size", 64)]) == 0
+    assert call(train, train_argv(tree, root / "out", "--image-size", 64))[0] == 0
     for s, handler in saved.items():
         signal.signal(s, handler)
     return {"data": tree, "best": root / "out" / "best.pth", "root": root}
 
 
-def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability(run, tmp_path, capsys):
+def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability(run, tmp_path):
     from PIL import Image
 
     images = sorted((run["data"] / "val").rglob("*.jpg"))
     code, out, err = call(predict, [*FP32, run["data"] / "val", "--weights", run["best"], "--cam", tmp_path / "cams",
-                           "--output", tmp_path / "p.csv"], capsys)
+                           "--output", tmp_path / "p.csv"])
     assert code == 0, err
     assert "6 Grad-CAM heat map(s) (inception5b) written to" in out
     rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
@@ -109,25 +109,25 @@ def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability
         assert picture.size == (2 * 2 * crop, 2 * crop + 24)  # photo and overlay, twice the crop, caption
 
 
-def test_cam_class_and_layer(run, tmp_path, capsys):
+def test_cam_class_and_layer(run, tmp_path):
     image = run["data"] / "val" / "daisy" / "daisy_00.jpg"
     code, out, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "tulips",
-                           "--cam-layer", "inception4e"], capsys)
+                           "--cam-layer", "inception4e"])
     assert code == 0, err
     (picture,) = tmp_path.glob("daisy_00_tulips_*.png")
     assert "(inception4e)" in out
 
 
-def test_cam_errors_are_one_line(run, tmp_path, capsys, monkeypatch):
+def test_cam_errors_are_one_line(run, tmp_path, monkeypatch):
     image = run["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "lilies"], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "lilies"])
     assert_clean_error(code, err, "--cam-class lilies", "daisy, roses, tulips")
-    code, _, err = call(predict, [*FP32, image, "--weights", tmp_path / "m.onnx", "--cam", tmp_path], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", tmp_path / "m.onnx", "--cam", tmp_path])
     assert_clean_error(code, err, "--cam needs", ".pth")
     import builtins
 
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("captum") else real_import(name, *a, **k))
-    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path])
     assert_clean_error(code, err, "pip install captum")

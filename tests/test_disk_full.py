@@ -13,7 +13,7 @@ import uuid
 import pytest
 import torch
 
-from helpers import FP32, PREDICT, REPO, TRAIN, assert_clean_error, make_tree, script_env, train_argv
+from helpers import FP32, PREDICT, REPO, SPLIT_DATA, TRAIN, assert_clean_error, make_tree, run_script, script_env, train_argv
 
 MB = 2 ** 20
 
@@ -59,9 +59,7 @@ class SmallDisk:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, self.size))
 
-        return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=script_env(),
-                              capture_output=True, text=True, timeout=600,
-                              preexec_fn=limit if self.mode == "fsize" else None)
+        return run_script(script, args, cwd=cwd, preexec_fn=limit if self.mode == "fsize" else None)
 
     def leftovers(self):
         return [p for p in self.folder.rglob("*") if p.name.endswith((".tmp", ".part"))]
@@ -177,6 +175,6 @@ def test_export_on_a_full_disk(tree_and_weights, small_disk):
 
 def test_split_data_on_a_full_disk(tree_and_weights, small_disk):
     disk = small_disk(1 * MB, full=True)
-    proc = disk.run(REPO / "data_set" / "split_data.py", ["--source", tree_and_weights["data"] / "train",
+    proc = disk.run(SPLIT_DATA, ["--source", tree_and_weights["data"] / "train",
                                                           "--dest", disk.folder / "split"])
     assert_clean_error(proc.returncode, proc.stderr, "cannot copy", "free some disk space")

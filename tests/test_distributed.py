@@ -6,14 +6,13 @@ buffers are involved) is shared by the tests of this file. What it must show:
   - the validation accuracy it prints is that of the saved weights evaluated by one process, over
     exactly the 9 val images (no padded duplicates);
   - only rank 0 writes files, logs and draws progress bars.
-Plus a direct test of train.sync_ranks on two forked gloo processes, including the failure path.
+Plus a direct test of distributed.check_in_sync on two forked gloo processes, including the failure path.
 Offline, CPU only.
 """
 import csv
 import multiprocessing
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -25,41 +24,20 @@ import torch.distributed as dist
 from torch import nn
 
 import checkpoint
-from helpers import FP32, make_tree
+import distributed
+from helpers import FP32, REPO, call, make_tree
 import train
 from model import GoogLeNet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["daisy", "roses", "tulips"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
 VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS  # 9: odd, so splitting over 2 ranks pads if anything does
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers (kept inside this file)
-# ---------------------------------------------------------------------------------------------
-def make_tiny_flowers(root):
-    """root/{train,val}/<class>/*.jpg: small JPEGs whose colour depends on the class."""
-    make_tree(root, CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
-    return root
 
 
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def run_train_in_process(argv, capsys):
-    """train.run(argv) in this process; restores the signal handlers that train.py installs."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = train.run([str(a) for a in argv])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 try:
@@ -75,7 +53,7 @@ except ImportError:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
-    data_path = make_tiny_flowers(str(base / "data"))
+    data_path = str(make_tree(base / "data", CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS))
     # start from torchvision-variant weights (BatchNorm): the buffers must end up in sync too
     torch.manual_seed(1)
     start = GoogLeNet(num_classes=len(CLASSES), aux_logits=True, init_weights=True, variant="torchvision")
@@ -143,7 +121,7 @@ def test_only_rank_0_writes_files(ddp_run):
     assert len(last["rng"]) == 2  # every rank's RNG state was gathered for an exact resume
 
 
-def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(ddp_run, capsys, tmp_path):
+def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(ddp_run, tmp_path):
     proc = ddp_run["proc"]
     assert proc.returncode == 0, describe(proc)
     printed = re.search(r"(?:^|\r)\[epoch 1\].*val_loss: (\S+)\s+val_accuracy: (\S+)", proc.stdout, flags=re.M)
@@ -155,9 +133,9 @@ def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(
     # best.pth holds the weights that were validated: with the default --model-ema, the average
     # (last.pth's "model" is the raw weights, which were not)
     eval_dir = str(tmp_path / "eval")
-    code, out, err = run_train_in_process(
+    code, out, err = call(train, 
         [*FP32, "--eval-only", "--weights", os.path.join(ddp_run["out"], "best.pth"), "--data-path", ddp_run["data"],
-         "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"], capsys)
+         "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"])
     assert code == 0, out + err
     m = re.search(r"(?:^|\r)accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: (\S+)", out, flags=re.M)
     assert m, out
@@ -172,7 +150,7 @@ def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(
 
 
 # ---------------------------------------------------------------------------------------------
-# train.sync_ranks on two forked gloo processes (tiny model, no torchrun)
+# distributed.check_in_sync on two forked gloo processes (tiny model, no torchrun)
 # ---------------------------------------------------------------------------------------------
 def _sync_worker(rank, port, diverge, results):
     try:
@@ -185,10 +163,10 @@ def _sync_worker(rank, port, diverge, results):
             with torch.no_grad():
                 model[0].weight[0, 0] += 1e-3
         try:
-            train.sync_ranks(model)
+            distributed.check_in_sync(model)
             outcome = "ok"
-        except train.TrainingError as e:
-            outcome = f"TrainingError: {e}"
+        except distributed.OutOfSync as e:
+            outcome = f"OutOfSync: {e}"
         results.put((rank, outcome, model[1].running_mean.tolist(), int(model[1].num_batches_tracked)))
     except BaseException:
         results.put((rank, "crash: " + traceback.format_exc(), None, None))
@@ -229,5 +207,5 @@ def test_sync_ranks_copies_rank0_buffers_and_passes_when_in_sync():
 def test_sync_ranks_raises_on_every_rank_when_weights_differ():
     got = _run_sync(diverge=True)
     for rank, outcome, _, _ in got:
-        assert outcome.startswith("TrainingError: the processes' weights diverged"), outcome
+        assert outcome.startswith("OutOfSync: the processes' weights diverged"), outcome
         assert "1e-03" in outcome or "0.001" in outcome

@@ -2,13 +2,11 @@
 seed's recipe line in README selects the seed's recipe."""
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
 import train
-from helpers import REPO, script_env
+from helpers import REPO, SPLIT_DATA, run_script, script_env
 
 DOCUMENTED_IN = {
     "train.py": "README.md",
@@ -24,8 +22,8 @@ DOCUMENTED_IN = {
 
 @pytest.mark.parametrize("script", sorted(DOCUMENTED_IN))
 def test_every_option_is_documented(script):
-    proc = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=REPO, env=dict(script_env(), COLUMNS="1000"),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script(SPLIT_DATA if script == "data_set/split_data.py" else REPO / script, ["--help"],
+                      env=dict(script_env(), COLUMNS="1000"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", proc.stdout)) - {"--help"}
     assert options, proc.stdout

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-import data
+import checkpoint as ckpt
 import export
+import images
 import predict
+import runtimes
 import train
 from helpers import FP32, assert_clean_error, call, make_tree, train_argv
 
@@ -24,10 +26,10 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     tree = make_tree(root / "data", n_train=4, n_val=2)
     out = root / "out"
-    assert train.run([str(a) for a in train_argv(tree, out, "--image-size", 64, "--val-resize", 96, "--val-crop", 80,
-                                                 "--variant", "torchvision", epochs=2)]) == 0
+    assert call(train, train_argv(tree, out, "--image-size", 64, "--val-resize", 96, "--val-crop", 80,
+                                  "--variant", "torchvision", epochs=2))[0] == 0
     onnx_path = root / "flowers.onnx"
-    assert export.run(["--weights", str(out / "best.pth"), "--output", str(onnx_path)]) == 0
+    assert call(export, ["--weights", out / "best.pth", "--output", onnx_path])[0] == 0
     return {"root": root, "data": tree, "best": out / "best.pth", "onnx": onnx_path}
 
 
@@ -49,26 +51,30 @@ def test_metadata_holds_the_class_names_and_preprocessing(exported):
     meta = {p.key: p.value for p in onnx.load(str(exported["onnx"])).metadata_props}
     assert json.loads(meta["classes"]) == ["daisy", "roses", "tulips"]
     assert (meta["val_resize"], meta["val_crop"], meta["variant"]) == ("96", "80", "torchvision")
-    assert json.loads(meta["mean"]) == list(data.MEAN) and json.loads(meta["std"]) == list(data.STD)
-    model, classes, preprocessing = export.load_onnx(str(exported["onnx"]))
-    assert classes == ["daisy", "roses", "tulips"] and preprocessing == (data.MEAN, data.STD, 96, 80)
+    assert json.loads(meta["mean"]) == list(images.MEAN) and json.loads(meta["std"]) == list(images.STD)
+    model, classes, preprocessing = runtimes.load_onnx(str(exported["onnx"]))
+    assert classes == ["daisy", "roses", "tulips"]
+    assert preprocessing == images.Preprocessing(96, 80, images.MEAN, images.STD)
+    _, _, recorded = ckpt.load_model(str(exported["best"]), "unused.json", CPU)
+    assert preprocessing == recorded
 
 
 def test_onnx_runtime_gives_pytorchs_probabilities_on_images(exported):
-    torch_model, _, preprocessing = predict.load_model(str(exported["best"]), "unused.json", CPU)
-    onnx_model, _, onnx_preprocessing = export.load_onnx(str(exported["onnx"]))
+    torch_model = predict.load_classifier(str(exported["best"]), device="cpu", amp="off")
+    onnx_model = predict.load_classifier(str(exported["onnx"]))
+    assert onnx_model.torch_model is None and onnx_model.preprocessing == torch_model.preprocessing
     files = sorted(str(p) for p in (exported["data"] / "val").rglob("*.jpg"))
-    expected, _ = predict.predict(torch_model, files, preprocessing, CPU, 4, 0)
-    got, errors = predict.predict(onnx_model, files, onnx_preprocessing, CPU, 4, 0)
+    expected, _ = predict.predict(torch_model, files, 4, 0)
+    got, errors = predict.predict(onnx_model, files, 4, 0)
     assert errors == [""] * len(files) and got.shape == (6, 3)
-    assert (got - expected).abs().max().item() <= export.TOLERANCE
+    assert abs(got - expected).max() <= export.TOLERANCE
 
 
-def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path, capsys):
+def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path):
     image = exported["data"] / "val" / "roses" / "roses_01.jpg"
     outputs = {}
     for name in ("best", "onnx"):
-        code, out, err = call(predict, [*FP32, image, "--weights", exported[name], "--topk", 2], capsys)
+        code, out, err = call(predict, [*FP32, image, "--weights", exported[name], "--topk", 2])
         assert code == 0, err
         outputs[name] = [(line.split()[0], float(line.split()[1])) for line in out.splitlines()]
     assert [c for c, _ in outputs["onnx"]] == [c for c, _ in outputs["best"]] and len(outputs["onnx"]) == 2
@@ -77,8 +83,7 @@ def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path,
     for ext in ("csv", "json"):
         for name in ("best", "onnx"):
             path = tmp_path / f"{name}.{ext}"
-            assert call(predict, [*FP32, exported["data"] / "val", "--weights", exported[name], "--output", path],
-                        capsys)[0] == 0
+            assert call(predict, [*FP32, exported["data"] / "val", "--weights", exported[name], "--output", path])[0] == 0
         if ext == "json":
             a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("best", "onnx"))
             assert [r["class"] for r in a] == [r["class"] for r in b]
@@ -87,31 +92,31 @@ def test_predict_with_the_onnx_file_prints_what_the_pth_does(exported, tmp_path,
             assert [r.split(",")[:2] for r in a] == [r.split(",")[:2] for r in b]
 
 
-def test_export_refuses_a_result_that_does_not_match(exported, tmp_path, monkeypatch, capsys):
+def test_export_refuses_a_result_that_does_not_match(exported, tmp_path, monkeypatch):
     real_call = export.OnnxModel.__call__
     monkeypatch.setattr(export.OnnxModel, "__call__", lambda self, x: real_call(self, x) * 1.5)
     out = tmp_path / "bad.onnx"
-    code, _, err = call(export, ["--weights", exported["best"], "--output", out], capsys)
+    code, _, err = call(export, ["--weights", exported["best"], "--output", out])
     assert_clean_error(code, err, "differ from PyTorch's", "was not written")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_export_errors_are_one_line(exported, tmp_path, capsys):
-    code, _, err = call(export, ["--weights", tmp_path / "missing.pth", "--output", tmp_path / "x.onnx"], capsys)
+def test_export_errors_are_one_line(exported, tmp_path):
+    code, _, err = call(export, ["--weights", tmp_path / "missing.pth", "--output", tmp_path / "x.onnx"])
     assert_clean_error(code, err, "does not exist")
-    code, _, err = call(export, ["--weights", exported["best"], "--output", tmp_path / "x.pth"], capsys)
+    code, _, err = call(export, ["--weights", exported["best"], "--output", tmp_path / "x.pth"])
     assert_clean_error(code, err, "must end in .onnx")
     not_onnx = tmp_path / "fake.onnx"
     not_onnx.write_bytes(b"not a model")
-    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", not_onnx], capsys)
+    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", not_onnx])
     assert_clean_error(code, err, "not a readable ONNX model")
-    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", tmp_path / "none.onnx"], capsys)
+    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", tmp_path / "none.onnx"])
     assert_clean_error(code, err, "does not exist", "export.py")
-    code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"], "--amp", "bf16"], capsys)
+    code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"], "--amp", "bf16"])
     assert_clean_error(code, err, "--amp bf16", "ONNX Runtime runs a .onnx file on the CPU in fp32")
 
 
-def test_missing_onnx_packages_give_one_line(exported, monkeypatch, capsys):
+def test_missing_onnx_packages_give_one_line(exported, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -122,7 +127,7 @@ def test_missing_onnx_packages_give_one_line(exported, monkeypatch, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
-    code, _, err = call(export, ["--weights", exported["best"], "--output", exported["root"] / "y.onnx"], capsys)
+    code, _, err = call(export, ["--weights", exported["best"], "--output", exported["root"] / "y.onnx"])
     assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")
-    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", exported["onnx"]], capsys)
-    assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")
+    code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", exported["onnx"]])
+    assert_clean_error(code, err, "pip install onnxruntime")

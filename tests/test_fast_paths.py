@@ -9,6 +9,8 @@ from torchvision import transforms
 
 import data
 import device as dev
+import images
+from helpers import samples_of
 from model import GoogLeNet
 
 
@@ -28,10 +30,10 @@ def relative_error(got, expected):
 
 def test_batch_normalisation_equals_totensor_normalize():
     rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(3)]
-    classic = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)])
-    expected = torch.stack([classic(im) for im in images])
-    batch = torch.stack([transforms.PILToTensor()(im) for im in images])
+    photos = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(3)]
+    classic = transforms.Compose([transforms.ToTensor(), transforms.Normalize(images.MEAN, images.STD)])
+    expected = torch.stack([classic(im) for im in photos])
+    batch = torch.stack([transforms.PILToTensor()(im) for im in photos])
     for channels_last in (False, True):
         got = data.normalize_batch(batch, channels_last=channels_last)
         assert got.dtype == torch.float32
@@ -39,12 +41,33 @@ def test_batch_normalisation_equals_totensor_normalize():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("size,resize,crop", [(224, 224, 224), (96, 144, 128), (64, 81, 80), (50, 37, 37)])
+def test_evaluation_preprocessing_is_torchvisions_pixel_for_pixel(size, resize, crop):
+    """images.py's Pillow/numpy preprocessing (shared by validation, predict.py and the .onnx path)
+    gives what torchvision's Resize((s, s)), CenterCrop and ToTensor + Normalize gave, exactly."""
+    rng = np.random.default_rng(size)
+    preprocessing = images.Preprocessing(resize, crop, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    classic = transforms.Compose([transforms.Resize((resize, resize)), transforms.CenterCrop(crop),
+                                  transforms.PILToTensor()])
+    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((size, size + 33), (97, 61))]
+    for photo in photos:
+        pixels = images.resize_and_crop(photo, preprocessing)
+        assert pixels.dtype == np.uint8 and pixels.shape == (crop, crop, 3)
+        assert np.array_equal(pixels, classic(photo).permute(1, 2, 0).numpy())
+        assert torch.equal(data.EvalTransform(preprocessing)(photo), classic(photo))
+    batch = np.stack([images.resize_and_crop(p, preprocessing) for p in photos])
+    expected = data.normalize_batch(torch.from_numpy(batch).permute(0, 3, 1, 2), preprocessing.mean, preprocessing.std)
+    got = images.normalize(batch, preprocessing)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got, expected.numpy())
+
+
 def test_cached_and_streamed_images_are_the_same(tmp_path):
     root = photo_folder(tmp_path / "imgs")
-    for train in (True, False):
-        tf = data.build_transforms(train=train)
-        cached = data.FlowerFolder(str(root), tf, cache=True)
-        streamed = data.FlowerFolder(str(root), tf, cache=False)
+    for tf in (data.train_transform(224), data.EvalTransform(images.Preprocessing(224, 224))):
+        cached = data.ImageDataset(samples_of(root), tf, cache=True)
+        streamed = data.ImageDataset(samples_of(root), tf, cache=False)
+        train = not isinstance(tf, data.EvalTransform)
         items = [(i, 1234 + i) for i in range(len(cached))] if train else range(len(cached))
         for item in items:
             (x1, y1), (x2, y2) = cached[item], streamed[item]
@@ -53,7 +76,7 @@ def test_cached_and_streamed_images_are_the_same(tmp_path):
 
 def test_seeded_augmentation_depends_on_the_seed_only(tmp_path):
     root = photo_folder(tmp_path / "imgs")
-    ds = data.FlowerFolder(str(root), data.build_transforms(train=True), cache=True)
+    ds = data.ImageDataset(samples_of(root), data.train_transform(224), cache=True)
     first = ds[(0, 7)][0]
     torch.manual_seed(999)  # the global RNG (dropout's) must neither matter nor be consumed
     state = torch.get_rng_state()
@@ -65,11 +88,11 @@ def test_seeded_augmentation_depends_on_the_seed_only(tmp_path):
 def test_draft_decoding_only_touches_large_jpegs(tmp_path):
     small = tmp_path / "small.jpg"
     Image.fromarray(np.full((300, 400, 3), 128, np.uint8)).save(small)
-    assert data.load_image(str(small)).size == (400, 300)
+    assert images.load_image(str(small)).size == (400, 300)
     big = tmp_path / "big.jpg"
     Image.fromarray(np.full((2000, 3000, 3), 128, np.uint8)).save(big)
-    w, h = data.load_image(str(big)).size
-    assert min(w, h) >= data.DECODE_MIN_SIDE and (w, h) == (1500, 1000)
+    w, h = images.load_image(str(big)).size
+    assert min(w, h) >= images.DECODE_MIN_SIDE and (w, h) == (1500, 1000)
 
 
 def test_micro_batches_give_the_full_batch_gradient():
@@ -121,8 +144,10 @@ def test_cpu_without_native_bf16_runs_fp32_and_the_cuda_only_pieces_are_off():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = torch.tensor(2.0, requires_grad=True)
     assert scaler.scale(loss) is loss  # disabled: no scaling, step is the plain optimizer step
-    assert data.default_workers(32, cpu, cached=True) == 0
-    assert data.default_workers(32, torch.device("cuda"), cached=True) == min(os.cpu_count(), 8)
+    assert images.default_workers("cpu", 32, cached=True) == 0
+    assert images.default_workers("cpu", 32, items=1) == 0  # one photo: nothing to overlap
+    assert images.default_workers("cpu", 32) == min(1, os.cpu_count() - 1)
+    assert images.default_workers("cuda", 32, cached=True) == min(os.cpu_count(), 8)
 
 
 def test_allocator_setting_keeps_results(tmp_path):
@@ -156,22 +181,8 @@ def test_only_fp16_gets_a_loss_scaler():
     assert not dev.grad_scaler(cpu, None).is_enabled()
 
 
-def test_cuda_backend_settings():
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        dev.tune_backends(torch.device("cpu"))
-        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-        dev.tune_backends(torch.device("cuda"))
-        assert torch.backends.cudnn.benchmark
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def test_loader_pins_memory_only_for_cuda(tmp_path):
-    ds = data.FlowerFolder(str(photo_folder(tmp_path / "imgs")), data.build_transforms(train=False))
+    ds = data.ImageDataset(samples_of(photo_folder(tmp_path / "imgs")), data.EvalTransform(images.Preprocessing(224, 224)))
     sampler = data.EpochSampler(len(ds), shuffle=False)
     assert data.make_loader(ds, sampler, 2, 0, torch.device("cuda")).pin_memory
     assert not data.make_loader(ds, sampler, 2, 0, torch.device("cpu")).pin_memory

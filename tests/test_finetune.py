@@ -7,13 +7,10 @@ in a subprocess costs seconds), freeze what --freeze-layers freezes, and fail cl
 file or without a network. Then --eval-only's report and report.per_class_scores by hand.
 Offline, CPU only.
 """
-import contextlib
 import csv
-import io
 import math
 import os
 import re
-import signal
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 import torchvision
 
 import checkpoint
-from helpers import FP32, make_tree
+from helpers import FP32, call, make_tree, train_argv
 import predict
 import report
 import train
@@ -34,35 +31,6 @@ VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS
 HEADS = ("fc.", "aux1.", "aux2.")  # what --freeze-layers leaves trainable
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers (kept inside this file)
-# ---------------------------------------------------------------------------------------------
-def make_tiny_flowers(root):
-    """root/{train,val}/<class>/*.jpg: small JPEGs whose colour depends on the class."""
-    make_tree(root, CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
-    return root
-
-
-def run_cli(module, argv):
-    """module.run(argv) in this process: (exit code, stdout, stderr). train.py's signal handlers
-    are put back afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = module.run([str(a) for a in argv])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return code, out.getvalue(), err.getvalue()
-
-
-def train_args(data_path, out_dir, *extra):
-    return ["--data-path", data_path, "--output-dir", out_dir,
-            "--class-indices", os.path.join(out_dir, "class_indices_copy.json"),
-            "--epochs", "1", "--batch-size", "4", "--workers", "0", *FP32, *extra]
-
-
 def lines(text):
     """Output lines, with tqdm's carriage-return redraws split off."""
     return [l for chunk in text.splitlines() for l in chunk.split("\r")]
@@ -70,7 +38,7 @@ def lines(text):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_flowers(str(tmp_path_factory.mktemp("flowers")))
+    return str(make_tree(tmp_path_factory.mktemp("flowers"), CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +59,7 @@ def tv_file(tv_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def finetuned(tiny, tv_file, tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("finetuned"))
-    code, out, err = run_cli(train, train_args(tiny, out_dir, "--weights", tv_file))
+    code, out, err = call(train, train_argv(tiny, out_dir, "--weights", tv_file))
     return {"code": code, "out": out, "err": err, "dir": out_dir, "best": os.path.join(out_dir, "best.pth")}
 
 
@@ -147,14 +115,14 @@ def test_cli_finetunes_from_a_torchvision_file(finetuned, tv_file):
     best = checkpoint.load_checkpoint(finetuned["best"])
     assert best["variant"] == "torchvision" and best["classes"] == CLASSES and best["epoch"] == 1
     assert best["model"]["fc.weight"].shape == (3, 1024)
-    assert sorted(os.listdir(finetuned["dir"])) == ["best.pth", "class_indices.json", "class_indices_copy.json",
-                                                    "last.pth", "metrics.csv"]
+    assert sorted(os.listdir(finetuned["dir"])) == ["best.pth", "ci.json", "class_indices.json", "last.pth",
+                                                    "metrics.csv"]
 
 
 def test_predict_uses_the_finetuned_best_pth(finetuned, tiny):
     require_ok(finetuned)
     image = os.path.join(tiny, "val", "roses", "roses_00.jpg")
-    code, out, err = run_cli(predict, [*FP32, image, "--weights", finetuned["best"], "--workers", "0", "--device", "cpu"])
+    code, out, err = call(predict, [*FP32, image, "--weights", finetuned["best"], "--workers", "0", "--device", "cpu"])
     assert code == 0, out + err
     rows = [l.split() for l in out.splitlines()]
     assert sorted(r[0] for r in rows) == CLASSES
@@ -165,7 +133,7 @@ def test_predict_uses_the_finetuned_best_pth(finetuned, tiny):
 
 def test_freeze_layers_trains_only_the_heads(tiny, tv_file, tmp_path):
     out_dir = str(tmp_path / "frozen")
-    code, out, err = run_cli(train, train_args(tiny, out_dir, "--weights", tv_file, "--freeze-layers"))
+    code, out, err = call(train, train_argv(tiny, out_dir, "--weights", tv_file, "--freeze-layers"))
     assert code == 0, out + err
     source = checkpoint.load_checkpoint(tv_file)["model"]
     trained = checkpoint.load_checkpoint(os.path.join(out_dir, "last.pth"))
@@ -185,7 +153,7 @@ def test_freeze_layers_trains_only_the_heads(tiny, tv_file, tmp_path):
 def test_weights_of_another_architecture_are_a_one_line_error(tiny, tmp_path):
     path = str(tmp_path / "resnet18.pth")
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    code, out, err = run_cli(train, train_args(tiny, str(tmp_path / "out"), "--weights", path))
+    code, out, err = call(train, train_argv(tiny, str(tmp_path / "out"), "--weights", path))
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert "missing keys: aux1." in err and "unexpected keys: bn1." in err and path in err
@@ -196,7 +164,7 @@ def test_imagenet_without_network_is_a_one_line_error(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(train, "IMAGENET_URL", "http://127.0.0.1:9/googlenet-1378be20.pth")  # port 9 refuses
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     start = time.monotonic()
-    code, out, err = run_cli(train, train_args(tiny, str(tmp_path / "out"), "--weights", "imagenet"))
+    code, out, err = call(train, train_argv(tiny, str(tmp_path / "out"), "--weights", "imagenet"))
     assert time.monotonic() - start < 120
     assert code == 2, out + err
     errors = [l for l in err.splitlines() if l.startswith("error:")]
@@ -208,7 +176,7 @@ def test_imagenet_without_network_is_a_one_line_error(tiny, tmp_path, monkeypatc
 
 def test_eval_only_does_not_reinitialise_heads_of_other_weights(tiny, tv_file, tmp_path):
     """Evaluating 1000-class weights on 3 classes must fail, not score freshly random heads."""
-    code, out, err = run_cli(train, [*FP32, "--eval-only", "--weights", tv_file, "--data-path", tiny,
+    code, out, err = call(train, [*FP32, "--eval-only", "--weights", tv_file, "--data-path", tiny,
                                      "--output-dir", tmp_path / "eval", "--workers", "0"])
     assert code == 2, out + err
     assert err.startswith("error: ") and "fc.weight (1000, 1024) vs (3, 1024)" in err
@@ -221,7 +189,7 @@ def test_eval_only_does_not_reinitialise_heads_of_other_weights(tiny, tv_file, t
 def test_eval_only_prints_the_report_and_writes_the_confusion_matrix(finetuned, tiny, tmp_path):
     require_ok(finetuned)
     eval_dir = tmp_path / "eval"
-    code, out, err = run_cli(train, [*FP32, "--eval-only", "--weights", finetuned["best"], "--data-path", tiny,
+    code, out, err = call(train, [*FP32, "--eval-only", "--weights", finetuned["best"], "--data-path", tiny,
                                      "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4"])
     assert code == 0, out + err
     text = lines(out)

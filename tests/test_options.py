@@ -2,8 +2,6 @@
 naming the option, exit status 2, never a traceback."""
 import argparse
 import importlib.util
-import subprocess
-import sys
 
 import pytest
 
@@ -11,7 +9,7 @@ import export
 import options
 import predict
 import train
-from helpers import REPO, script_env
+from helpers import REPO, run_script
 from data_set import split_data
 
 BAD_VALUES = {  # per type: values it must refuse
@@ -81,11 +79,11 @@ def test_the_messages_say_the_rule():
     ("train.py", ["--lr", "-1"]),
     ("train.py", ["--val-resize", "100", "--val-crop", "200"]),
     ("predict.py", ["x.jpg", "--batch-size", "0"]),
-    ("data_set/split_data.py", ["--val-ratio", "1.5"]),
+    ("-m data_set.split_data", ["--val-ratio", "1.5"]),
     ("export.py", ["--check-images", "0"]),
 ])
 def test_from_the_command_line_one_line_and_exit_2(script, argv):
-    proc = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=REPO, env=script_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script(script.split() if script.startswith("-m") else REPO / script, argv, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"{script.split('/')[-1]}: error: ")
+    prog = "python -m data_set.split_data" if script.startswith("-m") else script
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{prog}: error: ")

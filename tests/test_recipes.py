@@ -14,9 +14,10 @@ from PIL import Image
 import checkpoint as ckpt
 import data
 import device as dev
+import images
 import predict
 import train
-from helpers import FP32, call, load, make_tree, stop_after_step, train_argv
+from helpers import FP32, call, load, make_tree, samples_of, stop_after_step, train_argv
 from model import GoogLeNet, logits_with_mirror
 
 CPU = torch.device("cpu")
@@ -78,17 +79,17 @@ def test_cpu_precision_follows_native_bf16(flags):
         assert "slower" in warning and "--amp auto" in warning
 
 
-def test_start_up_line_names_the_precision(tree, tmp_path, capsys):
-    code, out, err = call(train, train_argv(tree, tmp_path / "bf16", "--image-size", 48, amp="bf16"), capsys)
+def test_start_up_line_names_the_precision(tree, tmp_path):
+    code, out, err = call(train, train_argv(tree, tmp_path / "bf16", "--image-size", 48, amp="bf16"))
     assert code == 0, err
     native = bool(dev.cpu_bf16_flags())
     assert "device cpu, bf16 autocast" in out
     assert ("warning: --amp bf16 on a CPU without native bf16" in out) != native
-    code, out, err = call(train, train_argv(tree, tmp_path / "off", "--image-size", 48, amp="off"), capsys)
+    code, out, err = call(train, train_argv(tree, tmp_path / "off", "--image-size", 48, amp="off"))
     assert code == 0, err
     assert "device cpu, fp32" in out
     # left to auto, the run takes what this CPU (or GOOGLENET_CPU_BF16) decides, and says so
-    code, out, err = call(train, train_argv(tree, tmp_path / "auto", "--image-size", 48, amp=None), capsys)
+    code, out, err = call(train, train_argv(tree, tmp_path / "auto", "--image-size", 48, amp=None))
     assert code == 0, err
     assert f"device cpu, {dev.describe_precision(CPU, dev.amp_dtype(CPU, 'auto'))[0]};" in out
 
@@ -168,12 +169,12 @@ def photo(seed=0, size=(160, 120)):
 
 @pytest.mark.parametrize("policy", sorted(data.AUTO_AUGMENT))
 def test_augmentation_policies_are_torchvisions_and_seeded_per_image(policy, tmp_path):
-    transform = data.build_transforms(True, 64, auto_augment=policy)
+    transform = data.train_transform(64, auto_augment=policy)
     assert any(type(t) is data.AUTO_AUGMENT[policy] for t in transform.transforms)
     for i in range(2):
         (tmp_path / "a").mkdir(exist_ok=True)
         photo(i).save(tmp_path / "a" / f"{i}.png")
-    ds = data.FlowerFolder(str(tmp_path), transform, cache=True)
+    ds = data.ImageDataset(samples_of(tmp_path), transform, cache=True)
     first = ds[(0, 11)][0]
     assert first.shape == (3, 64, 64) and first.dtype == torch.uint8
     torch.manual_seed(123)  # the global generator neither matters nor is consumed
@@ -184,23 +185,22 @@ def test_augmentation_policies_are_torchvisions_and_seeded_per_image(policy, tmp
 def test_random_erase_paints_a_grey_rectangle():
     image = Image.fromarray(np.zeros((100, 100, 3), np.uint8))  # black: the erased part stands out
     torch.manual_seed(0)
-    erased = data.build_transforms(True, 64, random_erase=1.0)(image)
+    erased = data.train_transform(64, random_erase=1.0)(image)
     grey = (erased == data.ERASE_VALUE).all(dim=0)
     assert grey.any() and not grey.all()
     rows, cols = grey.any(dim=1).nonzero(), grey.any(dim=0).nonzero()
     box = grey[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     assert box.all()  # one filled rectangle
-    assert (data.build_transforms(True, 64, random_erase=0.0)(image) == 0).all()
+    assert (data.train_transform(64, random_erase=0.0)(image) == 0).all()
 
 
 def test_evaluation_resize_then_centre_crop():
     image = Image.fromarray(np.arange(120 * 160 * 3, dtype=np.uint32).reshape(120, 160, 3).astype(np.uint8))
-    out = data.build_transforms(False, 64, val_resize=80, val_crop=64)(image)
+    out = data.EvalTransform(images.Preprocessing(80, 64))(image)
     resized = np.asarray(image.resize((80, 80), Image.BILINEAR))
     assert out.shape == (3, 64, 64)
-    expected = torch.from_numpy(resized[8:72, 8:72].copy()).permute(2, 0, 1)
-    assert (out.int() - expected.int()).abs().max() <= 1  # Pillow vs torchvision's antialiased resize
-    assert data.build_transforms(False, 96)(image).shape == (3, 96, 96)  # both default to image_size
+    assert torch.equal(out, torch.from_numpy(resized[8:72, 8:72].copy()).permute(2, 0, 1))
+    assert data.EvalTransform(images.Preprocessing(96, 96))(image).shape == (3, 96, 96)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,26 +238,29 @@ def test_aux_heads_get_the_same_soft_targets(tree):
             z = self.fc(x.mean((2, 3)))
             return z, z * 2, z * 3
 
-    ds = data.FlowerFolder(str(tree / "train"), data.build_transforms(True, 32), cache=True)
+    ds = data.ImageDataset(samples_of(tree / "train"), data.train_transform(32), cache=True)
     loader = data.make_loader(ds, data.EpochSampler(len(ds), True), 4, 0, CPU)
     model = Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = {"is_main": False, "mean": data.MEAN, "std": data.STD, "amp_dtype": None, "channels_last": False}
-    mix = data.build_batch_mix(0.4, 0.0, 3)
-    result = train.train_one_epoch(model, criterion, optimizer, dev.grad_scaler(CPU, None), loader, CPU, 0, args,
-                                   state, train.StopRequest(), lambda epoch: None, mix=mix)
-    loss, accuracy, _ = result
-    assert accuracy is None and loss > 0
+    state = ckpt.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
+                               dev.grad_scaler(CPU, None), None)
+    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), train.StopRequest())
+    record = ckpt.Record(["daisy", "roses", "tulips"], "paper", 32, images.Preprocessing(32, 32), None, {})
+    run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
+    progress = ckpt.Progress()
+    result = train.train_one_epoch(training, loader, run, progress)
+    assert result.accuracy is None and result.loss > 0 and not result.stopped
+    assert progress.step == len(loader) and progress.seen == len(ds)
     assert len(seen) == 3 * len(loader)
     for main, aux1, aux2 in zip(seen[0::3], seen[1::3], seen[2::3]):
         assert main.shape == (4, 3) and main.dtype == torch.float32
         assert main is aux1 is aux2
 
 
-def test_mixup_run_reports_no_training_accuracy(tree, tmp_path, capsys):
+def test_mixup_run_reports_no_training_accuracy(tree, tmp_path):
     out = tmp_path / "mix"
     code, stdout, err = call(train, train_argv(tree, out, "--mixup-alpha", 0.2, "--cutmix-alpha", 1.0,
-                                              "--image-size", 48), capsys)
+                                              "--image-size", 48))
     assert code == 0, err
     assert "[epoch 1] train_loss" in stdout and "train_accuracy" not in stdout
     rows = (out / "metrics.csv").read_text().splitlines()
@@ -276,7 +279,7 @@ RECIPE = ["--image-size", 48, "--val-crop", 64, "--auto-augment", "trivialaugmen
 def recipe_epoch(tree, tmp_path_factory):
     """One uninterrupted epoch with every recipe tool on (3 steps of 4 images)."""
     out = tmp_path_factory.mktemp("recipe") / "A"
-    assert train.run([str(a) for a in train_argv(tree, out, *RECIPE)]) == 0
+    assert call(train, train_argv(tree, out, *RECIPE))[0] == 0
     return out
 
 
@@ -310,24 +313,29 @@ def test_ema_is_pytorchs_averaged_model_with_a_growing_decay():
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epoch, tmp_path, monkeypatch,
-                                                                capsys, amp):
+def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epoch, tmp_path, monkeypatch, amp):
     """Stopped after step 2 and resumed from the save after step 1, the run must end on the
     uninterrupted run's weights, EMA and best.pth exactly (augmentation, erasing, MixUp/CutMix
     draws and the EMA all included), in fp32 and in bf16."""
     reference = recipe_epoch
     if amp == "bf16":
         reference = tmp_path / "A"
-        assert train.run([str(a) for a in train_argv(tree, reference, *RECIPE, amp="bf16")]) == 0
+        assert call(train, train_argv(tree, reference, *RECIPE, amp="bf16"))[0] == 0
     out, saved = tmp_path / "C", tmp_path / "after_step_1.pth"
     argv = train_argv(tree, out, *RECIPE, amp=amp)
     with monkeypatch.context() as m:
         m.setattr(train.StopRequest, "check", stop_after_step(2, out, saved))
-        code, _, err = call(train, argv + ["--save-every", "1"], capsys)
+        code, stdout, err = call(train, argv + ["--save-every", "1"])
     assert code == 128 + signal.SIGTERM, err
-    code, stdout, err = call(train, argv + ["--resume", saved], capsys)
+    assert "stopped at epoch 1, step 2" in stdout
+    assert not (out / "best.pth").exists()
+    stopped, mid = load(out / "last.pth"), load(saved)
+    assert (stopped["epoch"], stopped["step"]) == (0, 2)  # in epoch 1 (none completed), after step 2
+    assert (mid["epoch"], mid["step"]) == (0, 1)
+    code, stdout, err = call(train, argv + ["--resume", saved])
     assert code == 0, err
     assert "epoch 1, step 1" in stdout
+    assert (load(out / "last.pth")["epoch"], load(out / "last.pth")["step"]) == (1, 0)
     a, c = load(reference / "last.pth"), load(out / "last.pth")
     for key in ("model", "model_ema"):
         assert a[key].keys() == c[key].keys()
@@ -336,11 +344,11 @@ def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epo
     assert all(torch.equal(best_a["model"][k], best_c["model"][k]) for k in best_a["model"])
 
 
-def test_resume_of_a_run_without_ema_asks_to_leave_it_out(tree, tmp_path, capsys):
+def test_resume_of_a_run_without_ema_asks_to_leave_it_out(tree, tmp_path):
     out = tmp_path / "plain"
-    assert call(train, train_argv(tree, out, "--image-size", 48, "--no-model-ema"), capsys)[0] == 0
+    assert call(train, train_argv(tree, out, "--image-size", 48, "--no-model-ema"))[0] == 0
     code, _, err = call(train, train_argv(tree, out, "--image-size", 48, "--model-ema", "--resume",
-                                          out / "last.pth", epochs=2), capsys)
+                                          out / "last.pth", epochs=2))
     assert code == 2 and "without --model-ema" in err
 
 
@@ -369,45 +377,45 @@ def test_paper_aux_head_at_224_is_exactly_the_5x5_stride_3_pool():
     assert torch.equal(head(other), head.fc2(head.relu(head.fc1(torch.flatten(head.conv(x), 1)))))
 
 
-def test_other_sizes_train_and_predict_at_the_recorded_sizes(tree, tmp_path, capsys):
+def test_other_sizes_train_and_predict_at_the_recorded_sizes(tree, tmp_path):
     out = tmp_path / "small"
     code, stdout, err = call(train, train_argv(tree, out, "--image-size", 96, "--val-resize", 144,
-                                               "--val-crop", 128), capsys)
+                                               "--val-crop", 128))
     assert code == 0, err
     assert "96 px training crops, evaluation at 128 px" in stdout
     best = load(out / "best.pth")
     assert (best["image_size"], best["val_resize"], best["val_crop"]) == (96, 144, 128)
-    model, classes, preprocessing = predict.load_model(str(out / "best.pth"), "unused.json", CPU)
-    assert preprocessing == (data.MEAN, data.STD, 144, 128)
+    model, classes, preprocessing = ckpt.load_model(str(out / "best.pth"), "unused.json", CPU)
+    assert preprocessing == images.Preprocessing(144, 128, images.MEAN, images.STD)
     image = tree / "val" / "roses" / "roses_00.jpg"
-    got, errors = predict.predict(model, [str(image)], preprocessing, CPU, 1, 0)
+    classifier = predict.load_classifier(str(out / "best.pth"), device="cpu", amp="off")
+    got, errors = predict.predict(classifier, [str(image)], 1, 0)
     assert errors == [""]
-    x = data.build_transforms(False, val_resize=144, val_crop=128)(data.load_image(str(image)))
+    x = data.EvalTransform(preprocessing)(images.load_image(str(image)))
     with torch.inference_mode():
         expected = torch.softmax(model(data.normalize_batch(x[None], channels_last=True)), 1)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.from_numpy(got), expected)
     # --eval-only takes the sizes the weights record unless told otherwise
     code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", tree,
-                                     "--output-dir", tmp_path / "ev", "--device", "cpu"], capsys)
+                                     "--output-dir", tmp_path / "ev", "--device", "cpu"])
     assert code == 0, err
     assert "evaluation at 128 px" in stdout
     code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", tree,
-                                     "--output-dir", tmp_path / "ev", "--device", "cpu", "--val-crop", 96], capsys)
+                                     "--output-dir", tmp_path / "ev", "--device", "cpu", "--val-crop", 96])
     assert code == 0, err
     assert "evaluation at 96 px" in stdout
 
 
-def test_torchvision_variant_trains_from_scratch_and_predicts(tree, tmp_path, capsys):
+def test_torchvision_variant_trains_from_scratch_and_predicts(tree, tmp_path):
     out = tmp_path / "tv"
-    code, _, err = call(train, train_argv(tree, out, "--variant", "torchvision", "--image-size", 64), capsys)
+    code, _, err = call(train, train_argv(tree, out, "--variant", "torchvision", "--image-size", 64))
     assert code == 0, err
     best = load(out / "best.pth")
     assert best["variant"] == "torchvision" and any(".bn." in k for k in best["model"])
-    code, stdout, err = call(predict, [*FP32, tree / "val" / "daisy" / "daisy_00.jpg", "--weights", out / "best.pth"], capsys)
+    code, stdout, err = call(predict, [*FP32, tree / "val" / "daisy" / "daisy_00.jpg", "--weights", out / "best.pth"])
     assert code == 0, err
     assert len([line for line in stdout.splitlines() if line.split()[0] in ("daisy", "roses", "tulips")]) == 3
-    code, _, err = call(train, train_argv(tree, tmp_path / "x", "--variant", "paper", "--weights", out / "best.pth"),
-                        capsys)
+    code, _, err = call(train, train_argv(tree, tmp_path / "x", "--variant", "paper", "--weights", out / "best.pth"))
     assert code == 2 and "--variant paper" in err and "torchvision variant" in err
 
 
@@ -423,23 +431,23 @@ def test_tta_averages_the_image_and_its_mirror():
         assert not torch.allclose(both, model(x), atol=1e-6)
 
 
-def test_tta_in_eval_only_and_predict(tree, tmp_path, capsys):
+def test_tta_in_eval_only_and_predict(tree, tmp_path):
     out = tmp_path / "run"
-    assert call(train, train_argv(tree, out, "--image-size", 64), capsys)[0] == 0
+    assert call(train, train_argv(tree, out, "--image-size", 64))[0] == 0
     code, stdout, err = call(train, [*FP32, "--eval-only", "--tta", "--weights", out / "best.pth", "--data-path", tree,
-                                     "--output-dir", tmp_path / "ev", "--device", "cpu"], capsys)
+                                     "--output-dir", tmp_path / "ev", "--device", "cpu"])
     assert code == 0, err
     assert "accuracy:" in stdout
     image = tree / "val" / "tulips" / "tulips_01.jpg"
-    model, _, preprocessing = predict.load_model(str(out / "best.pth"), "unused.json", CPU)
-    with_tta, _ = predict.predict(model, [str(image)], preprocessing, CPU, 1, 0, tta=True)
-    assert preprocessing[2:] == (80, 80)  # evaluation at 1.25 x the 64 px training crops
-    transform = data.build_transforms(False, val_resize=80, val_crop=80)
-    x = data.normalize_batch(transform(data.load_image(str(image)))[None], channels_last=True)
+    model, _, preprocessing = ckpt.load_model(str(out / "best.pth"), "unused.json", CPU)
+    classifier = predict.load_classifier(str(out / "best.pth"), device="cpu", amp="off")
+    with_tta, _ = predict.predict(classifier, [str(image)], 1, 0, tta=True)
+    assert (preprocessing.resize, preprocessing.crop) == (80, 80)  # evaluation at 1.25 x the 64 px training crops
+    x = data.normalize_batch(data.EvalTransform(preprocessing)(images.load_image(str(image)))[None], channels_last=True)
     with torch.inference_mode():
         expected = torch.softmax((model(x) + model(x.flip(3))) / 2, 1)
-    torch.testing.assert_close(with_tta, expected)
-    code, stdout, err = call(predict, [*FP32, image, "--weights", out / "best.pth", "--tta"], capsys)
+    torch.testing.assert_close(torch.from_numpy(with_tta), expected)
+    code, stdout, err = call(predict, [*FP32, image, "--weights", out / "best.pth", "--tta"])
     assert code == 0, err
     printed = {line.split()[0]: float(line.split()[1]) for line in stdout.splitlines() if len(line.split()) == 2}
     classes = ckpt.load_checkpoint(str(out / "best.pth"))["classes"]

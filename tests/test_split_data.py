@@ -1,16 +1,14 @@
 """data_set/split_data.py: counts, disjointness, determinism, overwrite policy and the CLI."""
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from data import DataError
 from data import val_count
-from data_set.split_data import split_dataset
+from data import split_dataset
+from helpers import SPLIT_DATA, run_script
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_set", "split_data.py")
 SIZES = {"daisy": 20, "roses": 7, "tulips": 2}
 
 
@@ -107,19 +105,19 @@ def test_bad_ratio(source, tmp_path, ratio):
     assert not (tmp_path / "out").exists()
 
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+def cli(*args):
+    return run_script(SPLIT_DATA, args)
 
 
 def test_cli(source, tmp_path):
     # One test for both runs: each process spends seconds importing torch (via data.py).
     dest = tmp_path / "out"
-    ok = cli("--source", source, "--dest", dest, "--val-ratio", "0.2", "--seed", "5", cwd=tmp_path)
+    ok = cli("--source", source, "--dest", dest, "--val-ratio", "0.2", "--seed", "5")
     assert ok.returncode == 0, ok.stderr
     assert "total" in ok.stdout and "daisy" in ok.stdout
     assert sum(len(v) for v in listing(dest / "val").values()) == 6
 
-    missing = cli("--source", tmp_path / "nope", "--dest", tmp_path / "other", cwd=tmp_path)
+    missing = cli("--source", tmp_path / "nope", "--dest", tmp_path / "other")
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr
     lines = missing.stderr.strip().splitlines()

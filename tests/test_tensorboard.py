@@ -26,7 +26,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("tb") / "A"
-    assert train.run([str(a) for a in train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)]) == 0
+    assert call(train, train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2))[0] == 0
     return out
 
 
@@ -47,17 +47,17 @@ def test_epoch_and_step_scalars_match_metrics_csv(straight):
     assert logged["train/loss"][0][1] == pytest.approx(sum(steps[:3]) / 3, rel=1e-5)
 
 
-def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straight, tmp_path, monkeypatch, capsys):
+def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straight, tmp_path, monkeypatch):
     """Stopped after step 5, resumed from the save after step 4: TensorBoard drops the orphaned
     step 5 and the curves end equal to the uninterrupted run's, each step once."""
     out, saved = tmp_path / "C", tmp_path / "after_step_4.pth"
     argv = train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)
     with monkeypatch.context() as m:
         m.setattr(train.StopRequest, "check", stop_after_step(5, out, saved))
-        code, _, err = call(train, argv + ["--save-every", 1], capsys)
+        code, _, err = call(train, argv + ["--save-every", 1])
     assert code == 128 + signal.SIGTERM, err
     assert [s for s, _ in scalars(out)["train/step_loss"]] == [1, 2, 3, 4, 5]
-    code, stdout, err = call(train, argv + ["--resume", saved], capsys)
+    code, stdout, err = call(train, argv + ["--resume", saved])
     assert code == 0, err
     assert "epoch 2, step 1" in stdout
     resumed, reference = scalars(out), scalars(straight)
@@ -67,7 +67,7 @@ def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straig
     assert len(list((out / "tensorboard").iterdir())) == 2  # one event file per process run
 
 
-def test_without_tensorboard_installed_one_line(tree, tmp_path, monkeypatch, capsys):
+def test_without_tensorboard_installed_one_line(tree, tmp_path, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -78,6 +78,6 @@ def test_without_tensorboard_installed_one_line(tree, tmp_path, monkeypatch, cap
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    code, out, err = call(train, train_argv(tree, tmp_path / "x", "--image-size", 48, "--tensorboard"), capsys)
+    code, out, err = call(train, train_argv(tree, tmp_path / "x", "--image-size", 48, "--tensorboard"))
     assert_clean_error(code, err, "pip install tensorboard")
     assert "train 1/" not in out

@@ -27,10 +27,11 @@ import torch
 
 import checkpoint as ckpt
 import data
+import download
 import predict
 import train
 from helpers import (FP32, CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, call, last_line, load, make_tree,
-                     run_script, save_image, script_env, stop_after_step, train_argv, write_corrupt,
+                     run_script, save_image, script_env, train_argv, write_corrupt,
                      write_truncated_jpeg)
 from model import GoogLeNet
 
@@ -106,9 +107,9 @@ def test_train_end_to_end(trained):
 # ---------------------------------------------------------------------------------------------
 # predict.py
 # ---------------------------------------------------------------------------------------------
-def test_predict_one_image_prints_every_class(trained, capsys):
+def test_predict_one_image_prints_every_class(trained):
     image = trained["data"] / "val" / "roses" / "roses_00.jpg"
-    code, out, err = call(predict, [*FP32, image, "--weights", trained["best"], "--workers", "0"], capsys)
+    code, out, err = call(predict, [*FP32, image, "--weights", trained["best"], "--workers", "0"])
     assert code == 0, err
     rows = class_lines(out)
     assert sorted(c for c, _ in rows) == sorted(CLASSES)  # every class exactly once
@@ -116,18 +117,18 @@ def test_predict_one_image_prints_every_class(trained, capsys):
     assert abs(sum(probs) - 1) < 1e-3
     assert probs == sorted(probs, reverse=True)
 
-    code, out, err = call(predict, [*FP32, image, "--weights", trained["best"], "--workers", "0", "--topk", "2"], capsys)
+    code, out, err = call(predict, [*FP32, image, "--weights", trained["best"], "--workers", "0", "--topk", "2"])
     assert code == 0, err
     assert len(class_lines(out)) == 2
     assert [c for c, _ in class_lines(out)] == [c for c, _ in rows[:2]]
 
 
-def test_predict_folder_table_csv_and_json(trained, tmp_path, capsys):
+def test_predict_folder_table_csv_and_json(trained, tmp_path):
     folder = trained["data"] / "val"
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
     csv_path, json_path = tmp_path / "x.csv", tmp_path / "x.json"
     code, out, err = call(predict, [*FP32, folder, "--weights", trained["best"], "--workers", "0",
-                                    "--output", csv_path], capsys)
+                                    "--output", csv_path])
     assert code == 0, err
     assert re.search(r"^file\s+class\s+probability", out, re.M)
     for f in files:
@@ -141,7 +142,7 @@ def test_predict_folder_table_csv_and_json(trained, tmp_path, capsys):
         assert r["class"] == CLASSES[max(range(3), key=values.__getitem__)]
 
     code, out, err = call(predict, [*FP32, folder, "--weights", trained["best"], "--workers", "0",
-                                    "--output", json_path], capsys)
+                                    "--output", json_path])
     assert code == 0, err
     records = json.loads(json_path.read_text())
     assert [r["file"] for r in records] == files
@@ -150,26 +151,26 @@ def test_predict_folder_table_csv_and_json(trained, tmp_path, capsys):
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
 
 
-def test_predict_plain_state_dict_with_class_indices(trained, tmp_path, capsys):
+def test_predict_plain_state_dict_with_class_indices(trained, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "googleNet.pth"
     torch.save(GoogLeNet(num_classes=3, aux_logits=True).state_dict(), weights)  # the classic format
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
     code, out, err = call(predict, [*FP32, image, "--weights", weights, "--class-indices", trained["ci"],
-                                    "--workers", "0"], capsys)
+                                    "--workers", "0"])
     assert code == 0, err
     rows = class_lines(out)
     assert sorted(c for c, _ in rows) == sorted(CLASSES)
     assert abs(sum(p for _, p in rows) - 1) < 1e-3
 
 
-def test_predict_batches_give_the_same_probabilities(trained, tmp_path, capsys):
+def test_predict_batches_give_the_same_probabilities(trained, tmp_path):
     images = sorted((trained["data"] / "val").rglob("*.jpg"))[:4]
     results = []
     for batch in (2, 4):
         path = tmp_path / f"b{batch}.json"
         code, _, err = call(predict, [*FP32, *images, "--weights", trained["best"], "--workers", "0",
-                                      "--batch-size", batch, "--output", path], capsys)
+                                      "--batch-size", batch, "--output", path])
         assert code == 0, err
         results.append(torch.tensor([[r["probabilities"][c] for c in CLASSES]
                                      for r in json.loads(path.read_text())]))
@@ -218,36 +219,36 @@ def test_cli_predict_unreadable_images(trained, tmp_path):
     assert last_line(proc.stderr).startswith("error:")
 
 
-def test_train_data_folder_without_classes(tmp_path, capsys):
+def test_train_data_folder_without_classes(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
-    code, _, err = call(train, train_argv(tmp_path / "data", tmp_path / "out"), capsys)
+    code, _, err = call(train, train_argv(tmp_path / "data", tmp_path / "out"))
     assert_clean_error(code, err, "has no class folders")
 
 
-def test_train_class_folder_without_images(tmp_path, capsys):
+def test_train_class_folder_without_images(tmp_path):
     data_dir = make_tree(tmp_path / "data", n_train=1, n_val=1)
     empty = data_dir / "train" / "roses"
     shutil.rmtree(empty)
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    code, _, err = call(train, train_argv(data_dir, tmp_path / "out"), capsys)
+    code, _, err = call(train, train_argv(data_dir, tmp_path / "out"))
     assert_clean_error(code, err, str(empty), "has no images")
 
 
-def test_train_bad_images_error_names_the_file(tmp_path, capsys):
+def test_train_bad_images_error_names_the_file(tmp_path):
     data_dir = make_tree(tmp_path / "data", n_train=1, n_val=1)
     bad = write_corrupt(data_dir / "train" / "daisy" / "x.jpg")
-    code, out, err = call(train, train_argv(data_dir, tmp_path / "out", "--bad-images", "error"), capsys)
+    code, out, err = call(train, train_argv(data_dir, tmp_path / "out", "--bad-images", "error"))
     assert_clean_error(code, err, str(bad), "--bad-images skip")
     assert "train 1/" not in out
 
 
-def test_train_skips_unreadable_images_by_default(tmp_path, capsys):
+def test_train_skips_unreadable_images_by_default(tmp_path):
     data_dir = make_tree(tmp_path / "data", n_train=1, n_val=1)
     corrupt = write_corrupt(data_dir / "train" / "daisy" / "x.jpg")
     truncated = write_truncated_jpeg(data_dir / "train" / "roses" / "half.jpg")
-    code, out, err = call(train, train_argv(data_dir, tmp_path / "out"), capsys)
+    code, out, err = call(train, train_argv(data_dir, tmp_path / "out"))
     assert code == 0, err
     skipped = [line for line in out.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 1 and "skipped 2 unreadable" in skipped[0], out
@@ -256,45 +257,45 @@ def test_train_skips_unreadable_images_by_default(tmp_path, capsys):
     assert (tmp_path / "out" / "best.pth").is_file()
 
 
-def test_train_resume_missing_file(trained, tmp_path, capsys):
+def test_train_resume_missing_file(trained, tmp_path):
     missing = tmp_path / "gone" / "last.pth"
-    code, _, err = call(train, train_argv(trained["data"], tmp_path / "out", "--resume", missing), capsys)
+    code, _, err = call(train, train_argv(trained["data"], tmp_path / "out", "--resume", missing))
     assert_clean_error(code, err, str(missing), "does not exist")
 
 
-def test_train_resume_from_weights_only_file(trained, tmp_path, capsys):
+def test_train_resume_from_weights_only_file(trained, tmp_path):
     weights = tmp_path / "plain.pth"
     torch.save(GoogLeNet(num_classes=3).state_dict(), weights)
-    code, _, err = call(train, train_argv(trained["data"], tmp_path / "out", "--resume", weights), capsys)
+    code, _, err = call(train, train_argv(trained["data"], tmp_path / "out", "--resume", weights))
     assert_clean_error(code, err, str(weights), "not a run to resume")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_train_device_cuda_without_gpu(trained, tmp_path, capsys):
+def test_train_device_cuda_without_gpu(trained, tmp_path):
     argv = train_argv(trained["data"], tmp_path / "out")
     argv[argv.index("--device") + 1] = "cuda"
-    code, _, err = call(train, argv, capsys)
+    code, _, err = call(train, argv)
     assert_clean_error(code, err, "--device cuda", "--device cpu")
 
 
-def test_train_unwritable_output_dir_fails_before_training(trained, tmp_path, capsys):
+def test_train_unwritable_output_dir_fails_before_training(trained, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
     out = blocker / "sub"
     argv = train_argv(trained["data"], out)
     argv[argv.index("--class-indices") + 1] = str(tmp_path / "ci.json")
-    code, stdout, err = call(train, argv, capsys)
+    code, stdout, err = call(train, argv)
     assert_clean_error(code, err, str(out), "--output-dir")
     assert "train 1/" not in stdout
     assert not (tmp_path / "ci.json").exists()
 
 
-def test_train_unwritable_class_indices_fails_before_training(trained, tmp_path, capsys):
+def test_train_unwritable_class_indices_fails_before_training(trained, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
     argv = train_argv(trained["data"], tmp_path / "out")
     argv[argv.index("--class-indices") + 1] = str(blocker / "ci.json")
-    code, stdout, err = call(train, argv, capsys)
+    code, stdout, err = call(train, argv)
     assert_clean_error(code, err, str(blocker / "ci.json"), "--class-indices")
     assert "train 1/" not in stdout
 
@@ -316,64 +317,64 @@ def foreign_weights(tmp_path_factory):
     return {"noise": noise, "five": five, "resnet": resnet, "ci": ci}
 
 
-def test_predict_missing_image(trained, tmp_path, capsys):
+def test_predict_missing_image(trained, tmp_path):
     missing = tmp_path / "nope.jpg"
-    code, _, err = call(predict, [*FP32, missing, "--weights", trained["best"]], capsys)
+    code, _, err = call(predict, [*FP32, missing, "--weights", trained["best"]])
     assert_clean_error(code, err, str(missing), "does not exist")
 
 
-def test_predict_missing_weights(trained, tmp_path, capsys):
+def test_predict_missing_weights(trained, tmp_path):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
     missing = tmp_path / "nope.pth"
-    code, _, err = call(predict, [*FP32, image, "--weights", missing], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", missing])
     assert_clean_error(code, err, str(missing), "does not exist")
 
 
-def test_eval_only_missing_weights_fails_before_decoding(trained, tmp_path, capsys):
+def test_eval_only_missing_weights_fails_before_decoding(trained, tmp_path):
     missing = tmp_path / "nope.pth"
     code, out, err = call(train, [*FP32, "--eval-only", "--weights", missing, "--data-path", trained["data"],
-                                  "--output-dir", tmp_path / "eval"], capsys)
+                                  "--output-dir", tmp_path / "eval"])
     assert_clean_error(code, err, str(missing), "does not exist")
     assert "cache:" not in out and "data:" not in out  # no image was decoded first
 
 
 @pytest.mark.parametrize("make", ["text", "truncated"])
-def test_predict_unreadable_image(trained, tmp_path, capsys, make):
+def test_predict_unreadable_image(trained, tmp_path, make):
     bad = tmp_path / "notes.txt" if make == "text" else tmp_path / "half.jpg"
     if make == "text":
         bad.write_text("not an image")
     else:
         write_truncated_jpeg(bad)
-    code, out, err = call(predict, [*FP32, bad, "--weights", trained["best"], "--workers", "0"], capsys)
+    code, out, err = call(predict, [*FP32, bad, "--weights", trained["best"], "--workers", "0"])
     assert_clean_error(code, err, str(bad), "cannot read image")
     assert class_lines(out) == []
 
 
-def test_predict_weights_not_a_checkpoint(trained, foreign_weights, capsys):
+def test_predict_weights_not_a_checkpoint(trained, foreign_weights):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["noise"]], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["noise"]])
     assert_clean_error(code, err, str(foreign_weights["noise"]), "not a readable PyTorch weights file")
 
 
-def test_predict_weights_for_other_class_count(trained, foreign_weights, capsys):
+def test_predict_weights_for_other_class_count(trained, foreign_weights):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
     code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["five"], "--class-indices",
-                                  foreign_weights["ci"]], capsys)
+                                  foreign_weights["ci"]])
     assert_clean_error(code, err, "5 classes", str(foreign_weights["ci"]), "names 3")
 
 
-def test_predict_weights_of_another_architecture(trained, foreign_weights, capsys):
+def test_predict_weights_of_another_architecture(trained, foreign_weights):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
     code, _, err = call(predict, [*FP32, image, "--weights", foreign_weights["resnet"], "--class-indices",
-                                  foreign_weights["ci"]], capsys)
+                                  foreign_weights["ci"]])
     line = assert_clean_error(code, err, str(foreign_weights["resnet"]), "missing keys", "unexpected keys")
     assert "conv1.conv.weight" in line or "inception" in line  # names GoogLeNet keys it lacks
     assert "layer1." in line or "bn1." in line  # and ResNet keys it does not know
 
 
-def test_predict_output_with_bad_extension(trained, tmp_path, capsys):
+def test_predict_output_with_bad_extension(trained, tmp_path):
     image = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [*FP32, image, "--weights", trained["best"], "--output", tmp_path / "x.txt"], capsys)
+    code, _, err = call(predict, [*FP32, image, "--weights", trained["best"], "--output", tmp_path / "x.txt"])
     assert_clean_error(code, err, "x.txt", ".csv or .json")
     assert not (tmp_path / "x.txt").exists()
 
@@ -381,7 +382,7 @@ def test_predict_output_with_bad_extension(trained, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # image modes
 # ---------------------------------------------------------------------------------------------
-def test_grayscale_palette_rgba_and_cmyk_images_train_and_predict(trained, tmp_path, capsys):
+def test_grayscale_palette_rgba_and_cmyk_images_train_and_predict(trained, tmp_path):
     root = tmp_path / "data"
     layout = {  # split/class: [(file name, mode)]
         ("train", "daisy"): [("gray.png", "L"), ("palette.png", "P")],
@@ -394,7 +395,7 @@ def test_grayscale_palette_rgba_and_cmyk_images_train_and_predict(trained, tmp_p
     for (split, name), files in layout.items():
         for i, (file, mode) in enumerate(files):
             save_image(root / split / name / file, COLORS[CLASSES.index(name)], seed=i, mode=mode)
-    code, out, err = call(train, train_argv(root, tmp_path / "out"), capsys)
+    code, out, err = call(train, train_argv(root, tmp_path / "out"))
     assert code == 0, err
     assert "skipped" not in out
     assert "6 train, 3 val images" in out
@@ -402,7 +403,7 @@ def test_grayscale_palette_rgba_and_cmyk_images_train_and_predict(trained, tmp_p
     images = [root / split / name / file for (split, name), files in layout.items() for file, _ in files]
     path = tmp_path / "modes.json"
     code, out, err = call(predict, [*FP32, *images, "--weights", trained["best"], "--workers", "0",
-                                    "--output", path], capsys)
+                                    "--output", path])
     assert code == 0, err
     records = json.loads(path.read_text())
     assert len(records) == len(images)
@@ -418,17 +419,17 @@ def one_epoch(trained, tmp_path_factory):
     """Run B's first half: --epochs 1 in one go (in-process); a copy of its last.pth stays."""
     root = tmp_path_factory.mktemp("resume")
     out = root / "B"
-    assert train.run(train_argv(trained["data"], out, epochs=1)) == 0
+    assert call(train, train_argv(trained["data"], out, epochs=1))[0] == 0
     shutil.copy(out / "last.pth", root / "after_epoch_1.pth")
     return {"root": root, "B": out, "epoch1": root / "after_epoch_1.pth"}
 
 
-def test_resume_between_epochs_is_bit_for_bit(trained, one_epoch, capsys):
+def test_resume_between_epochs_is_bit_for_bit(trained, one_epoch):
     root = one_epoch["root"]
-    code, _, err = call(train, train_argv(trained["data"], root / "A", epochs=2), capsys)
+    code, _, err = call(train, train_argv(trained["data"], root / "A", epochs=2))
     assert code == 0, err
     B = one_epoch["B"]
-    code, out, err = call(train, train_argv(trained["data"], B, "--resume", B / "last.pth", epochs=2), capsys)
+    code, out, err = call(train, train_argv(trained["data"], B, "--resume", B / "last.pth", epochs=2))
     assert code == 0, err
     assert "resuming" in out and "[epoch 2]" in out and "[epoch 1]" not in out
     a, b = load(root / "A" / "last.pth"), load(B / "last.pth")
@@ -438,31 +439,7 @@ def test_resume_between_epochs_is_bit_for_bit(trained, one_epoch, capsys):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
-def test_resume_mid_epoch_is_bit_for_bit(trained, one_epoch, tmp_path, monkeypatch, capsys):
-    """Run C saves last.pth after every step (--save-every 1) and is stopped after step 2 (the flag
-    a signal sets); resuming the copy saved after step 1 must end where one uninterrupted epoch did."""
-    out = tmp_path / "C"
-    saved = tmp_path / "after_step_1.pth"
-    argv = train_argv(trained["data"], out, epochs=1)
-    with monkeypatch.context() as m:
-        m.setattr(train.StopRequest, "check", stop_after_step(2, out, saved))
-        code, stdout, err = call(train, argv + ["--save-every", "1"], capsys)
-    assert code == 128 + signal.SIGTERM, err
-    assert "stopped at epoch 1, step 2" in stdout
-    assert not (out / "best.pth").exists()
-    stopped, mid = load(out / "last.pth"), load(saved)
-    assert (stopped["epoch"], stopped["step"]) == (0, 2)  # in epoch 1 (none completed), after step 2
-    assert (mid["epoch"], mid["step"]) == (0, 1)
-
-    code, stdout, err = call(train, argv + ["--resume", saved], capsys)
-    assert code == 0, err
-    assert "epoch 1, step 1" in stdout
-    final = load(out / "last.pth")
-    assert (final["epoch"], final["step"]) == (1, 0)
-    assert_same_weights(final["model"], load(one_epoch["epoch1"])["model"])
-
-
-def test_compiled_model_evaluates_like_the_eager_one(trained, tmp_path, monkeypatch, capsys):
+def test_compiled_model_evaluates_like_the_eager_one(trained, tmp_path, monkeypatch):
     """--compile (torch.compile, meant for GPUs) builds the same function: --eval-only with and
     without it must count the same confusion matrix and the same loss on the val images."""
     compiled, real_compile = [], torch.compile
@@ -474,9 +451,9 @@ def test_compiled_model_evaluates_like_the_eager_one(trained, tmp_path, monkeypa
     monkeypatch.setattr(torch, "compile", recording_compile)
     reports = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        argv = ["--eval-only", "--weights", trained["best"], "--data-path", trained["data"], "--output-dir",
+        argv = [*FP32, "--eval-only", "--weights", trained["best"], "--data-path", trained["data"], "--output-dir",
                 tmp_path / name, "--device", "cpu", "--workers", "0", *extra]
-        code, out, err = call(train, argv, capsys)
+        code, out, err = call(train, argv)
         assert code == 0, err
         reports[name] = ((tmp_path / name / "confusion_matrix.csv").read_text(),
                          float(re.search(r"loss: ([\d.]+)", out).group(1)))
@@ -485,7 +462,7 @@ def test_compiled_model_evaluates_like_the_eager_one(trained, tmp_path, monkeypa
     assert reports["compiled"][1] == pytest.approx(reports["eager"][1], abs=2e-4)  # printed to 4 places
 
 
-def test_fp16_loss_scaling_trains_like_the_plain_run(trained, one_epoch, tmp_path, monkeypatch, capsys):
+def test_fp16_loss_scaling_trains_like_the_plain_run(trained, one_epoch, tmp_path, monkeypatch):
     """CUDA's fp16 path scales the loss, unscales the gradients inside the fused optimizer step and
     adapts the scale. Here that GradScaler runs on the CPU in fp32: scaling by a power of two is
     exact, so the epoch must end on the same weights as the plain run, bit for bit."""
@@ -499,7 +476,7 @@ def test_fp16_loss_scaling_trains_like_the_plain_run(trained, one_epoch, tmp_pat
 
     monkeypatch.setattr(dev, "grad_scaler", enabled_scaler)
     out = tmp_path / "scaled"
-    code, _, err = call(train, train_argv(trained["data"], out, epochs=1), capsys)
+    code, _, err = call(train, train_argv(trained["data"], out, epochs=1))
     assert code == 0, err
     assert len(scalers) == 1 and scalers[0].is_enabled()
     assert scalers[0].get_scale() == 2.0 ** 15  # grown after each of the 3 steps: no inf was found
@@ -528,7 +505,7 @@ class Reader(threading.Thread):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_and_prints_the_resume_command(trained, tmp_path, monkeypatch, capsys, signum):
+def test_signal_saves_and_prints_the_resume_command(trained, tmp_path, monkeypatch, signum):
     out = tmp_path / "out dir"  # a space: the printed command must quote it
     argv = train_argv(trained["data"], out, epochs=1 if signum == signal.SIGINT else 2)
     proc = subprocess.Popen([sys.executable, TRAIN, *argv], cwd=REPO, env=script_env(),
@@ -562,7 +539,7 @@ def test_signal_saves_and_prints_the_resume_command(trained, tmp_path, monkeypat
 
     if signum == signal.SIGINT:  # the printed command finishes the run (in-process: same argv, same cwd)
         monkeypatch.chdir(REPO)
-        code, text, err = call(train, words[2:], capsys)
+        code, text, err = call(train, words[2:])
         assert code == 0, err
         assert "resuming" in text
         final = load(out / "last.pth")
@@ -575,7 +552,7 @@ def test_signal_saves_and_prints_the_resume_command(trained, tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n_train,where", [(4, r"at epoch 1, step \d+"), (1, r"after epoch 1")],
                          ids=["in-a-step", "after-the-last-step"])
-def test_nan_stops_and_keeps_best(trained, tmp_path, capsys, n_train, where):
+def test_nan_stops_and_keeps_best(trained, tmp_path, n_train, where):
     """lr 1e12 blows the weights up after one Adam step: with 4 images per class the next step's
     loss is NaN; with one image per class (one step per epoch) the validation loss is."""
     data_dir = trained["data"] if n_train == 4 else make_tree(tmp_path / "data", n_train=1, n_val=1)
@@ -583,7 +560,7 @@ def test_nan_stops_and_keeps_best(trained, tmp_path, capsys, n_train, where):
     out.mkdir()
     shutil.copy(trained["best"], out / "best.pth")
     before = (out / "best.pth").read_bytes()
-    code, _, err = call(train, train_argv(data_dir, out, "--lr", "1e12", epochs=2), capsys)
+    code, _, err = call(train, train_argv(data_dir, out, "--lr", "1e12", epochs=2))
     line = assert_clean_error(code, err, "diverged", "--lr")
     assert re.search(where, line), line
     assert (out / "best.pth").read_bytes() == before
@@ -632,7 +609,7 @@ def server(archive):
 
 def test_download_flowers_over_http(archive, server, tmp_path):
     dest = tmp_path / "flower_data"
-    photos = data.download_flowers(str(dest), url=server, sha256=archive["sha256"], log=lambda *a: None)
+    photos = download.download_flowers(str(dest), url=server, sha256=archive["sha256"], log=lambda *a: None)
     assert photos == str(dest / "flower_photos")
     assert sorted(os.listdir(photos)) == ["LICENSE.txt", "daisy", "tulips"]
     assert len(os.listdir(os.path.join(photos, "daisy"))) == 5
@@ -642,16 +619,16 @@ def test_download_flowers_over_http(archive, server, tmp_path):
 def test_download_with_wrong_sha256_leaves_nothing(archive, server, tmp_path):
     dest = tmp_path / "flower_data"
     with pytest.raises(data.DataError, match="SHA-256"):
-        data.download_flowers(str(dest), url=server, sha256="0" * 64, log=lambda *a: None)
+        download.download_flowers(str(dest), url=server, sha256="0" * 64, log=lambda *a: None)
     assert os.listdir(dest) == []  # neither the archive nor a .part file
 
 
-def test_train_download_splits_and_trains(archive, tmp_path, capsys):
+def test_train_download_splits_and_trains(archive, tmp_path):
     data_dir = tmp_path / "flower_data"
     out = tmp_path / "out"
     argv = ["--download", "--data-url", archive["tgz"], "--data-sha256", archive["sha256"],
             *train_argv(data_dir, out)]
-    code, stdout, err = call(train, argv, capsys)
+    code, stdout, err = call(train, argv)
     assert code == 0, err
     for split, n in (("train", 4), ("val", 1)):
         for name in ("daisy", "tulips"):

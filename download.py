@@ -1,0 +1,90 @@
+"""The flower photos' download: fetch flower_photos.tgz, check its SHA-256, extract it, split it 9:1.
+
+    python train.py --download        # data_set/flower_data/{train,val}/<class>/
+
+Offline, --data-url takes a local copy or a mirror (a file path, file:// or http:// URL).
+"""
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.request
+
+from tqdm import tqdm
+
+from data import DataError, split_dataset
+
+FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+
+
+def download_and_split(root, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print):
+    """root/flower_photos/ from the archive, split 9:1 into root/train/ and root/val/ (seed 0)."""
+    photos = download_flowers(root, url, sha256, log)
+    split_dataset(photos, root, val_ratio=0.1, seed=0, force=True, log=log)  # train/ was missing
+
+
+def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print):
+    """Fetch flower_photos.tgz (URL, file:// URL or local path), check its SHA-256, extract into dest_dir.
+
+    Returns the path of the extracted flower_photos folder. The archive is written to a temporary
+    file beside its final place and renamed only once its checksum is right.
+    """
+    archive = os.path.join(dest_dir, "flower_photos.tgz")
+    if os.path.exists(url):
+        src, total = open(url, "rb"), os.path.getsize(url)
+    else:
+        try:
+            src = urllib.request.urlopen(url, timeout=60)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot download {url} ({e}): check the network, or pass --data-url "
+                            "with a mirror or a local copy of flower_photos.tgz")
+        total = int(src.headers.get("Content-Length") or 0) or None
+    try:
+        os.makedirs(dest_dir, exist_ok=True)
+        return _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log)
+    except OSError as e:
+        raise DataError(f"cannot fetch and unpack the flower photos into {dest_dir} ({e.strerror or e}): check "
+                        "the network and the free disk space (they need about 0.5 GB), or pass --data-path "
+                        "with another folder")
+
+
+def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".flower_photos.", suffix=".part")
+    try:
+        with src, os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                                    desc="download", file=sys.stderr) as bar:
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        if sha256 and digest.hexdigest() != sha256:
+            raise DataError(f"{url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
+                            "the download is damaged or not flower_photos.tgz; try again or use another --data-url")
+        os.replace(tmp, archive)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    log(f"extracting {archive}")
+    extracted = os.path.join(dest_dir, "flower_photos")
+    if os.path.isdir(extracted):
+        shutil.rmtree(extracted)
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest_dir, filter="data")  # refuses links and paths outside dest_dir
+        else:  # a Python from before the 2023 tarfile update: the same refusal, by hand
+            for member in tar.getmembers():
+                parts = member.name.replace("\\", "/").split("/")
+                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                    raise DataError(f"{archive} holds an unsafe entry {member.name!r}: it is not the flower archive")
+            tar.extractall(dest_dir)
+    if not os.path.isdir(extracted):
+        raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
+    return extracted

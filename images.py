@@ -1,0 +1,112 @@
+"""Reading images: the one image loader, finding image files, and the evaluation preprocessing.
+
+Pillow and numpy only, no torch: predict.py with a .onnx file classifies photos without importing
+torch, and the .pth path, validation and the demo page use these same functions, so every path
+sees the same pixels. Every image becomes upright RGB, so grayscale, palette, RGBA and CMYK files
+work like any photo.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+# Large JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps the shorter side at
+# least this long: four times the paper's 224 px crop, the largest any recipe here uses, so even
+# RandomResizedCrop's smallest crop (8% of the area) keeps more than 224 pixels of real detail.
+# Photos smaller than this (all of the flower photos) are decoded as they are.
+DECODE_MIN_SIDE = 4 * 224
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its images: resized to resize x resize (aspect not kept, as the classic
+    script does), the centre crop x crop of that, scaled to [0, 1] and normalised with mean and std."""
+
+    resize: int
+    crop: int
+    mean: tuple = MEAN
+    std: tuple = STD
+
+
+def _draft(img, min_side):
+    """Ask a JPEG for its reduced DCT scale before decoding (sets img.size; decodes nothing)."""
+    if img.format == "JPEG" and min_side:
+        img.draft("RGB", (min_side, min_side))  # only ever shrinks by a power of two
+
+
+def load_image(path, min_side=DECODE_MIN_SIDE):
+    """Decode one file (a path or a binary file object) to an upright RGB PIL image; raises
+    OSError/ValueError (Pillow's errors) for unreadable files.
+
+    Upright: a camera that stores a photo sideways tags it with an EXIF orientation, which photo
+    viewers apply; so does this, before anything else sees the pixels.
+    """
+    with Image.open(path) as img:
+        _draft(img, min_side)
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def decoded_size(path, min_side=DECODE_MIN_SIDE):
+    """(width, height) that load_image will return, read from the header without decoding."""
+    with Image.open(path) as img:
+        _draft(img, min_side)
+        return img.size
+
+
+def find_image_files(folder):
+    """Every image file under folder, sorted; links to files and folders are followed, but no
+    folder is entered twice (a link to a parent folder would otherwise loop until the path length
+    runs out, counting the same photos again and again)."""
+    files, seen = [], set()
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        files.extend(os.path.join(dirpath, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(files)
+
+
+def resize_and_crop(image, preprocessing):
+    """The evaluation preprocessing of one PIL image: uint8 crop x crop x 3 (torchvision's
+    Resize((s, s)) and CenterCrop on a PIL image, pixel for pixel: a test compares them)."""
+    size, crop = preprocessing.resize, preprocessing.crop
+    image = image.resize((size, size), Image.BILINEAR)
+    if crop != size:
+        top = left = int(round((size - crop) / 2.0))
+        image = image.crop((left, top, left + crop, top + crop))
+    return np.array(image, dtype=np.uint8)
+
+
+def normalize(pixels, preprocessing):
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W in [0, 1], normalised: what the model's input is."""
+    x = pixels.astype(np.float32).transpose(0, 3, 1, 2)
+    x /= np.float32(255)
+    x -= np.asarray(preprocessing.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    x /= np.asarray(preprocessing.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(x)
+
+
+def default_workers(device_type, batch_size, cached=False, items=None):
+    """How many workers decode images beside the model (loader processes in training, threads in
+    predict.py).
+
+    On a CPU the model's own threads already use every core: workers would only take turns with
+    them, so cached images (a crop and a flip, about 1 ms each) are prepared in the main process,
+    and JPEG decoding from disk gets one worker that overlaps it with the compute (none for a
+    single image). On CUDA the CPU is free for decoding: min(cpu count, batch size, 8), as the
+    classic scripts do.
+    """
+    cpus = os.cpu_count() or 1
+    if device_type == "cuda":
+        return min(cpus, batch_size if batch_size > 1 else 0, 8)
+    if cached or (items is not None and items <= 1):
+        return 0
+    return min(1, cpus - 1)
