@@ -25,7 +25,7 @@ from torch import nn
 
 import checkpoint
 import distributed
-from helpers import FP32, REPO, call, make_tree
+from helpers import FP32, REPO, call, last_line, make_tree
 import train
 from model import GoogLeNet
 
@@ -60,19 +60,25 @@ def ddp_run(tmp_path_factory):
     weights = str(base / "start.pth")
     torch.save(start.state_dict(), weights)
     out_dir = str(base / "out")
+    proc = torchrun(["train.py", "--data-path", data_path, "--output-dir", out_dir,
+                     "--class-indices", str(base / "class_indices.json"), "--weights", weights,
+                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off", *FP32] + TENSORBOARD)
+    return {"proc": proc, "data": data_path, "out": out_dir, "base": str(base)}
+
+
+def torchrun(argv, log_dir=None, timeout=480):
+    """2 gloo processes on this CPU, launched as README shows; with log_dir, each rank's stdout and
+    stderr go to their own files there instead of being merged into the launcher's."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback, whatever the host name resolves to
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "train.py", "--data-path", data_path, "--output-dir", out_dir,
-           "--class-indices", str(base / "class_indices.json"), "--weights", weights,
-           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off", *FP32] + TENSORBOARD
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=480)
-    return {"proc": proc, "data": data_path, "out": out_dir, "base": str(base)}
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *logs,
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, argv)]
+    return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout)
 
 
 def describe(proc):
@@ -147,6 +153,39 @@ def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(
     assert float(row["val_accuracy"]) == pytest.approx(correct / total, abs=1e-5)
     # the mean loss would move with duplicated images even when the accuracy does not
     assert float(row["val_loss"]) == pytest.approx(float(m.group(4)), abs=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# a failure in one process ends every process at once, with one error line
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["output-dir", "class-indices"])
+def test_a_failure_on_rank_0_ends_both_processes_with_one_error_line(where, tmp_path):
+    """Rank 0 alone writes the output folder and the class index file. When that fails, rank 1
+    must not wait at its next collective for the process group's timeout (30 minutes with gloo,
+    10-30 with NCCL): both processes end now, non-zero, rank 0 with the one-line error and rank 1
+    silent, no traceback from either (the launcher's own report of failed children aside)."""
+    data_path = make_tree(tmp_path / "data", CLASSES, 2, 1)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out, indices = tmp_path / "out", tmp_path / "ci.json"
+    if where == "output-dir":
+        out = blocker / "weights"
+    else:
+        indices = blocker / "ci.json"
+    proc = torchrun(["train.py", "--data-path", data_path, "--output-dir", out, "--class-indices", indices,
+                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off", *FP32],
+                    log_dir=tmp_path / "logs", timeout=300)
+    assert proc.returncode != 0
+    streams = {}
+    for path in (tmp_path / "logs").rglob("*.log"):  # <run>/attempt_0/<rank>/stdout.log, stderr.log
+        streams[(path.parent.name, path.stem)] = path.read_text()
+    assert {rank for rank, _ in streams} == {"0", "1"}, sorted(streams)
+    for (rank, stream), text in streams.items():
+        assert "Traceback" not in text, (rank, stream, text)
+    errors = [line for text in streams.values() for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, streams
+    assert errors[0] == last_line(streams[("0", "stderr")])
+    assert ("cannot write to output folder" if where == "output-dir" else "cannot write the class index file") in errors[0]
 
 
 # ---------------------------------------------------------------------------------------------
