@@ -10,7 +10,7 @@ import json
 import os
 import random
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -58,8 +58,9 @@ class Progress:
     loss_sum: float = 0.0  # this process's sum of step loss x images over those steps
     seen: int = 0  # images of those steps
     correct: int = 0  # of them classified right
-    best_accuracy: float = 0.0
+    best_score: float = 0.0  # the best --best-metric so far
     best_epoch: int = 0
+    bad_images: list = field(default_factory=list)  # images found unreadable after the start-up check
 
     def add_step(self, loss, images, correct):
         self.step += 1
@@ -67,12 +68,12 @@ class Progress:
         self.seen += images
         self.correct += correct
 
-    def end_epoch(self, val_accuracy):
-        """Count the epoch as done; True when its accuracy is the best so far (the first always is)."""
-        improved = val_accuracy > self.best_accuracy or self.best_epoch == 0
+    def end_epoch(self, score):
+        """Count the epoch as done; True when its score is the best so far (the first always is)."""
+        improved = score > self.best_score or self.best_epoch == 0
         self.epoch += 1
         if improved:
-            self.best_accuracy, self.best_epoch = val_accuracy, self.epoch
+            self.best_score, self.best_epoch = score, self.epoch
         self.step, self.loss_sum, self.seen, self.correct = 0, 0.0, 0, 0
         return improved
 
@@ -95,7 +96,8 @@ def training_checkpoint(record, state, progress, rngs):
     payload.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
                    scaler=state.scaler.state_dict(), epoch=progress.epoch, step=progress.step,
                    epoch_loss_sum=progress.loss_sum, epoch_seen=progress.seen, epoch_correct=progress.correct,
-                   best_acc=progress.best_accuracy, best_epoch=progress.best_epoch, rng=rngs)
+                   best_score=progress.best_score, best_epoch=progress.best_epoch, bad_images=progress.bad_images,
+                   rng=rngs)
     if state.ema is not None:
         payload["model_ema"] = state.ema.state_dict()
     return payload
@@ -120,7 +122,8 @@ def restore_training(resume, path, state, rank):
     restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     return Progress(epoch=resume["epoch"], step=resume["step"], loss_sum=resume["epoch_loss_sum"],
                     seen=resume["epoch_seen"], correct=resume.get("epoch_correct", 0),
-                    best_accuracy=resume["best_acc"], best_epoch=resume["best_epoch"])
+                    best_score=resume.get("best_score", resume.get("best_acc")),  # best_acc: files before --best-metric
+                    best_epoch=resume["best_epoch"], bad_images=list(resume.get("bad_images", [])))
 
 
 def resume_command(args, defaults, last_path):
@@ -228,6 +231,11 @@ def load_weights(model, state_dict, path, reinit_heads=False):
             hint = (f" The weights are for {state_dict['fc.weight'].shape[0]} classes and the model has "
                     f"{own['fc.weight'].shape[0]}: use the class index file that came with them.")
         raise CheckpointError(f"{path} does not fit this model: {details}.{hint}")
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path} holds weights that are NaN or infinite ({_names(broken)}): it comes from a "
+                              "run that diverged, or the file is damaged; use another checkpoint (best.pth keeps "
+                              "the last good weights of a run)")
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=not reinit)
     return sorted({k.rsplit(".", 1)[0] for k in reinit})
 

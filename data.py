@@ -2,7 +2,7 @@
 
     find_data       a folder of class folders (split here) or a train/ and val/ split -> FoundData
     train_transform, EvalTransform   the per-image transforms, the one place they are built
-    ImageDataset    (path, class) samples decoded with images.load_image, optionally cached
+    ImageDataset    (path, class) samples decoded when first needed, kept in the shared cache
     EpochSampler    the order of one epoch, split over processes, seeded per image for exact resume
 
 Scaling to [0, 1] and the normalisation happen once per batch on the training device
@@ -23,7 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
 
+import cache
+import distributed
 import images
+from cache import BAD
 from images import IMAGE_EXTENSIONS, MEAN, STD
 from options import UserError
 
@@ -135,9 +138,11 @@ def split_samples(samples, classes, val_ratio=0.1, seed=0):
     them go to val. The split depends only on the seed, the class names and the file names, so
     adding or removing one class leaves the others' split unchanged.
     """
+    by_class = [[] for _ in classes]
+    for path, target in samples:  # one pass: linear in the number of photos, whatever the classes
+        by_class[target].append(path)
     train, val = [], []
-    for index, name in enumerate(classes):
-        files = [path for path, target in samples if target == index]
+    for index, (name, files) in enumerate(zip(classes, by_class)):
         random.Random(f"{seed}:{name}").shuffle(files)
         n_val = val_count(len(files), val_ratio)
         val.extend((path, index) for path in files[:n_val])
@@ -174,6 +179,13 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
                 raise DataError(f"data folder {folder} does not exist: a split needs both "
                                 f"{train_dir} and {val_dir}")
         classes = find_classes(val_dir if eval_only else train_dir)
+        if not eval_only:
+            for name, there, missing in ((c, val_dir, train_dir) for c in find_classes(val_dir) if c not in classes):
+                raise DataError(f"class {name} has a folder in {there} but none in {missing}: its val images would "
+                                f"never be evaluated; add {os.path.join(missing, name)} or remove the class")
+            for name in (c for c in classes if not os.path.isdir(os.path.join(val_dir, c))):
+                raise DataError(f"class {name} has a folder in {train_dir} but none in {val_dir}: it would never "
+                                f"be evaluated; add {os.path.join(val_dir, name)} or remove the class")
         train = [] if eval_only else list_images(train_dir, classes)
         return FoundData(classes, train, list_images(val_dir, classes), None)
 
@@ -263,54 +275,65 @@ def _log_table(counts, log):
 # ---------------------------------------------------------------------------------------------
 # The dataset, its order, its cache
 # ---------------------------------------------------------------------------------------------
-def _decode_or_error(path):
-    try:
-        return np.asarray(images.load_image(path)), None
-    except Exception as e:  # any decoder failure means the same thing here: an unusable file
-        return None, f"{type(e).__name__}: {e}"
+def find_unreadable(paths, threads=8):
+    """[(path, reason)] of the files that images.unreadable finds to be no images, in order."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # the reads wait on the disk, not the GIL
+        reasons = list(pool.map(images.unreadable, paths, chunksize=256))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 
 class ImageDataset(Dataset):
-    """(path, class index) samples whose unreadable files follow an explicit policy.
+    """(path, class index) samples, decoded with images.load_image when first needed and kept in
+    the shared cache (cache.SharedImageCache) while it has room; each item is (image, class, valid).
 
-    Every file is decoded once when the dataset is built. ``bad_images="skip"`` drops unreadable
-    files and lists them in ``self.skipped``; ``"error"`` raises DataError naming the first one.
-    With ``cache=True`` the decoded pixels are kept in memory, so later epochs never touch the
-    disk or the JPEG decoder; otherwise they are decoded again from disk on every access.
+    An image that cannot be decoded is marked unreadable in the cache's statuses, which every local
+    process and loader worker shares, and is never decoded again. In training (substitute=True)
+    its place is taken by the next readable sample, the same one in every epoch and every process,
+    so runs and resumes stay exact; in evaluation it comes back with valid=False and is left out
+    of the metrics. writer: this process's first writer number in the cache (its loader workers
+    take the next ones).
     """
 
-    def __init__(self, samples, transform, cache=False, bad_images="skip", threads=4):
-        self.transform = transform
-        self.skipped = []
-        self.cache = [] if cache else None
-        kept = []
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # Pillow decodes without the GIL
-            for (path, target), (pixels, error) in zip(samples, pool.map(_decode_or_error, [p for p, _ in samples])):
-                if error is not None:
-                    if bad_images == "error":
-                        raise DataError(f"cannot read image {path} ({error}): remove or replace it, "
-                                        "or pass --bad-images skip")
-                    self.skipped.append((path, error))
-                    continue
-                kept.append((path, target))
-                if cache:
-                    self.cache.append(pixels)
-        if not kept:
-            raise DataError(f"none of the {len(samples)} images could be read")
-        self.samples = kept
-        self.targets = [t for _, t in kept]
+    def __init__(self, samples, transform, cache, substitute=True, writer=0):
+        if not samples:
+            raise DataError("no readable images: every file failed the check")
+        self.samples, self.transform, self.cache = samples, transform, cache
+        self.substitute, self.writer = substitute, writer
+        self.targets = [t for _, t in samples]
 
     def __len__(self):
         return len(self.samples)
+
+    def pixels(self, index):
+        """uint8 H x W x 3 of one sample, from the cache or decoded (and cached); None if unreadable."""
+        pixels = self.cache.get(index)
+        if pixels is not None or self.cache.status[index] == BAD:
+            return pixels
+        try:
+            pixels = np.asarray(images.load_image(self.samples[index][0]))
+        except Exception:  # any decoder failure means the same thing here: an unusable file
+            self.cache.mark_bad(index)
+            return None
+        worker = torch.utils.data.get_worker_info()
+        self.cache.put(index, pixels, self.writer + (worker.id if worker is not None else 0))
+        return pixels
 
     def __getitem__(self, item):
         # EpochSampler hands out (index, seed): each draw of the augmentation comes from its own
         # seed, so a run is the same whatever the worker count, and resumes exactly mid-epoch.
         index, seed = item if isinstance(item, tuple) else (item, None)
-        path, target = self.samples[index]
-        image = Image.fromarray(self.cache[index]) if self.cache is not None else images.load_image(path)
+        pixels, used = self.pixels(index), index
+        while pixels is None and self.substitute:
+            used = (used + 1) % len(self.samples)
+            if used == index:
+                raise DataError(f"none of the {len(self.samples)} images could be read")
+            pixels = self.pixels(used)
+        if pixels is None:
+            crop = self.transform.preprocessing.crop
+            return torch.zeros(3, crop, crop, dtype=torch.uint8), self.targets[index], False
+        image = Image.fromarray(pixels)
         if seed is None:
-            return self.transform(image), target
+            return self.transform(image), self.targets[used], True
         # torchvision's random transforms draw from the CPU generator: seed it for this image and
         # put its state back, so dropout's stream is untouched. (torch.manual_seed would also seed
         # every other backend: 0.2 ms an image, a sixth of the time it takes to prepare one.)
@@ -318,7 +341,7 @@ class ImageDataset(Dataset):
         saved = generator.get_state()
         generator.manual_seed(seed)
         try:
-            return self.transform(image), target
+            return self.transform(image), self.targets[used], True
         finally:
             generator.set_state(saved)
 
@@ -332,9 +355,10 @@ class EpochSampler(Sampler):
     process has already seen, to resume in the middle of an epoch.
     """
 
-    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=True):
+    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=True, weights=None):
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.epoch = 0
         self.skip = 0
 
@@ -342,15 +366,21 @@ class EpochSampler(Sampler):
         self.epoch, self.skip = epoch, skip
 
     def _indices(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
+        """(sample index, its augmentation seed's key) for this process, in order."""
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            # drawn with replacement: a sample can come twice, so its seed follows its place in
+            # the epoch (each copy is augmented differently), not its index
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=g).tolist()
+            keys = range(len(order))
         else:
-            order = list(range(self.size))
+            order = torch.randperm(self.size, generator=g).tolist() if self.shuffle else list(range(self.size))
+            keys = order
+        pairs = list(zip(order, keys))
         if self.pad and self.size % self.world_size:
-            order += order[: self.world_size - self.size % self.world_size]
-        return order[self.rank :: self.world_size]
+            pairs += pairs[: self.world_size - self.size % self.world_size]
+        return pairs[self.rank :: self.world_size]
 
     @property
     def epoch_length(self):
@@ -359,23 +389,25 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007
-        for i in self._indices()[self.skip :]:
-            yield (i, (base + i) % 2**63) if self.shuffle else i
+        for i, key in self._indices()[self.skip :]:
+            yield (i, (base + key) % 2**63) if self.shuffle else i
 
     def __len__(self):
         return len(self._indices()) - self.skip
 
 
-def estimate_decoded_bytes(paths):
-    """Bytes these images take decoded to RGB, read from their headers without decoding."""
-    total = 0
-    for path in paths:
+def estimate_decoded_bytes(paths, sample=1000):
+    """Bytes these images take decoded to RGB: the mean of up to `sample` of them (read from their
+    headers, not decoded, a fixed choice) times their number, so it costs the same for any count."""
+    chosen = paths if len(paths) <= sample else random.Random(0).sample(paths, sample)
+    sizes = []
+    for path in chosen:
         try:
             width, height = images.decoded_size(path)
-            total += width * height * 3
+            sizes.append(width * height * 3)
         except Exception:
-            pass  # unreadable files are reported when the dataset is built
-    return total
+            pass  # unreadable files are found and reported elsewhere
+    return int(sum(sizes) / max(len(sizes), 1) * len(paths))
 
 
 def available_memory_bytes():
@@ -393,23 +425,49 @@ def available_memory_bytes():
         return 0
 
 
-def decide_cache(mode, paths, log=print):
-    """Whether to keep the decoded images in memory: 'auto' caches when they fit in half the free memory."""
+def cache_capacity(mode, paths, log=print):
+    """Bytes of decoded pixels to keep in the machine's one cache (0: none). 'auto' caches when
+    the images fit in half the free memory (counted once per machine, however many processes
+    share it), 'on' insists, 'off' never does. A quarter more than the estimate is kept in reserve:
+    an unused reserve takes no memory."""
     if mode == "off":
-        return False
+        return 0
     need = estimate_decoded_bytes(paths)
-    free = available_memory_bytes()
+    free = min(available_memory_bytes(), cache.free_bytes(cache.shared_folder()))
     fits = need <= free // 2
     gib = 2 ** 30
     if fits:
-        log(f"cache: keeping decoded images in memory: {need / gib:.2f} GiB of {free / gib:.1f} GiB available")
+        log(f"cache: keeping decoded images in memory as they are first loaded: about {need / gib:.2f} GiB "
+            f"of {free / gib:.1f} GiB available")
     elif mode == "on":
-        raise DataError(f"--cache on needs {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
+        raise DataError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
                         "(the cache may take at most half): use --cache auto or --cache off")
     else:
-        log(f"cache: decoded images need {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
+        log(f"cache: decoded images need about {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
             "available: streaming from disk instead")
-    return fits
+    return min(need + need // 4, free // 2) if fits else 0
+
+
+def machine_cache(count, capacity, writers_per_process, device):
+    """This machine's SharedImageCache for `count` images, made by its first process and opened by
+    the others, and this process's first writer number in it."""
+    local_rank, local_size = distributed.local_rank_and_size()
+    if local_size == 1 and cache.FORKED_WORKERS:  # this process alone, and the loader workers it forks
+        return cache.SharedImageCache.create(count, capacity, writers_per_process), 0
+    made, error = None, None
+    if local_rank == 0:
+        try:
+            made = cache.SharedImageCache.create(count, capacity, local_size * writers_per_process, as_file=True)
+        except OSError as e:
+            error = DataError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
+                              "free some space there, or pass --cache off")
+    distributed.fail_together(error, device)
+    path = distributed.from_machine_leader(made.path if made is not None else None)
+    shared = made if made is not None else cache.SharedImageCache.attach(path)
+    distributed.barrier()  # every process has it open: its name can go
+    if made is not None:
+        made.unlink()
+    return shared, local_rank * writers_per_process
 
 
 def make_loader(dataset, sampler, batch_size, workers, device):
@@ -419,6 +477,8 @@ def make_loader(dataset, sampler, batch_size, workers, device):
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with compute
+        # forked workers share the image cache's anonymous mapping (cache.FORKED_WORKERS)
+        multiprocessing_context="fork" if workers > 0 and cache.FORKED_WORKERS else None,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         # Each iterator draws its base seed from this generator, not from the global RNG that

@@ -90,6 +90,24 @@ def run_on_main(device, function, *args):
     return result
 
 
+def local_rank_and_size():
+    """(this process's rank on its machine, the number of processes there): (0, 1) without torchrun."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def from_machine_leader(obj):
+    """The obj of this machine's first process (local rank 0), on every process of the machine.
+    torchrun numbers a machine's processes with consecutive ranks, local rank 0 first."""
+    if not is_distributed():
+        return obj
+    return all_gather(obj)[dist.get_rank() - local_rank_and_size()[0]]
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
 def all_gather(obj):
     """[obj of rank 0, obj of rank 1, ...] on every process ([obj] without a process group)."""
     if not is_distributed():

@@ -11,6 +11,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 
 from tqdm import tqdm
 
@@ -23,16 +24,22 @@ FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d
 def download_and_split(root, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print):
     """root/flower_photos/ from the archive, split 9:1 into root/train/ and root/val/ (seed 0)."""
     photos = download_flowers(root, url, sha256, log)
-    split_dataset(photos, root, val_ratio=0.1, seed=0, force=True, log=log)  # train/ was missing
+    split_dataset(photos, root, val_ratio=0.1, seed=0, log=log)  # refuses to replace a val/ it did not make
 
 
 def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print):
     """Fetch flower_photos.tgz (URL, file:// URL or local path), check its SHA-256, extract into dest_dir.
 
-    Returns the path of the extracted flower_photos folder. The archive is written to a temporary
-    file beside its final place and renamed only once its checksum is right.
+    Returns the path of the extracted flower_photos folder. Nothing it did not make is ever
+    deleted: an existing dest_dir/flower_photos is refused, the archive is written to a temporary
+    file and renamed once its checksum is right, and it is extracted into a temporary folder that
+    is moved into place only when the whole archive came out.
     """
     archive = os.path.join(dest_dir, "flower_photos.tgz")
+    extracted = os.path.join(dest_dir, "flower_photos")
+    if os.path.exists(extracted):
+        raise DataError(f"{extracted} already exists: split it with  python -m data_set.split_data --source "
+                        f"{extracted} --dest {dest_dir}  or move it away to download the photos again")
     if os.path.exists(url):
         src, total = open(url, "rb"), os.path.getsize(url)
     else:
@@ -74,17 +81,23 @@ def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
         raise
     log(f"extracting {archive}")
     extracted = os.path.join(dest_dir, "flower_photos")
-    if os.path.isdir(extracted):
-        shutil.rmtree(extracted)
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest_dir, filter="data")  # refuses links and paths outside dest_dir
-        else:  # a Python from before the 2023 tarfile update: the same refusal, by hand
-            for member in tar.getmembers():
-                parts = member.name.replace("\\", "/").split("/")
-                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
-                    raise DataError(f"{archive} holds an unsafe entry {member.name!r}: it is not the flower archive")
-            tar.extractall(dest_dir)
-    if not os.path.isdir(extracted):
-        raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
+    staging = tempfile.mkdtemp(dir=dest_dir, prefix=".flower_photos.")
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, filter="data")  # refuses links and paths outside the folder
+            else:  # a Python from before the 2023 tarfile update: the same refusal, by hand
+                for member in tar.getmembers():
+                    parts = member.name.replace("\\", "/").split("/")
+                    if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                        raise DataError(f"{archive} holds an unsafe entry {member.name!r}: it is not the flower archive")
+                tar.extractall(staging)
+        if not os.path.isdir(os.path.join(staging, "flower_photos")):
+            raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
+        os.rename(os.path.join(staging, "flower_photos"), extracted)
+    except (tarfile.TarError, EOFError, zlib.error) as e:  # a damaged archive, or an entry that would escape
+        raise DataError(f"cannot extract {archive} ({type(e).__name__}: {e}): it is damaged or not the flower "
+                        "photos archive; delete it and download again, or pass another --data-url")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only what this function made
     return extracted

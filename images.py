@@ -51,6 +51,32 @@ def load_image(path, min_side=DECODE_MIN_SIDE):
         return ImageOps.exif_transpose(img).convert("RGB")
 
 
+# The first bytes of every format in IMAGE_EXTENSIONS (WebP: RIFF, then WEBP at byte 8).
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+              b"RIFF", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7")
+
+
+def unreadable(path):
+    """Why this file cannot be an image (a reason), or None: the cheap check made of every file at
+    start-up. It reads 16 bytes; only a file that starts like none of the formats above has its
+    header parsed by Pillow (which reads more formats than their names say). A file that passes can
+    still fail later, when it is decoded (a truncated photo, say)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    if not head:
+        return "an empty file"
+    if head.startswith(SIGNATURES) and (not head.startswith(b"RIFF") or head[8:12] == b"WEBP"):
+        return None
+    try:
+        with Image.open(path):
+            return None
+    except Exception as e:  # any failure to parse the header means the same here: not an image
+        return f"{type(e).__name__}: {e}"
+
+
 def decoded_size(path, min_side=DECODE_MIN_SIDE):
     """(width, height) that load_image will return, read from the header without decoding."""
     with Image.open(path) as img:

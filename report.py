@@ -5,7 +5,9 @@ import os
 
 from atomic import SaveError, atomic_write, atomic_write_text
 
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "seconds"]
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+                 "val_macro_f1", "images_per_s", "seconds"]
+BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # what --best-metric can choose
 
 
 def append_metrics(path, epoch, row):
@@ -39,12 +41,28 @@ def per_class_scores(confusion):
     return scores
 
 
+def summary_scores(confusion):
+    """{"accuracy", "balanced_accuracy", "macro_f1"} of a confusion matrix. Balanced accuracy is the
+    mean recall over the classes that have images; macro-F1 the mean F1 over the classes that have
+    images or predictions (as scikit-learn's defaults compute them): with uneven classes, a model
+    that ignores a small class scores low on both even when its accuracy is high."""
+    total = int(confusion.sum())
+    per_class = per_class_scores(confusion)
+    recalls = [r for _, r, _, n in per_class if n]
+    f1s = [2 * p * r / (p + r) if p + r else 0.0 for k, (p, r, _, n) in enumerate(per_class)
+           if n or int(confusion[:, k].sum())]
+    return {"accuracy": int(confusion.diag().sum()) / total if total else 0.0,
+            "balanced_accuracy": sum(recalls) / len(recalls) if recalls else 0.0,
+            "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
 def print_evaluation(classes, confusion, loss=None):
     total = int(confusion.sum())
-    accuracy = int(confusion.diag().sum()) / total if total else 0.0
+    scores = summary_scores(confusion)
     width = max(len(c) for c in classes + ["class"])
-    print(f"accuracy: {accuracy:.4f} ({int(confusion.diag().sum())}/{total})"
-          + (f"  loss: {loss:.4f}" if loss is not None else ""))
+    print(f"accuracy: {scores['accuracy']:.4f} ({int(confusion.diag().sum())}/{total})"
+          + (f"  loss: {loss:.4f}" if loss is not None else "")
+          + f"  balanced accuracy: {scores['balanced_accuracy']:.4f}  macro-F1: {scores['macro_f1']:.4f}")
     print(f"{'class':<{width}}  precision  recall  accuracy  images")
     for name, (p, r, a, n) in zip(classes, per_class_scores(confusion)):
         print(f"{name:<{width}}  {p:9.4f}  {r:6.4f}  {a:8.4f}  {n:6d}")

@@ -33,8 +33,8 @@ from atomic import atomic_write_text, remove_stale_temp_files
 from images import Preprocessing, default_workers
 from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
 from options import UserError
-from report import (TensorBoardLog, append_metrics, print_evaluation, write_confusion_csv,
-                    write_predictions_csv)
+from report import (BEST_METRICS, TensorBoardLog, append_metrics, print_evaluation, summary_scores,
+                    write_confusion_csv, write_predictions_csv)
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 DEFAULT_DATA = os.path.join("data_set", "flower_data")
@@ -77,6 +77,12 @@ def get_args_parser():
     p.add_argument("--lr-step-size", type=options.positive_int, default=10, help="epochs between decays of the step schedule")
     p.add_argument("--lr-gamma", type=options.positive_float, default=0.1, help="decay factor of the step schedule")
     p.add_argument("--label-smoothing", type=options.below_one, default=0.1, help="cross-entropy label smoothing")
+    p.add_argument("--class-weights", default="none", choices=["none", "balanced"],
+                   help="weigh each class's loss (aux heads too): balanced = by the inverse of its share of "
+                        "the training images, so a small class counts as much as a large one")
+    p.add_argument("--sampler", default="shuffle", choices=["shuffle", "balanced"],
+                   help="the order of each epoch: every training image once (shuffle), or as many draws "
+                        "as images with every class equally likely (balanced; seeded per epoch)")
     p.add_argument("--aux-weight", type=options.non_negative_float, default=0.3, help="weight of each auxiliary classifier's loss")
     p.add_argument("--variant", default=None, choices=VARIANTS,
                    help="network layout: the paper's, or torchvision's with BatchNorm, which trains "
@@ -123,7 +129,14 @@ def get_args_parser():
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
     p.add_argument("--save-every", type=options.non_negative_int, default=0,
                    help="also save last.pth every this many steps inside an epoch (0: at epoch ends only)")
+    p.add_argument("--best-metric", default="accuracy", choices=list(BEST_METRICS),
+                   help="the validation score that chooses best.pth (and that --patience watches)")
+    p.add_argument("--patience", type=options.non_negative_int, default=0,
+                   help="end the run when --best-metric has not improved for this many epochs (0: never)")
     p.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds one (replacing its best.pth and "
+                        "last.pth) instead of refusing")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log the losses, accuracy, learning rate and speed to OUTPUT_DIR/tensorboard "
                         "(needs tensorboard)")
@@ -189,9 +202,13 @@ class EpochResult:
 @dataclass
 class Evaluation:
     loss: float
-    accuracy: float
+    scores: dict  # accuracy, balanced_accuracy, macro_f1 (report.summary_scores)
     confusion: torch.Tensor  # rows: true class, columns: predicted
     rows: Optional[list] = None  # per image: (dataset index, class probabilities, cross-entropy)
+
+    @property
+    def accuracy(self):
+        return self.scores["accuracy"]
 
 
 class StopRequest:
@@ -207,10 +224,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
 
-    def check(self, device, diverged=False):
-        """(diverged anywhere, stop requested anywhere): every process acts at the same step."""
-        diverged, stopping = distributed.any_process([diverged, self.signal is not None], device)
-        return diverged, stopping
+    def check(self, device, diverged=False, unreadable=False):
+        """(diverged, stop requested, an unreadable image under --bad-images error), each anywhere:
+        every process acts at the same step."""
+        return distributed.any_process([diverged, self.signal is not None, unreadable], device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def main(args):
         log(placement.warning)
     resume, start, source = read_checkpoints(args)
     found = load_data(args, placement.device, (resume or start or {}).get("split"), log)
-    distributed.run_on_main(placement.device, prepare_output_dir, args.output_dir)
+    distributed.run_on_main(placement.device, prepare_output_dir, args)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     image_size, preprocessing = image_sizes(args, start)
@@ -239,7 +256,8 @@ def main(args):
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
     run = Run(args, rank, world_size, placement,
               ckpt.Record(found.classes, model.variant, image_size, preprocessing, found.split, vars(args)))
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=class_weights(args, train_loader, placement.device),
+                                    label_smoothing=args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
         return evaluate_only(run, forward, criterion, val_loader, start)
@@ -248,8 +266,9 @@ def main(args):
     progress = ckpt.Progress()
     if resume is not None:
         progress = ckpt.restore_training(resume, args.resume, training.state, rank)
+        mark_unreadable(progress.bad_images, train_loader, val_loader)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
-            f"best accuracy {progress.best_accuracy:.3f}")
+            f"best {args.best_metric} {progress.best_score:.3f}")
     distributed.run_on_main(placement.device, write_class_indices, args, found.classes)
     steps_per_epoch = math.ceil(train_loader.sampler.epoch_length / args.batch_size)
     tensorboard = None
@@ -266,6 +285,9 @@ def fit(run, training, train_loader, val_loader, progress):
     state = training.state
     validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
     for epoch in range(progress.epoch, args.epochs):
+        if out_of_patience(args, progress):
+            log(out_of_patience(args, progress))
+            break
         train_loader.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
         epoch_start = time.perf_counter()
         result = train_one_epoch(training, train_loader, run, progress)
@@ -281,17 +303,21 @@ def fit(run, training, train_loader, val_loader, progress):
         if run.world_size > 1:
             distributed.check_in_sync(state.model, state.ema)
         val = evaluate(validated, val_loader, training.criterion, run)
+        found = newly_unreadable(run, (train_loader, val_loader), progress)
+        if found:
+            log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
+                + "; ".join(found))
         if not math.isfinite(val.loss):  # the last step's update broke the weights: never save them
             raise TrainingError(f"the validation loss became {val.loss} after epoch {epoch + 1}: training "
                                 "diverged; lower --lr (best.pth was not touched)")
         lr = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step()
         seconds = time.perf_counter() - epoch_start
-        improved = progress.end_epoch(val.accuracy)
+        improved = progress.end_epoch(val.scores[args.best_metric])
         distributed.run_on_main(run.device, report_epoch, run, progress.epoch, lr, result, val, seconds)
         if improved:
             payload = run.record.describe(validated)
-            payload.update(epoch=progress.epoch, val_accuracy=val.accuracy)
+            payload.update(epoch=progress.epoch, val_accuracy=val.accuracy, val_scores=val.scores)
             distributed.run_on_main(run.device, ckpt.save_checkpoint, payload, run.best_path,
                                     "the previous file is intact; free some disk space and resume from last.pth")
         save_last(run, state, progress)
@@ -299,8 +325,8 @@ def fit(run, training, train_loader, val_loader, progress):
         run.tensorboard.close()
     if run.world_size > 1:
         log(f"ranks in sync: the {run.world_size} processes held identical weights after every epoch")
-    log(f"best val_accuracy {progress.best_accuracy:.3f} at epoch {progress.best_epoch}, saved in {run.best_path}; "
-        f"peak memory {peak_rss_gib():.1f} GiB")
+    log(f"best val_{args.best_metric} {progress.best_score:.3f} at epoch {progress.best_epoch}, saved in "
+        f"{run.best_path}; peak memory {peak_rss_gib():.1f} GiB")
     return 0
 
 
@@ -317,7 +343,7 @@ def train_one_epoch(training, loader, run, progress):
     bar = tqdm(loader, desc=f"train {progress.epoch + 1}/{args.epochs}", disable=not run.is_main,
                initial=progress.step, total=progress.step + len(loader), file=sys.stdout, dynamic_ncols=True)
     start, images_timed = time.perf_counter(), 0
-    for images, labels in bar:
+    for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
         images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
                                       run.record.preprocessing.std, channels_last=args.channels_last == "on")
         labels = labels.to(device, non_blocking=True)
@@ -342,8 +368,12 @@ def train_one_epoch(training, loader, run, progress):
             step_loss += loss.item()
             if training.mix is None:
                 correct += (logits.argmax(1) == hard).sum().item()
-        # one all-reduce per step tells every process about a diverged loss or a stop request
-        diverged, stopping = training.stop.check(device, not math.isfinite(step_loss))
+        # one all-reduce per step tells every process about a diverged loss, a stop request, or an
+        # unreadable image when --bad-images error asks to stop at the first
+        found = args.bad_images == "error" and loader.dataset.cache.found_bad
+        diverged, stopping, unreadable = training.stop.check(device, not math.isfinite(step_loss), found)
+        if unreadable:
+            raise (unreadable_error(loader.dataset) if found else distributed.PeerFailed())
         if diverged:
             raise TrainingError(f"the loss became {step_loss if not math.isfinite(step_loss) else 'nan or inf in another process'} "
                                 f"at epoch {progress.epoch + 1}, step {progress.step + 1}: training diverged; lower --lr "
@@ -380,26 +410,32 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False):
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum, rows = 0.0, []
     indices = iter(loader.sampler)  # an evaluation sampler hands out plain indices, in loading order
-    for images, targets in tqdm(loader, desc="val", disable=not run.is_main, file=sys.stdout,
-                                dynamic_ncols=True, leave=False):
+    for images, targets, valid in tqdm(loader, desc="val", disable=not run.is_main, file=sys.stdout,
+                                       dynamic_ncols=True, leave=False):
         images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
                                       run.record.preprocessing.std, channels_last=args.channels_last == "on")
         targets = targets.to(device, non_blocking=True)
         with dev.autocast(device, run.placement.amp_dtype):
             logits = logits_with_mirror(model, images) if tta else model(images)
-        loss_sum += criterion(logits.float(), targets).item() * len(images)
+        kept = [next(indices) for _ in range(len(valid))]
+        if not valid.all():  # unreadable images are left out of every figure
+            kept = [i for i, ok in zip(kept, valid.tolist()) if ok]
+            valid = valid.to(device)
+            logits, targets = logits[valid], targets[valid]
+            if not len(targets):
+                continue
+        loss_sum += criterion(logits.float(), targets).item() * len(targets)
         confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
         if per_image:
             log_p = torch.log_softmax(logits.float(), dim=1)
             losses = -log_p.gather(1, targets[:, None])[:, 0]
-            rows += [(next(indices), p, l) for p, l in zip(log_p.exp().tolist(), losses.tolist())]
+            rows += [(i, p, l) for i, p, l in zip(kept, log_p.exp().tolist(), losses.tolist())]
     counts = distributed.all_reduce_sum(confusion.flatten().tolist() + [loss_sum], device)
     confusion = torch.tensor(counts[:-1], dtype=torch.int64).view(num_classes, num_classes)
     if per_image:
         rows = sorted(r for part in distributed.all_gather(rows) for r in part)
-    count = int(confusion.sum())
-    return Evaluation(counts[-1] / max(count, 1), confusion.diag().sum().item() / max(count, 1), confusion,
+    return Evaluation(counts[-1] / max(int(confusion.sum()), 1), summary_scores(confusion), confusion,
                       rows if per_image else None)
 
 
@@ -408,6 +444,11 @@ def evaluate_only(run, model, criterion, val_loader, start):
     args = run.args
     ckpt.check_classes(args.weights, start.get("classes"), run.record.classes, "the val folder")
     result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
+    unreadable = [val_loader.dataset.samples[i][0] for i in val_loader.dataset.cache.bad_indices()]
+    if unreadable and args.bad_images == "error":
+        raise data.DataError(f"cannot read image {unreadable[0]}: remove or replace it, or pass --bad-images skip")
+    if unreadable:
+        print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
     if run.is_main:
         classes = run.record.classes
         print_evaluation(classes, result.confusion, result.loss)
@@ -472,8 +513,15 @@ def download_if_missing(root, url, sha256, log):
         download.download_and_split(root, url, sha256, log)
 
 
-def prepare_output_dir(folder):
-    """Create --output-dir, prove it writable, and clear the temporary files of a save cut short."""
+def prepare_output_dir(args):
+    """Create --output-dir, prove it writable, and clear the temporary files of a save cut short.
+    A folder that holds another run is not written over without --overwrite (or --resume)."""
+    folder = args.output_dir
+    held = [f for f in ("best.pth", "last.pth") if os.path.exists(os.path.join(folder, f))]
+    if held and not (args.resume or args.eval_only or args.overwrite):
+        raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with --resume "
+                        f"{os.path.join(folder, 'last.pth')}, write this one elsewhere with --output-dir, "
+                        "or pass --overwrite to replace it")
     try:
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, ".write-test"), "ok")
@@ -493,26 +541,52 @@ def image_sizes(args, start=None):
 
 
 def build_loaders(args, found, image_size, preprocessing, device, rank, world_size, log):
-    """(train loader or None, val loader, worker count); the images are decoded here, once."""
-    cached = data.decide_cache(args.cache, [p for p, _ in found.train + found.val], log=log)
+    """(train loader or None, val loader, worker count). The files are only listed and checked
+    here (images.unreadable); they are decoded when first loaded, into this machine's cache."""
+    samples = {"train": found.train, "val": found.val}
+    skipped = data.find_unreadable([p for p, _ in found.train + found.val])
+    if skipped and args.bad_images == "error":
+        path, reason = skipped[0]
+        raise data.DataError(f"cannot read image {path} ({reason}): remove or replace it, or pass --bad-images skip")
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
+        bad = {p for p, _ in skipped}
+        samples = {part: [s for s in items if s[0] not in bad] for part, items in samples.items()}
+    capacity = data.cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
     workers = (args.workers if args.workers is not None
-               else default_workers(device.type, args.batch_size, cached))
+               else default_workers(device.type, args.batch_size, capacity > 0))
     auto_augment = None if args.auto_augment == "none" else args.auto_augment
+    total = max(len(samples["train"]) + len(samples["val"]), 1)
     loaders = []
-    for train, samples in ((True, found.train), (False, found.val)):
-        if train and args.eval_only:
+    for part in ("train", "val"):
+        if part == "train" and args.eval_only:
             loaders.append(None)
             continue
+        train = part == "train"
+        images_cache, writer = data.machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
+                                                  max(workers, 1), device)
         transform = (data.train_transform(image_size, auto_augment, args.random_erase) if train
                      else data.EvalTransform(preprocessing))
-        dataset = data.ImageDataset(samples, transform, cached, args.bad_images)
-        sampler = (data.EpochSampler(len(dataset), True, args.seed, rank, world_size) if train else
+        dataset = data.ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
+        weights = class_balance(dataset.targets) if train and args.sampler == "balanced" else None
+        sampler = (data.EpochSampler(len(dataset), True, args.seed, rank, world_size, weights=weights) if train else
                    data.EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
         loaders.append(data.make_loader(dataset, sampler, args.batch_size, workers, device))
-        if dataset.skipped:
-            log(f"skipped {len(dataset.skipped)} unreadable image(s): "
-                + "; ".join(f"{p} ({e})" for p, e in dataset.skipped))
     return loaders[0], loaders[1], workers
+
+
+def class_balance(targets):
+    """Per sample, the inverse of its class's count: drawn with these weights, every class is as likely."""
+    counts = torch.bincount(torch.tensor(targets))
+    return (1.0 / counts.double())[torch.tensor(targets)]
+
+
+def class_weights(args, train_loader, device):
+    """--class-weights balanced: images / (classes x the class's images) per class, None otherwise."""
+    if args.class_weights == "none" or train_loader is None:
+        return None
+    counts = torch.bincount(torch.tensor(train_loader.dataset.targets)).double()
+    return (counts.sum() / (len(counts) * counts.clamp_min(1))).float().to(device)
 
 
 def build_model(args, classes, recorded, start, source, device, log):
@@ -611,6 +685,43 @@ def open_tensorboard(output_dir, next_step):
 # ---------------------------------------------------------------------------------------------
 # Saving and reporting
 # ---------------------------------------------------------------------------------------------
+def unreadable_error(dataset):
+    path = dataset.samples[dataset.cache.bad_indices()[0]][0]
+    return data.DataError(f"cannot read image {path}: remove or replace it, or pass --bad-images skip")
+
+
+def mark_unreadable(paths, *loaders):
+    """On resume: the images that the run found unreadable are so again, without decoding them."""
+    wanted = set(paths)
+    for loader in loaders:
+        for index, (path, _) in enumerate(loader.dataset.samples):
+            if path in wanted:
+                loader.dataset.cache.mark_bad(index)
+
+
+def newly_unreadable(run, loaders, progress):
+    """The images found unreadable since the last look, from every machine's caches; added to progress."""
+    known = set(progress.bad_images)
+    mine = [loader.dataset.samples[i][0] for loader in loaders for i in loader.dataset.cache.bad_indices()]
+    found = sorted({p for part in distributed.all_gather(mine) for p in part} - known)
+    progress.bad_images.extend(found)
+    if found and run.args.bad_images == "error":  # found while validating
+        raise data.DataError(f"cannot read image {found[0]}: remove or replace it, or pass --bad-images skip")
+    return found
+
+
+def out_of_patience(args, progress):
+    """Why the run ends early (--patience), or None while it may go on."""
+    waited = progress.epoch - progress.best_epoch
+    if not args.patience or progress.best_epoch == 0 or waited < args.patience:
+        return None
+    planned = (f"; the {args.lr_scheduler} schedule was planned for {args.epochs} epochs"
+               if args.lr_scheduler != "none" and progress.epoch < args.epochs else "")
+    return (f"stopping early after epoch {progress.epoch}: val {args.best_metric} has not improved for "
+            f"{waited} epochs (--patience {args.patience}; best {progress.best_score:.3f} at epoch "
+            f"{progress.best_epoch}){planned}")
+
+
 def save_last(run, state, progress):
     """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
     rngs = distributed.all_gather(ckpt.capture_rng_state())
@@ -619,14 +730,16 @@ def save_last(run, state, progress):
 
 def report_epoch(run, epoch, lr, result, val, seconds):
     """The epoch's summary line, its metrics.csv row and its TensorBoard scalars."""
+    other = "" if run.args.best_metric == "accuracy" else f"val_{run.args.best_metric}: {val.scores[run.args.best_metric]:.3f}  "
     print(f"[epoch {epoch}] train_loss: {result.loss:.3f}  "
           + (f"train_accuracy: {result.accuracy:.3f}  " if result.accuracy is not None else "")
-          + f"val_loss: {val.loss:.3f}  val_accuracy: {val.accuracy:.3f}  {result.images_per_s:.1f} img/s  "
+          + f"val_loss: {val.loss:.3f}  val_accuracy: {val.accuracy:.3f}  {other}{result.images_per_s:.1f} img/s  "
           f"{seconds:.0f} s")
     append_metrics(os.path.join(run.args.output_dir, "metrics.csv"), epoch,
                    dict(lr=lr, train_loss=result.loss, train_accuracy="" if result.accuracy is None else result.accuracy,
-                        val_loss=val.loss, val_accuracy=val.accuracy, images_per_s=result.images_per_s,
-                        seconds=seconds))
+                        val_loss=val.loss, val_accuracy=val.accuracy,
+                        val_balanced_accuracy=val.scores["balanced_accuracy"], val_macro_f1=val.scores["macro_f1"],
+                        images_per_s=result.images_per_s, seconds=seconds))
     if run.tensorboard:
         run.tensorboard.add({"epoch": epoch, "lr": lr, "train/loss": result.loss, "train/accuracy": result.accuracy,
                              "val/loss": val.loss, "val/accuracy": val.accuracy,

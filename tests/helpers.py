@@ -66,6 +66,18 @@ def samples_of(root):
     return data.list_images(str(root), data.find_classes(str(root)))
 
 
+def dataset_of(root, transform, cached=True, substitute=True):
+    """data.ImageDataset of a folder of class folders with its own image cache (room for every
+    image, or none with cached=False)."""
+    import torch
+
+    import data
+
+    samples = samples_of(root)
+    images_cache, _ = data.machine_cache(len(samples), 2 ** 26 if cached else 0, 1, torch.device("cpu"))
+    return data.ImageDataset(samples, transform, images_cache, substitute=substitute)
+
+
 def write_corrupt(path, n=2000, seed=1):
     """Random bytes under an image name."""
     path = Path(path)
@@ -162,10 +174,10 @@ def stop_after_step(n, out, keep):
 
     steps = {"n": 0}
 
-    def check(self, device, diverged=False):  # called once in every step, before its --save-every save
+    def check(self, device, diverged=False, unreadable=False):  # once in every step, before its --save-every save
         steps["n"] += 1
         if steps["n"] == n:
             shutil.copy(Path(out) / "last.pth", keep)
-        return diverged, steps["n"] == n
+        return diverged, steps["n"] == n, unreadable
 
     return check

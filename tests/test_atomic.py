@@ -184,7 +184,7 @@ def test_unwritable_destination_raises_oserror_and_creates_nothing(tmp_path, whe
 def test_train_reports_unwritable_output_dir_as_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(train.TrainingError, match="cannot write to output folder .*--output-dir"):
-        train.prepare_output_dir(str(tmp_path / "a_file" / "weights"))
+        train.prepare_output_dir(train.get_args_parser().parse_args(["--output-dir", str(tmp_path / "a_file" / "weights")]))
     assert os.listdir(tmp_path) == ["a_file"]
 
 
@@ -246,13 +246,14 @@ def test_append_metrics_rows_and_format(tmp_path):
     path = str(tmp_path / "metrics.csv")
     for epoch in (1, 2, 3):
         report.append_metrics(path, epoch, dict(lr=3e-4, train_loss=1.0 / epoch, train_accuracy="",
-                                                val_loss=2.0 / 3, val_accuracy=epoch / 9, images_per_s=12.5,
-                                                seconds=7.0))
+                                                val_loss=2.0 / 3, val_accuracy=epoch / 9, val_balanced_accuracy=0.25,
+                                                val_macro_f1=0.2, images_per_s=12.5, seconds=7.0))
     fields, rows = read_metrics(path)
     assert fields == report.METRIC_FIELDS
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert rows[2] == {"epoch": "3", "lr": "0.0003", "train_loss": "0.333333", "train_accuracy": "",
-                       "val_loss": "0.666667", "val_accuracy": "0.333333", "images_per_s": "12.5", "seconds": "7"}
+                       "val_loss": "0.666667", "val_accuracy": "0.333333", "val_balanced_accuracy": "0.25",
+                       "val_macro_f1": "0.2", "images_per_s": "12.5", "seconds": "7"}
     assert open(path).read().count("\n") == 4 and "\r" not in open(path).read()
     assert os.listdir(tmp_path) == ["metrics.csv"]
 

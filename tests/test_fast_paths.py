@@ -10,7 +10,7 @@ from torchvision import transforms
 import data
 import device as dev
 import images
-from helpers import samples_of
+from helpers import dataset_of
 from model import GoogLeNet
 
 
@@ -65,18 +65,20 @@ def test_evaluation_preprocessing_is_torchvisions_pixel_for_pixel(size, resize, 
 def test_cached_and_streamed_images_are_the_same(tmp_path):
     root = photo_folder(tmp_path / "imgs")
     for tf in (data.train_transform(224), data.EvalTransform(images.Preprocessing(224, 224))):
-        cached = data.ImageDataset(samples_of(root), tf, cache=True)
-        streamed = data.ImageDataset(samples_of(root), tf, cache=False)
+        cached = dataset_of(root, tf, cached=True)
+        streamed = dataset_of(root, tf, cached=False)
         train = not isinstance(tf, data.EvalTransform)
         items = [(i, 1234 + i) for i in range(len(cached))] if train else range(len(cached))
         for item in items:
-            (x1, y1), (x2, y2) = cached[item], streamed[item]
-            assert y1 == y2 and torch.equal(x1, x2)
+            for _ in range(2):  # the first access decodes (and caches), the second reads the cache
+                (x1, y1, ok1), (x2, y2, ok2) = cached[item], streamed[item]
+                assert y1 == y2 and ok1 and ok2 and torch.equal(x1, x2)
+    assert cached.cache.counts()[0] == len(cached) and streamed.cache.counts()[:2] == (0, len(streamed))
 
 
 def test_seeded_augmentation_depends_on_the_seed_only(tmp_path):
     root = photo_folder(tmp_path / "imgs")
-    ds = data.ImageDataset(samples_of(root), data.train_transform(224), cache=True)
+    ds = dataset_of(root, data.train_transform(224))
     first = ds[(0, 7)][0]
     torch.manual_seed(999)  # the global RNG (dropout's) must neither matter nor be consumed
     state = torch.get_rng_state()
@@ -182,7 +184,7 @@ def test_only_fp16_gets_a_loss_scaler():
 
 
 def test_loader_pins_memory_only_for_cuda(tmp_path):
-    ds = data.ImageDataset(samples_of(photo_folder(tmp_path / "imgs")), data.EvalTransform(images.Preprocessing(224, 224)))
+    ds = dataset_of(photo_folder(tmp_path / "imgs"), data.EvalTransform(images.Preprocessing(224, 224)))
     sampler = data.EpochSampler(len(ds), shuffle=False)
     assert data.make_loader(ds, sampler, 2, 0, torch.device("cuda")).pin_memory
     assert not data.make_loader(ds, sampler, 2, 0, torch.device("cpu")).pin_memory

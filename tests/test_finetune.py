@@ -193,7 +193,8 @@ def test_eval_only_prints_the_report_and_writes_the_confusion_matrix(finetuned, 
                                      "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4"])
     assert code == 0, out + err
     text = lines(out)
-    overall = [re.fullmatch(r"accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: \d+\.\d{4}", l) for l in text]
+    overall = [re.fullmatch(r"accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: \d+\.\d{4}  balanced accuracy: \d\.\d{4}  "
+                            r"macro-F1: \d\.\d{4}", l) for l in text]
     overall = [m for m in overall if m]
     assert len(overall) == 1, out
     correct, total = int(overall[0].group(2)), int(overall[0].group(3))

@@ -12,7 +12,7 @@ import images
 import predict
 import train
 from data import split_dataset
-from helpers import FP32, COLORS, assert_clean_error, call, load, samples_of, save_image, train_argv
+from helpers import FP32, COLORS, assert_clean_error, call, load, dataset_of, save_image, train_argv
 
 
 def plain_folder(root, counts=(6, 5, 4)):
@@ -155,9 +155,9 @@ def test_cache_stream_and_prediction_all_see_it_upright(tmp_path):
     path = sideways_photo(tmp_path / "photos" / "a" / "phone.jpg", size=(96, 64))
     preprocessing = images.Preprocessing(64, 64)
     transform = data.EvalTransform(preprocessing)
-    cached = data.ImageDataset(samples_of(tmp_path / "photos"), transform, cache=True)
-    streamed = data.ImageDataset(samples_of(tmp_path / "photos"), transform, cache=False)
+    cached = dataset_of(tmp_path / "photos", transform, cached=True)
+    streamed = dataset_of(tmp_path / "photos", transform, cached=False)
     assert torch.equal(cached[0][0], streamed[0][0])
-    assert_upright(Image.fromarray(cached.cache[0]), (96, 64))
+    assert_upright(Image.fromarray(cached.cache.get(0)), (96, 64))
     pixels, error = predict.prepare(str(path), preprocessing)
     assert error == "" and torch.equal(torch.from_numpy(pixels).permute(2, 0, 1), cached[0][0])

@@ -17,7 +17,7 @@ import device as dev
 import images
 import predict
 import train
-from helpers import FP32, call, load, make_tree, samples_of, stop_after_step, train_argv
+from helpers import FP32, call, load, make_tree, dataset_of, stop_after_step, train_argv
 from model import GoogLeNet, logits_with_mirror
 
 CPU = torch.device("cpu")
@@ -174,7 +174,7 @@ def test_augmentation_policies_are_torchvisions_and_seeded_per_image(policy, tmp
     for i in range(2):
         (tmp_path / "a").mkdir(exist_ok=True)
         photo(i).save(tmp_path / "a" / f"{i}.png")
-    ds = data.ImageDataset(samples_of(tmp_path), transform, cache=True)
+    ds = dataset_of(tmp_path, transform)
     first = ds[(0, 11)][0]
     assert first.shape == (3, 64, 64) and first.dtype == torch.uint8
     torch.manual_seed(123)  # the global generator neither matters nor is consumed
@@ -238,7 +238,7 @@ def test_aux_heads_get_the_same_soft_targets(tree):
             z = self.fc(x.mean((2, 3)))
             return z, z * 2, z * 3
 
-    ds = data.ImageDataset(samples_of(tree / "train"), data.train_transform(32), cache=True)
+    ds = dataset_of(tree / "train", data.train_transform(32))
     loader = data.make_loader(ds, data.EpochSampler(len(ds), True), 4, 0, CPU)
     model = Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -35,8 +35,8 @@ from helpers import (FP32, CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_e
                      write_truncated_jpeg)
 from model import GoogLeNet
 
-METRIC_HEADER = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s",
-                 "seconds"]
+METRIC_HEADER = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+                 "val_macro_f1", "images_per_s", "seconds"]
 
 
 def assert_same_weights(a, b):
@@ -245,16 +245,30 @@ def test_train_bad_images_error_names_the_file(tmp_path):
 
 
 def test_train_skips_unreadable_images_by_default(tmp_path):
+    """Random bytes are no image: the start-up check finds them. A truncated JPEG starts like one:
+    it is found when first decoded, listed when that epoch ends, replaced in its batch by the next
+    image in every epoch after, and recorded in last.pth; a truncated val image is left out."""
     data_dir = make_tree(tmp_path / "data", n_train=1, n_val=1)
     corrupt = write_corrupt(data_dir / "train" / "daisy" / "x.jpg")
     truncated = write_truncated_jpeg(data_dir / "train" / "roses" / "half.jpg")
-    code, out, err = call(train, train_argv(data_dir, tmp_path / "out"))
+    truncated_val = write_truncated_jpeg(data_dir / "val" / "tulips" / "half.jpg")
+    code, out, err = call(train, train_argv(data_dir, tmp_path / "out", epochs=2))
     assert code == 0, err
     skipped = [line for line in out.splitlines() if line.startswith("skipped")]
-    assert len(skipped) == 1 and "skipped 2 unreadable" in skipped[0], out
-    assert str(corrupt) in skipped[0] and str(truncated) in skipped[0]
-    assert "3 train, 3 val images" in out
+    assert len(skipped) == 1 and "skipped 1 unreadable" in skipped[0] and str(corrupt) in skipped[0], out
+    assert "4 train, 4 val images" in out
+    found = [line for line in out.splitlines() if "unreadable image(s) in epoch" in line]
+    assert found == [f"found 2 unreadable image(s) in epoch 1, left out from now on: {truncated}; {truncated_val}"]
+    assert load(tmp_path / "out" / "last.pth")["bad_images"] == [str(truncated), str(truncated_val)]
     assert (tmp_path / "out" / "best.pth").is_file()
+
+
+def test_bad_images_error_stops_at_a_photo_that_fails_to_decode(tmp_path):
+    data_dir = make_tree(tmp_path / "data", n_train=1, n_val=1)
+    truncated = write_truncated_jpeg(data_dir / "train" / "roses" / "half.jpg")
+    code, out, err = call(train, train_argv(data_dir, tmp_path / "out", "--bad-images", "error"))
+    assert_clean_error(code, err, f"cannot read image {truncated}", "--bad-images skip")
+    assert "train 1/" in out and not (tmp_path / "out" / "best.pth").exists()
 
 
 def test_train_resume_missing_file(trained, tmp_path):
@@ -560,7 +574,7 @@ def test_nan_stops_and_keeps_best(trained, tmp_path, n_train, where):
     out.mkdir()
     shutil.copy(trained["best"], out / "best.pth")
     before = (out / "best.pth").read_bytes()
-    code, _, err = call(train, train_argv(data_dir, out, "--lr", "1e12", epochs=2))
+    code, _, err = call(train, train_argv(data_dir, out, "--lr", "1e12", "--overwrite", epochs=2))
     line = assert_clean_error(code, err, "diverged", "--lr")
     assert re.search(where, line), line
     assert (out / "best.pth").read_bytes() == before

@@ -1,0 +1,171 @@
+"""The decoded-image cache: one per machine, shared by every local process and loader worker.
+
+It is one shared memory mapping: anonymous for a single process (its forked loader workers share
+it), or, under torchrun, one file in /dev/shm (memory) where there is one, else in the temp
+folder, that every process of the run on this machine maps; on Linux that file is removed from
+the folder as soon as they all have it open, so the kernel frees it when the last of them ends,
+crashed or not. It holds, for each image, a status (not loaded yet, cached, unreadable, read from disk) and, while
+there is room, the decoded pixels: the first epoch fills it as the images are loaded, the later
+ones read memory instead of decoding JPEGs. With --cache off it holds the statuses only, so that an
+unreadable image that a loader worker meets is known to the main process too.
+
+Each writer (a process, or one of its loader workers) fills its own slab of the arena, so no two
+writers ever allocate the same bytes and no lock is needed; an image that does not fit in its
+writer's slab is read from disk each time (and counted).
+"""
+import atexit
+import mmap
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+UNKNOWN, CACHED, BAD, STREAMED = 0, 1, 2, 3
+# Linux forks loader workers (data.make_loader asks for it), which share an anonymous mapping; the
+# other platforms spawn them, and those open the cache's file by name.
+FORKED_WORKERS = sys.platform.startswith("linux")
+_MAGIC = b"GNETCACH"
+_ALIGN = 64
+
+
+def _aligned(n):
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def shared_folder():
+    """/dev/shm where it exists (memory, not disk), else the temp folder."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def free_bytes(folder):
+    try:
+        stat = os.statvfs(folder)
+        return stat.f_bavail * stat.f_frsize
+    except (OSError, AttributeError):  # Windows has no statvfs
+        return 2 ** 62
+
+
+class SharedImageCache:
+    """Statuses and decoded pixels (uint8 H x W x 3) of `count` images, shared through one mapped file.
+
+    Layout: a 64-byte header (magic, count, writers, slab size, a flag set when an image turns
+    out unreadable), the writers' fill levels, one status byte per image, each image's (offset,
+    height, width), then the arena of `writers` slabs of `slab` bytes each.
+    """
+
+    def __init__(self, mapping, path=None, fd=None):
+        self.map, self.path, self.fd = mapping, path, fd
+        header = np.frombuffer(self.map, dtype=np.int64, count=8)
+        if bytes(self.map[:8]) != _MAGIC:
+            raise ValueError(f"{path} is not an image cache")
+        self.count, self.writers, self.slab = int(header[1]), int(header[2]), int(header[3])
+        offset = _ALIGN
+        self.fill = np.frombuffer(self.map, dtype=np.int64, count=self.writers, offset=offset)
+        offset = _aligned(offset + 8 * self.writers)
+        self.status = np.frombuffer(self.map, dtype=np.uint8, count=self.count, offset=offset)
+        offset = _aligned(offset + self.count)
+        self.where = np.frombuffer(self.map, dtype=np.int64, count=3 * self.count, offset=offset).reshape(-1, 3)
+        self.arena = _aligned(offset + 24 * self.count)
+        self._flags = np.frombuffer(self.map, dtype=np.int64, count=1, offset=32)
+
+    @classmethod
+    def create(cls, count, capacity, writers=1, as_file=False, folder=None):
+        """A new cache for count images with about capacity bytes of pixels (0: statuses only):
+        anonymous memory, or with as_file a file that other processes can attach to."""
+        writers = max(1, writers)
+        slab = capacity // writers
+        meta = _aligned(_aligned(_aligned(_ALIGN + 8 * writers) + count) + 24 * count)
+        header = np.zeros(8, np.int64)
+        header[1:4] = count, writers, slab
+        header = _MAGIC + header.tobytes()[8:]
+        if not as_file:  # pages are zeros until written, and take memory only then
+            mapping = mmap.mmap(-1, meta + slab * writers)
+            mapping[:len(header)] = header
+            return cls(mapping)
+        fd, path = tempfile.mkstemp(prefix="googlenet-cache-", dir=folder or shared_folder())
+        try:
+            # the metadata is written out now, so that a full folder fails here and not later;
+            # the arena stays a hole that takes memory only where pixels are written
+            os.write(fd, header)
+            os.write(fd, bytes(meta - len(header)))
+            os.ftruncate(fd, meta + slab * writers)
+        except OSError:
+            os.close(fd)
+            os.remove(path)
+            raise
+        return cls(mmap.mmap(fd, meta + slab * writers), path, fd)
+
+    @classmethod
+    def attach(cls, path):
+        """The cache another process of this machine created as a file at path."""
+        fd = os.open(path, os.O_RDWR)
+        return cls(mmap.mmap(fd, os.fstat(fd).st_size), path, fd)
+
+    def unlink(self):
+        """On Linux, remove the file's name now that every process has it open: the memory lives on
+        while any of them maps it. Elsewhere loader workers are spawned and open it by name: it
+        is removed when this process ends."""
+        if FORKED_WORKERS:
+            os.remove(self.path)
+            self.path = None
+        else:
+            atexit.register(self.close)
+
+    def close(self):
+        del self.fill, self.status, self.where, self._flags  # views into the map: it closes only without them
+        self.map.close()
+        if self.fd is not None:
+            os.close(self.fd)
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def __reduce__(self):
+        # forked loader workers (Linux) share the mapping as it is; spawned ones open the file again
+        if self.path is None:
+            raise TypeError("an anonymous image cache is shared with forked loader workers only")
+        return SharedImageCache.attach, (self.path,)
+
+    @property
+    def capacity(self):
+        return self.slab * self.writers
+
+    def get(self, index):
+        """The cached pixels of an image (a copy), or None."""
+        if self.status[index] != CACHED:
+            return None
+        offset, height, width = (int(v) for v in self.where[index])
+        pixels = np.frombuffer(self.map, dtype=np.uint8, count=height * width * 3, offset=self.arena + offset)
+        return pixels.reshape(height, width, 3).copy()
+
+    def put(self, index, pixels, writer=0):
+        """Keep an image's pixels if its writer's slab has room; True when they were kept."""
+        if self.status[index] != UNKNOWN:
+            return self.status[index] == CACHED
+        n = pixels.size
+        used = int(self.fill[writer])
+        if used + n > self.slab:
+            self.status[index] = STREAMED
+            return False
+        offset = writer * self.slab + used
+        np.frombuffer(self.map, dtype=np.uint8, count=n, offset=self.arena + offset)[:] = pixels.reshape(-1)
+        self.where[index] = (offset, pixels.shape[0], pixels.shape[1])
+        self.fill[writer] = used + n
+        self.status[index] = CACHED  # last: another process reads the pixels only after this
+        return True
+
+    def mark_bad(self, index):
+        self.status[index] = BAD
+        self._flags[0] = 1
+
+    @property
+    def found_bad(self):
+        """True once any image was marked unreadable (a cheap check for every step)."""
+        return bool(self._flags[0])
+
+    def bad_indices(self):
+        return np.flatnonzero(self.status == BAD).tolist()
+
+    def counts(self):
+        """(cached, streamed) images so far, and the bytes their pixels take."""
+        return (int((self.status == CACHED).sum()), int((self.status == STREAMED).sum()), int(self.fill.sum()))
