@@ -113,7 +113,7 @@ def list_images(root, classes):
     samples = []
     for index, name in enumerate(classes):
         folder = os.path.join(root, name)
-        files = images.find_image_files(folder)
+        files = images.find_image_files(folder, within=root)
         if not files:
             raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")
@@ -228,7 +228,8 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
     for out in outputs:
         # --force deletes these folders, so they must not hold the photos being split; nor may they
         # sit inside the source, where the next run would take them for classes.
-        if _is_within(source, out) or _is_within(out, source):
+        real_source, real_out = os.path.realpath(source), os.path.realpath(out)
+        if images.inside(real_source, real_out) or images.inside(real_out, real_source):
             raise DataError(f"source {source} and output {out} overlap: choose a --dest outside "
                             "the source folder")
         if os.path.exists(out) and not force:
@@ -256,11 +257,6 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
         if n_val == 0:
             log(f"warning: class {name} has a single image, so val has none of it")
     return counts
-
-
-def _is_within(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
 
 
 def _log_table(counts, log):
@@ -467,6 +463,8 @@ def machine_cache(count, capacity, writers_per_process, device):
     distributed.barrier()  # every process has it open: its name can go
     if made is not None:
         made.unlink()
+    elif cache.FORKED_WORKERS:
+        shared.path = None  # the leader removed it
     return shared, local_rank * writers_per_process
 
 

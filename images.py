@@ -84,20 +84,30 @@ def decoded_size(path, min_side=DECODE_MIN_SIDE):
         return img.size
 
 
-def find_image_files(folder):
-    """Every image file under folder, sorted; links to files and folders are followed, but no
+def find_image_files(folder, within=None):
+    """Every image file under folder, sorted. Links to files and folders are followed, but no
     folder is entered twice (a link to a parent folder would otherwise loop until the path length
-    runs out, counting the same photos again and again)."""
+    runs out). With within, the data folder that holds this class folder, a link that leads
+    elsewhere inside it (into another class's folder, the data folder itself or above it) is not
+    followed either: no photo is counted twice, or under the wrong class."""
     files, seen = [], set()
+    real_folder = os.path.realpath(folder)
+    real_within = os.path.realpath(within) if within else None
     for dirpath, dirnames, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        elsewhere = (real_within is not None and not inside(real, real_folder)
+                     and (inside(real, real_within) or inside(real_within, real)))
+        if real in seen or elsewhere:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames.sort()
         files.extend(os.path.join(dirpath, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
     return sorted(files)
+
+
+def inside(path, folder):
+    """Whether path is folder or lies under it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def resize_and_crop(image, preprocessing):

@@ -256,8 +256,7 @@ def main(args):
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
     run = Run(args, rank, world_size, placement,
               ckpt.Record(found.classes, model.variant, image_size, preprocessing, found.split, vars(args)))
-    criterion = nn.CrossEntropyLoss(weight=class_weights(args, train_loader, placement.device),
-                                    label_smoothing=args.label_smoothing)
+    criterion = ClassWeightedLoss(class_weights(args, train_loader, placement.device), args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
         return evaluate_only(run, forward, criterion, val_loader, start)
@@ -579,6 +578,20 @@ def class_balance(targets):
     """Per sample, the inverse of its class's count: drawn with these weights, every class is as likely."""
     counts = torch.bincount(torch.tensor(targets))
     return (1.0 / counts.double())[torch.tensor(targets)]
+
+
+class ClassWeightedLoss(nn.CrossEntropyLoss):
+    """Cross-entropy with label smoothing and optional class weights, averaged over the images.
+    PyTorch's weighted mean divides by the batch's sum of weights instead, which undoes the weights
+    in every batch of one class: with 4 images a batch and a 10:1 imbalance, most batches."""
+
+    def __init__(self, weight=None, label_smoothing=0.0):
+        super().__init__(weight=weight, label_smoothing=label_smoothing,
+                         reduction="mean" if weight is None else "sum")
+
+    def forward(self, logits, targets):
+        loss = super().forward(logits, targets)
+        return loss if self.weight is None else loss / len(logits)
 
 
 def class_weights(args, train_loader, device):

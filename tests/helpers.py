@@ -66,15 +66,15 @@ def samples_of(root):
     return data.list_images(str(root), data.find_classes(str(root)))
 
 
-def dataset_of(root, transform, cached=True, substitute=True):
+def dataset_of(root, transform, cached=True, substitute=True, workers=0):
     """data.ImageDataset of a folder of class folders with its own image cache (room for every
-    image, or none with cached=False)."""
+    image, or none with cached=False) for a loader with that many workers."""
     import torch
 
     import data
 
     samples = samples_of(root)
-    images_cache, _ = data.machine_cache(len(samples), 2 ** 26 if cached else 0, 1, torch.device("cpu"))
+    images_cache, _ = data.machine_cache(len(samples), 2 ** 26 if cached else 0, max(workers, 1), torch.device("cpu"))
     return data.ImageDataset(samples, transform, images_cache, substitute=substitute)
 
 
