@@ -19,6 +19,7 @@ from atomic import DISK_HINT, atomic_write, atomic_write_text
 from images import MEAN, STD, Preprocessing
 from model import AUX_PREFIXES, HEAD_PREFIXES, GoogLeNet
 from options import UserError
+from schedule import Plan
 
 
 class CheckpointError(UserError):
@@ -35,7 +36,7 @@ class Record:
 
     classes: list
     variant: str
-    image_size: int
+    image_size: tuple  # the training crop's (first, last) sizes: equal without progressive resizing
     preprocessing: Preprocessing
     split: Optional[dict]
     args: dict
@@ -43,7 +44,8 @@ class Record:
     def describe(self, model):
         """A checkpoint of model's weights (best.pth; last.pth adds the training state)."""
         return {"model": model.state_dict(), "classes": self.classes, "variant": self.variant,
-                "image_size": self.image_size, "val_resize": self.preprocessing.resize,
+                "image_size": self.image_size[1], "image_size_schedule": list(self.image_size),
+                "val_resize": self.preprocessing.resize,
                 "val_crop": self.preprocessing.crop, "mean": list(self.preprocessing.mean),
                 "std": list(self.preprocessing.std), "split": self.split, "args": self.args}
 
@@ -61,6 +63,7 @@ class Progress:
     best_score: float = 0.0  # the best --best-metric so far
     best_epoch: int = 0
     bad_images: list = field(default_factory=list)  # images found unreadable after the start-up check
+    plan: Optional[Plan] = None  # how many epochs, and with --time-budget how they were planned
 
     def add_step(self, loss, images, correct):
         self.step += 1
@@ -97,7 +100,7 @@ def training_checkpoint(record, state, progress, rngs):
                    scaler=state.scaler.state_dict(), epoch=progress.epoch, step=progress.step,
                    epoch_loss_sum=progress.loss_sum, epoch_seen=progress.seen, epoch_correct=progress.correct,
                    best_score=progress.best_score, best_epoch=progress.best_epoch, bad_images=progress.bad_images,
-                   rng=rngs)
+                   plan=progress.plan.to_dict(), rng=rngs)
     if state.ema is not None:
         payload["model_ema"] = state.ema.state_dict()
     return payload
@@ -109,8 +112,10 @@ def save_training(path, record, state, progress, rngs):
                     "the previous file is intact; free some disk space and resume from it")
 
 
-def restore_training(resume, path, state, rank):
-    """Put last.pth's state back into the training objects and this process's RNGs; the Progress."""
+def restore_training(resume, path, state, rank, plan):
+    """Put last.pth's state back into the training objects and this process's RNGs; the Progress.
+    A --time-budget run's saved plan is loaded into plan (which the learning-rate schedule holds);
+    any other keeps the plan of this session's --epochs."""
     load_weights(state.model, resume["model"], path)
     if state.ema is not None:
         if "model_ema" not in resume:
@@ -120,7 +125,15 @@ def restore_training(resume, path, state, rank):
     state.scheduler.load_state_dict(resume["scheduler"])
     state.scaler.load_state_dict(resume["scaler"])
     restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
-    return Progress(epoch=resume["epoch"], step=resume["step"], loss_sum=resume["epoch_loss_sum"],
+    saved_plan = resume.get("plan")
+    if plan.budget_s:
+        if not saved_plan or not saved_plan["budget_s"]:
+            raise CheckpointError(f"{path} was not a --time-budget run: resume it without --time-budget")
+        plan.load(saved_plan)
+    elif saved_plan and saved_plan["budget_s"]:
+        raise CheckpointError(f"{path} is a --time-budget run: resume it with --time-budget "
+                              f"{saved_plan['budget_s'] / 60:g}")
+    return Progress(plan=plan, epoch=resume["epoch"], step=resume["step"], loss_sum=resume["epoch_loss_sum"],
                     seen=resume["epoch_seen"], correct=resume.get("epoch_correct", 0),
                     best_score=resume.get("best_score", resume.get("best_acc")),  # best_acc: files before --best-metric
                     best_epoch=resume["best_epoch"], bad_images=list(resume.get("bad_images", [])))
@@ -135,6 +148,8 @@ def resume_command(args, defaults, last_path):
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])  # flags that default to on have a --no- form
+        elif isinstance(value, tuple):  # --image-size FIRST:LAST
+            parts.append(f"{flag} {':'.join(str(v) for v in dict.fromkeys(value))}")
         else:
             parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)

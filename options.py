@@ -36,3 +36,16 @@ open_fraction = _checked(float, lambda v: 0 < v < 1, "between 0 and 1 (exclusive
 below_one = _checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 image_size = _checked(int, lambda v: v >= 32, "at least 32 (pixels)")  # GoogLeNet halves it 5 times
 seed = non_negative_int
+
+
+def size_schedule(text):
+    """--image-size: one size (128), or a schedule first:last (96:160) whose ends are multiples of 32."""
+    first, _, last = text.partition(":")
+    sizes = (image_size(first), image_size(last or first))
+    if last and (sizes[0] > sizes[1] or sizes[0] % 32 or sizes[1] % 32):
+        raise argparse.ArgumentTypeError(f"a size schedule grows in steps of 32: FIRST:LAST with FIRST <= LAST, "
+                                         f"both multiples of 32 (96:160, say), got {text}")
+    return sizes
+
+
+size_schedule.__name__ = "size or FIRST:LAST"

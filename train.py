@@ -29,6 +29,7 @@ import device as dev
 import distributed
 import download
 import options
+import schedule
 from atomic import atomic_write_text, remove_stale_temp_files
 from images import Preprocessing, default_workers
 from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
@@ -37,6 +38,7 @@ from report import (BEST_METRICS, TensorBoardLog, append_metrics, print_evaluati
                     write_confusion_csv, write_predictions_csv)
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
+clock = time.perf_counter  # every duration the run measures, --time-budget's included
 DEFAULT_DATA = os.path.join("data_set", "flower_data")
 # The default recipe (see README's results): the torchvision layout, AdamW with a cosine schedule,
 # TrivialAugment, random erasing, label smoothing and an EMA of the weights, at 128 px.
@@ -62,7 +64,11 @@ def get_args_parser():
                    help="if --data-path is missing, download the flower photos into it and split them 9:1")
     p.add_argument("--data-url", default=download.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
     p.add_argument("--data-sha256", default=download.FLOWERS_SHA256, help="expected SHA-256 of the --data-url archive")
-    p.add_argument("--epochs", type=options.positive_int, default=25, help="passes over the training images")
+    p.add_argument("--epochs", type=options.positive_int, default=None,
+                   help="passes over the training images (default 25; with --time-budget, the most it may plan)")
+    p.add_argument("--time-budget", type=options.positive_float, default=None, metavar="MINUTES",
+                   help="the whole run's minutes: the first epochs are timed, then as many epochs as fit are "
+                        "planned (the schedules end with the budget) and the plan is printed")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per step in each process")
     p.add_argument("--micro-batch", type=options.non_negative_int, default=0,
                    help="split each step into chunks of this many images, accumulating gradients "
@@ -87,11 +93,13 @@ def get_args_parser():
     p.add_argument("--variant", default=None, choices=VARIANTS,
                    help="network layout: the paper's, or torchvision's with BatchNorm, which trains "
                         "faster from scratch (default: torchvision, or that of --weights)")
-    p.add_argument("--image-size", type=options.image_size, default=128, help="training crop size in pixels")
+    p.add_argument("--image-size", type=options.size_schedule, default=(128, 128), metavar="SIZE or FIRST:LAST",
+                   help="training crop size in pixels, or a schedule such as 96:160 that grows it linearly over "
+                        "the epochs in steps of 32 (progressive resizing)")
     p.add_argument("--val-resize", type=options.image_size, default=None,
                    help="evaluation: resize images to this square size (default: --val-crop)")
     p.add_argument("--val-crop", type=options.image_size, default=None,
-                   help="evaluation: then take the centre crop of this size (default: 1.25 x --image-size, "
+                   help="evaluation: then take the centre crop of this size (default: 1.25 x the last --image-size, "
                         "as random crops show objects larger than a whole image does; for --eval-only, "
                         "the size recorded in --weights)")
     p.add_argument("--auto-augment", default="trivialaugment", choices=["none", *data.AUTO_AUGMENT],
@@ -161,6 +169,12 @@ class Run:
     record: ckpt.Record
     steps_per_epoch: int = 0
     tensorboard: Optional[TensorBoardLog] = None
+    started: float = 0.0  # clock() when this session started
+    time_before: float = 0.0  # seconds the run took in the sessions before this one (--resume)
+
+    def elapsed(self):
+        """Seconds of the whole run so far, its earlier sessions included (what --time-budget counts)."""
+        return self.time_before + clock() - self.started
 
     @property
     def is_main(self):
@@ -234,6 +248,7 @@ class StopRequest:
 # The run
 # ---------------------------------------------------------------------------------------------
 def main(args):
+    started = clock()
     rank, world_size, local_rank = distributed.init()
     log = print if rank == 0 else silent
     placement = dev.place(args.device, args.amp, local_rank)
@@ -244,27 +259,30 @@ def main(args):
     distributed.run_on_main(placement.device, prepare_output_dir, args)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
-    image_size, preprocessing = image_sizes(args, start)
-    train_loader, val_loader, workers = build_loaders(args, found, image_size, preprocessing, placement.device,
+    preprocessing = evaluation_sizes(args, start)
+    train_loader, val_loader, workers = build_loaders(args, found, preprocessing, placement.device,
                                                       rank, world_size, log)
+    first, last = args.image_size
+    crops = f"{first}" if first == last else f"{first} to {last}"
     log(f"data: {len(found.classes)} classes {found.classes}; "
         + ("" if args.eval_only else f"{len(train_loader.dataset)} train, ") + f"{len(val_loader.dataset)} val images "
-        + ("(" if args.eval_only else f"({image_size} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
+        + ("(" if args.eval_only else f"({crops} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
         f"device {placement.device}, {placement.precision}; {workers} loader workers; {world_size} process(es)")
 
     torch.manual_seed(args.seed)
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
     run = Run(args, rank, world_size, placement,
-              ckpt.Record(found.classes, model.variant, image_size, preprocessing, found.split, vars(args)))
+              ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split, vars(args)))
     criterion = ClassWeightedLoss(class_weights(args, train_loader, placement.device), args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
         return evaluate_only(run, forward, criterion, val_loader, start)
 
-    training = build_training(args, run, model, forward, criterion)
-    progress = ckpt.Progress()
+    plan = schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget else schedule.fixed_plan(args.epochs or 25)
+    training = build_training(args, run, model, forward, criterion, plan)
+    progress = ckpt.Progress(plan=plan)
     if resume is not None:
-        progress = ckpt.restore_training(resume, args.resume, training.state, rank)
+        progress = ckpt.restore_training(resume, args.resume, training.state, rank, plan)
         mark_unreadable(progress.bad_images, train_loader, val_loader)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
             f"best {args.best_metric} {progress.best_score:.3f}")
@@ -274,21 +292,26 @@ def main(args):
     if args.tensorboard:
         next_step = progress.epoch * steps_per_epoch + progress.step + 1
         tensorboard = distributed.run_on_main(placement.device, open_tensorboard, args.output_dir, next_step)
-    run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard)
+    run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, started=started,
+                              time_before=plan.elapsed_s)
     return fit(run, training, train_loader, val_loader, progress)
 
 
 def fit(run, training, train_loader, val_loader, progress):
-    """The epoch loop, from where progress stands to --epochs: train, validate, save. The exit code."""
-    args, log = run.args, print if run.is_main else silent
+    """The epoch loop, from where progress stands to the plan's last epoch: train, validate, save.
+    Returns the exit code."""
+    args, log, plan = run.args, print if run.is_main else silent, progress.plan
     state = training.state
     validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
-    for epoch in range(progress.epoch, args.epochs):
+    while progress.epoch < plan.epochs:
+        epoch, whole = progress.epoch, progress.step == 0
         if out_of_patience(args, progress):
             log(out_of_patience(args, progress))
             break
+        size = schedule.image_size(epoch, plan, args.image_size)
+        train_loader = with_crop(train_loader, size, args, run.device)
         train_loader.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
-        epoch_start = time.perf_counter()
+        epoch_start = clock()
         result = train_one_epoch(training, train_loader, run, progress)
         if result.stopped:
             save_last(run, state, progress)
@@ -299,6 +322,7 @@ def fit(run, training, train_loader, val_loader, progress):
                 f"{run.last_path}. Resume with:\n  python train.py "
                 + ckpt.resume_command(args, get_args_parser().parse_args([]), run.last_path))
             return 128 + signum
+        trained = clock()
         if run.world_size > 1:
             distributed.check_in_sync(state.model, state.ema)
         val = evaluate(validated, val_loader, training.criterion, run)
@@ -309,9 +333,14 @@ def fit(run, training, train_loader, val_loader, progress):
         if not math.isfinite(val.loss):  # the last step's update broke the weights: never save them
             raise TrainingError(f"the validation loss became {val.loss} after epoch {epoch + 1}: training "
                                 "diverged; lower --lr (best.pth was not touched)")
+        if whole:  # a budget run plans from whole epochs only (a resumed one's first is partial)
+            plan.measured = [size, trained - epoch_start, clock() - trained]
+        decision = schedule.replan(plan, epoch + 1, run.elapsed(), args.image_size)
+        if decision:
+            log(decision)
         lr = state.optimizer.param_groups[0]["lr"]
-        state.scheduler.step()
-        seconds = time.perf_counter() - epoch_start
+        state.scheduler.step()  # the next epoch's rate, on the plan as it is now
+        seconds = clock() - epoch_start
         improved = progress.end_epoch(val.scores[args.best_metric])
         distributed.run_on_main(run.device, report_epoch, run, progress.epoch, lr, result, val, seconds)
         if improved:
@@ -324,9 +353,20 @@ def fit(run, training, train_loader, val_loader, progress):
         run.tensorboard.close()
     if run.world_size > 1:
         log(f"ranks in sync: the {run.world_size} processes held identical weights after every epoch")
+    took = f"; {run.elapsed() / 60:.1f} of {plan.budget_s / 60:g} min" if plan.budget_s else ""
     log(f"best val_{args.best_metric} {progress.best_score:.3f} at epoch {progress.best_epoch}, saved in "
-        f"{run.best_path}; peak memory {peak_rss_gib():.1f} GiB")
+        f"{run.best_path}{took}; peak memory {peak_rss_gib():.1f} GiB")
     return 0
+
+
+def with_crop(loader, size, args, device):
+    """The training loader with crops of this size: the same loader when they already are, else a
+    new one over the same images and order (loader workers hold a copy of the transform)."""
+    if loader.dataset.transform.transforms[0].size == (size, size):
+        return loader
+    auto_augment = None if args.auto_augment == "none" else args.auto_augment
+    loader.dataset.transform = data.train_transform(size, auto_augment, args.random_erase)
+    return data.make_loader(loader.dataset, loader.sampler, args.batch_size, loader.num_workers, device)
 
 
 def train_one_epoch(training, loader, run, progress):
@@ -339,7 +379,10 @@ def train_one_epoch(training, loader, run, progress):
             if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
                 m.eval()
     micro = args.micro_batch if 0 < args.micro_batch < args.batch_size else args.batch_size
-    bar = tqdm(loader, desc=f"train {progress.epoch + 1}/{args.epochs}", disable=not run.is_main,
+    plan = progress.plan
+    size = loader.dataset.transform.transforms[0].size[0]
+    bar = tqdm(loader, desc=f"train {progress.epoch + 1}/{plan.epochs if plan.planned else '?'} ({size} px)",
+               disable=not run.is_main,
                initial=progress.step, total=progress.step + len(loader), file=sys.stdout, dynamic_ncols=True)
     start, images_timed = time.perf_counter(), 0
     for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
@@ -531,15 +574,16 @@ def prepare_output_dir(args):
     remove_stale_temp_files(folder)
 
 
-def image_sizes(args, start=None):
-    """(training crop, evaluation Preprocessing); --eval-only defaults to the sizes its weights record."""
+def evaluation_sizes(args, start=None):
+    """The evaluation Preprocessing: 1.25 x the last training crop unless --val-crop/--val-resize
+    say otherwise; --eval-only defaults to the sizes its weights record."""
     recorded = start if args.eval_only and start is not None else {}
-    crop = args.val_crop or recorded.get("val_crop") or recorded.get("image_size") or args.image_size * 5 // 4
+    crop = args.val_crop or recorded.get("val_crop") or recorded.get("image_size") or args.image_size[1] * 5 // 4
     resize = args.val_resize or (recorded.get("val_resize") if not args.val_crop else None) or crop
-    return args.image_size, Preprocessing(resize, crop)
+    return Preprocessing(resize, crop)
 
 
-def build_loaders(args, found, image_size, preprocessing, device, rank, world_size, log):
+def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     """(train loader or None, val loader, worker count). The files are only listed and checked
     here (images.unreadable); they are decoded when first loaded, into this machine's cache."""
     samples = {"train": found.train, "val": found.val}
@@ -564,7 +608,7 @@ def build_loaders(args, found, image_size, preprocessing, device, rank, world_si
         train = part == "train"
         images_cache, writer = data.machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
                                                   max(workers, 1), device)
-        transform = (data.train_transform(image_size, auto_augment, args.random_erase) if train
+        transform = (data.train_transform(args.image_size[0], auto_augment, args.random_erase) if train
                      else data.EvalTransform(preprocessing))
         dataset = data.ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
         weights = class_balance(dataset.targets) if train and args.sampler == "balanced" else None
@@ -625,15 +669,15 @@ def build_model(args, classes, recorded, start, source, device, log):
     return model
 
 
-def build_training(args, run, model, forward, criterion):
+def build_training(args, run, model, forward, criterion, plan):
     """The optimizer, its schedule, the loss scaler, the EMA and the batch mixing, and the stop flag."""
     if run.world_size > 1:
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     optimizer = build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
-    schedule = functools.partial(lr_factor, warmup_epochs=args.warmup_epochs, schedule=args.lr_scheduler,
-                                 epochs=args.epochs, step_size=args.lr_step_size, gamma=args.lr_gamma)
-    state = ckpt.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    factor = functools.partial(schedule.lr_factor, plan=plan, warmup_epochs=args.warmup_epochs,
+                               schedule=args.lr_scheduler, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    state = ckpt.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
                                dev.grad_scaler(run.device, run.placement.amp_dtype), build_ema(args, model))
     mix = data.build_batch_mix(args.mixup_alpha, args.cutmix_alpha, len(run.record.classes))
     return Training(forward, state, criterion, mix, StopRequest())
@@ -647,18 +691,6 @@ def build_optimizer(args, params):
                                weight_decay=args.weight_decay, fused=True)
     opt_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
     return opt_class(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-
-
-def lr_factor(epoch, warmup_epochs, schedule, epochs, step_size, gamma):
-    """The learning rate's factor in an epoch: linear warm-up, then constant, cosine to zero, or step decay."""
-    if epoch < warmup_epochs:
-        return (epoch + 1) / (warmup_epochs + 1)
-    e = epoch - warmup_epochs
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * e / max(1, epochs - warmup_epochs)))
-    if schedule == "step":
-        return gamma ** (e // step_size)
-    return 1.0
 
 
 def build_ema(args, model):
@@ -728,8 +760,8 @@ def out_of_patience(args, progress):
     waited = progress.epoch - progress.best_epoch
     if not args.patience or progress.best_epoch == 0 or waited < args.patience:
         return None
-    planned = (f"; the {args.lr_scheduler} schedule was planned for {args.epochs} epochs"
-               if args.lr_scheduler != "none" and progress.epoch < args.epochs else "")
+    planned = (f"; the {args.lr_scheduler} schedule was planned for {progress.plan.epochs} epochs"
+               if args.lr_scheduler != "none" and progress.epoch < progress.plan.epochs else "")
     return (f"stopping early after epoch {progress.epoch}: val {args.best_metric} has not improved for "
             f"{waited} epochs (--patience {args.patience}; best {progress.best_score:.3f} at epoch "
             f"{progress.best_epoch}){planned}")
@@ -737,6 +769,7 @@ def out_of_patience(args, progress):
 
 def save_last(run, state, progress):
     """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
+    progress.plan.elapsed_s = run.elapsed()
     rngs = distributed.all_gather(ckpt.capture_rng_state())
     distributed.run_on_main(run.device, ckpt.save_training, run.last_path, run.record, state, progress, rngs)
 

@@ -105,10 +105,10 @@ FP32 = ["--amp", "off"]
 
 def train_argv(data, out, *extra, epochs=1, batch_size=4, amp="off"):
     """train.py arguments for a tiny CPU run whose files all go under out (never the repo), in fp32
-    unless amp says otherwise (None leaves --amp out: pass it in extra)."""
+    unless amp says otherwise (None leaves --amp out: pass it in extra; epochs=None leaves --epochs out)."""
     out = Path(out)
     return ["--data-path", str(data), "--output-dir", str(out), "--class-indices", str(out / "ci.json"),
-            "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", "0",
+            *(["--epochs", str(epochs)] if epochs else []), "--batch-size", str(batch_size), "--workers", "0",
             "--device", "cpu", *(["--amp", amp] if amp else []), *map(str, extra)]
 
 

@@ -104,8 +104,8 @@ def test_only_rank_0_logs_and_draws_progress_bars(ddp_run):
     # a bar prints its bare 0% state (no rate, no loss yet) only when it is created: one training
     # bar and one validation bar. 12 training images over 2 ranks in batches of 2: 3 steps a rank;
     # rank 0's 5 val images in batches of 2: 3 batches.
-    assert len(re.findall(r"train 1/1:\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
-    assert re.search(r"train 1/1: 100%\|[^|]*\| 3/3 ", both), describe(proc)
+    assert len(re.findall(r"train 1/1 \(128 px\):\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
+    assert re.search(r"train 1/1 \(128 px\): 100%\|[^|]*\| 3/3 ", both), describe(proc)
     assert len(re.findall(r"val:\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
 
 

@@ -36,7 +36,7 @@ def test_readme_seed_command_selects_the_seed_recipe():
     readme = (REPO / "README.md").read_text()
     (line,) = [l for l in readme.splitlines() if l.startswith("python train.py --epochs 30 --variant paper")]
     args = train.get_args_parser().parse_args(shlex.split(line)[2:])
-    seed = dict(epochs=30, variant="paper", image_size=224, val_crop=224, opt="adam", lr=3e-4, weight_decay=0.0,
+    seed = dict(epochs=30, variant="paper", image_size=(224, 224), val_crop=224, opt="adam", lr=3e-4, weight_decay=0.0,
                 lr_scheduler="none", warmup_epochs=0, label_smoothing=0.0, auto_augment="none", random_erase=0.0,
                 mixup_alpha=0.0, cutmix_alpha=0.0, model_ema=False, batch_size=32, aux_weight=0.3)
     assert {k: getattr(args, k) for k in seed} == seed

@@ -22,10 +22,12 @@ BAD_VALUES = {  # per type: values it must refuse
     options.probability: ["-0.1", "1.01", "nan", "x"],
     options.open_fraction: ["0", "1", "nan", "x"],
     options.below_one: ["-0.1", "1", "nan", "x"],
+    options.size_schedule: ["16", "x", "100:160", "160:96", "96:16"],
 }
 GOOD_VALUES = {options.positive_int: "3", options.non_negative_int: "0", options.seed: "0",
                options.image_size: "96", options.positive_float: "1e-3", options.non_negative_float: "0",
-               options.probability: "1", options.open_fraction: "0.5", options.below_one: "0"}
+               options.probability: "1", options.open_fraction: "0.5", options.below_one: "0",
+               options.size_schedule: "96:160"}
 
 
 def benchmark_parser():

@@ -16,6 +16,7 @@ import data
 import device as dev
 import images
 import predict
+import schedule
 import train
 from helpers import FP32, call, load, make_tree, dataset_of, stop_after_step, train_argv
 from model import GoogLeNet, logits_with_mirror
@@ -245,9 +246,9 @@ def test_aux_heads_get_the_same_soft_targets(tree):
     state = ckpt.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                dev.grad_scaler(CPU, None), None)
     training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), train.StopRequest())
-    record = ckpt.Record(["daisy", "roses", "tulips"], "paper", 32, images.Preprocessing(32, 32), None, {})
+    record = ckpt.Record(["daisy", "roses", "tulips"], "paper", (32, 32), images.Preprocessing(32, 32), None, {})
     run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
-    progress = ckpt.Progress()
+    progress = ckpt.Progress(plan=schedule.fixed_plan(1))
     result = train.train_one_epoch(training, loader, run, progress)
     assert result.accuracy is None and result.loss > 0 and not result.stopped
     assert progress.step == len(loader) and progress.seen == len(ds)
