@@ -48,7 +48,11 @@ def load_image(path, min_side=DECODE_MIN_SIDE):
     """
     with Image.open(path) as img:
         _draft(img, min_side)
-        return ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16L", "I;16B", "I"):  # 16-bit grey: Pillow's convert would clip at 255
+            deep = np.asarray(img, dtype=np.uint32)
+            img = Image.fromarray(np.clip(deep // 257 if deep.max() > 255 else deep, 0, 255).astype(np.uint8))
+        return img.convert("RGB")
 
 
 # The first bytes of every format in IMAGE_EXTENSIONS (WebP: RIFF, then WEBP at byte 8).

@@ -8,6 +8,8 @@ BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch
 max-pool and torchvision's pooling and dropout in the aux heads. Those weights expect inputs
 normalised with mean 0.5 and std 0.5, the same as ours.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -279,15 +281,56 @@ def print_summary(model, image_size):
           "backward); a multiply-add counts as 2 FLOPs")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """python model.py: the layer summary; with --weights, --feature-maps PHOTO or --filters, pictures."""
     import argparse
+    import sys
 
     import options
 
-    parser = argparse.ArgumentParser(description="Print GoogLeNet's stages: output shapes, parameters and FLOPs.")
+    parser = argparse.ArgumentParser(description="Print GoogLeNet's stages (output shapes, parameters, FLOPs), "
+                                                 "or draw what a trained one sees.")
     parser.add_argument("--num-classes", type=options.positive_int, default=5, help="classes of the classifier")
     parser.add_argument("--image-size", type=options.image_size, default=224, help="input height and width in pixels")
     parser.add_argument("--variant", default="paper", choices=VARIANTS, help="the paper's layout or torchvision's")
     parser.add_argument("--no-aux", action="store_true", help="without the auxiliary classifiers")
-    args = parser.parse_args()
-    print_summary(GoogLeNet(args.num_classes, aux_logits=not args.no_aux, variant=args.variant), args.image_size)
+    parser.add_argument("--weights", default=None, help="a checkpoint from train.py, for --feature-maps and --filters")
+    parser.add_argument("--feature-maps", default=None, metavar="PHOTO",
+                        help="draw the first --channels output maps of --layer for this photo")
+    parser.add_argument("--layer", default="inception3a", help="the stage whose maps --feature-maps draws (conv1 ... inception5b)")
+    parser.add_argument("--channels", type=options.positive_int, default=16, help="how many of the layer's channels to draw")
+    parser.add_argument("--filters", action="store_true", help="draw conv1's 7x7 kernels as colour tiles")
+    parser.add_argument("--output", default=None,
+                        help="the PNG to write (default: feature_maps_<layer>.png or conv1_filters.png)")
+    args = parser.parse_args(argv)
+    if not (args.feature_maps or args.filters):
+        print_summary(GoogLeNet(args.num_classes, aux_logits=not args.no_aux, variant=args.variant), args.image_size)
+        return 0
+    import checkpoint
+    import visualize
+    from options import UserError
+
+    try:
+        if not args.weights:
+            raise UserError("--feature-maps and --filters draw trained weights: pass --weights weights/best.pth")
+        model, _, preprocessing = checkpoint.load_model(args.weights, "class_indices.json", torch.device("cpu"))
+        if args.filters:
+            picture, boxes = visualize.conv1_filters(model)
+        else:
+            if not os.path.isfile(args.feature_maps):
+                raise UserError(f"photo {args.feature_maps} does not exist: check the path")
+            try:
+                picture, boxes = visualize.feature_maps(model, args.feature_maps, preprocessing, args.layer, args.channels)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read image {args.feature_maps} ({type(e).__name__}: {e})")
+        output = args.output or ("conv1_filters.png" if args.filters else f"feature_maps_{args.layer}.png")
+        visualize.save_picture(picture, output)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"wrote {output}: {len(boxes)} tiles")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-import cam
+import visualize
 import images
 import options
 from atomic import atomic_write_text
@@ -54,7 +54,7 @@ def get_args_parser():
     p.add_argument("--cam", default=None, metavar="OUT_DIR",
                    help="also write a Grad-CAM heat map of each image to this folder (needs captum)")
     p.add_argument("--cam-class", default=None, help="the class whose heat map --cam draws (default: the predicted one)")
-    p.add_argument("--cam-layer", default="inception5b", choices=cam.LAYERS, help="the layer whose output --cam weighs")
+    p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS, help="the layer whose output --cam weighs")
     return p
 
 
@@ -228,7 +228,7 @@ def main(args):
         write_output(args.output, [files[i] for i in good], classes, probabilities[good])
         print(f"predictions written to {args.output}")
     if args.cam and good:
-        written = cam.write_cams(classifier.torch_model, [files[i] for i in good], classifier.preprocessing,
+        written = visualize.write_cams(classifier.torch_model, [files[i] for i in good], classifier.preprocessing,
                                  classes, probabilities[good], args.cam, args.cam_class, args.cam_layer)
         print(f"{len(written)} Grad-CAM heat map(s) ({args.cam_layer}) written to {args.cam}")
     for f, e in zip(files, errors):

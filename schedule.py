@@ -12,7 +12,8 @@ follows the same schedules.
 import math
 from dataclasses import asdict, dataclass, field
 
-BEHIND = 1.03  # re-plan when the epochs left would end more than 3% past the budget
+SLACK = 0.03  # re-plan when the epochs left would end more than 3% past (or short of) the budget
+AVERAGED = 3  # epoch times are predicted from the mean of the last whole epochs
 MAX_EPOCHS = 10_000  # what a budget run may plan at most, whatever its epochs take
 SIZE_STEP = 32  # progressive resizing moves in steps of 32 pixels, as FFCV's ImageNet recipe does
 
@@ -23,7 +24,7 @@ class Plan:
     budget_s: float = 0.0  # --time-budget in seconds; 0: --epochs decides
     elapsed_s: float = 0.0  # seconds the run has taken so far, over every session, as of the last save
     changes: list = field(default_factory=list)  # [(from epoch, epochs)], each plan made, in order
-    measured: list = field(default_factory=list)  # [image size, training s, other s] of the last whole epoch
+    measured: list = field(default_factory=list)  # [image size, training s, other s] of each whole epoch
     cap: int = 0  # with a budget: --epochs as given (0: none)
 
     @property
@@ -95,10 +96,13 @@ def image_size(epoch, plan, sizes):
 
 
 def predicted_seconds(plan, epoch, sizes):
-    """An epoch's seconds from the last whole epoch measured: its training time scaled by the
-    pixels of this epoch's crop, plus the rest (validation, saving) as it was."""
-    size, train_s, other_s = plan.measured
-    return train_s * (image_size(epoch, plan, sizes) / size) ** 2 + other_s
+    """An epoch's seconds from the last whole epochs measured (up to 3, the run's first only while
+    it is the only one): their training time per pixel of crop times this epoch's crop, plus the
+    rest (validation, saving) as it was."""
+    recent = (plan.measured[1:] or plan.measured)[-AVERAGED:]  # the first epoch also filled the image cache
+    per_pixel = sum(train_s / size ** 2 for size, train_s, _ in recent) / len(recent)
+    other = sum(other_s for _, _, other_s in recent) / len(recent)
+    return per_pixel * image_size(epoch, plan, sizes) ** 2 + other
 
 
 def fitting_epochs(plan, done, elapsed_s, sizes):
@@ -119,23 +123,25 @@ def fitting_epochs(plan, done, elapsed_s, sizes):
 
 
 def replan(plan, done, elapsed_s, sizes):
-    """After an epoch of a budget run: the first two epochs fix the plan; later, a run that would
-    end more than 3% late gets fewer epochs. Returns a line saying what was decided, or None."""
+    """After an epoch of a budget run: the first two epochs fix the plan (the first also fills the
+    image cache); later, a run whose epochs left would end more than 3% past or short of the budget
+    (a machine that got busier, or quieter) is re-planned. Returns a line saying what was decided,
+    or None."""
     if not plan.budget_s or not plan.measured:
         return None
-    if done > 2:
-        left = sum(predicted_seconds(plan, e, sizes) for e in range(done, plan.epochs))
-        if elapsed_s + left <= plan.budget_s * BEHIND:
-            return None
+    projected = elapsed_s + sum(predicted_seconds(plan, e, sizes) for e in range(done, plan.epochs))
+    if done > 2 and abs(projected - plan.budget_s) <= SLACK * plan.budget_s:
+        return None
     epochs = fitting_epochs(plan, done, elapsed_s, sizes)
     if plan.planned and epochs == plan.epochs:
         return None
-    behind = plan.planned and done > 2
+    late = plan.planned and done > 2 and projected > plan.budget_s
+    early = plan.planned and done > 2 and not late
     plan.changes.append((done, epochs))
     plan.epochs = epochs
-    size, train_s, other_s = plan.measured
-    each = f"{train_s + other_s:.0f} s an epoch at {size} px"
-    if behind:
-        return (f"plan: behind time ({elapsed_s / 60:.1f} of {plan.budget_s / 60:g} min used after {done} "
-                f"epochs, {each} now): {epochs} epochs in all")
+    size, _, _ = plan.measured[-1]
+    each = f"{predicted_seconds(plan, done - 1, sizes):.0f} s an epoch at {size} px"
+    if late or early:
+        return (f"plan: {'behind' if late else 'ahead of'} time ({elapsed_s / 60:.1f} of {plan.budget_s / 60:g} "
+                f"min used after {done} epochs, {each} now): {epochs} epochs in all")
     return f"plan: {epochs} epochs fit in {plan.budget_s / 60:g} min at {each}"

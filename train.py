@@ -93,7 +93,7 @@ def get_args_parser():
     p.add_argument("--variant", default=None, choices=VARIANTS,
                    help="network layout: the paper's, or torchvision's with BatchNorm, which trains "
                         "faster from scratch (default: torchvision, or that of --weights)")
-    p.add_argument("--image-size", type=options.size_schedule, default=(128, 128), metavar="SIZE or FIRST:LAST",
+    p.add_argument("--image-size", type=options.size_schedule, default="128", metavar="SIZE or FIRST:LAST",
                    help="training crop size in pixels, or a schedule such as 96:160 that grows it linearly over "
                         "the epochs in steps of 32 (progressive resizing)")
     p.add_argument("--val-resize", type=options.image_size, default=None,
@@ -334,7 +334,7 @@ def fit(run, training, train_loader, val_loader, progress):
             raise TrainingError(f"the validation loss became {val.loss} after epoch {epoch + 1}: training "
                                 "diverged; lower --lr (best.pth was not touched)")
         if whole:  # a budget run plans from whole epochs only (a resumed one's first is partial)
-            plan.measured = [size, trained - epoch_start, clock() - trained]
+            plan.measured.append([size, trained - epoch_start, clock() - trained])
         decision = schedule.replan(plan, epoch + 1, run.elapsed(), args.image_size)
         if decision:
             log(decision)

@@ -216,7 +216,7 @@ def cpu_description():
     except (OSError, StopIteration):
         pass
     capabilities = torch.cpu.get_capabilities()
-    flags = [f for f in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16") if capabilities.get(f)]
+    flags = [f for f in ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_bf16") if capabilities.get(f)]
     return f"{name}; {os.cpu_count()} CPUs; flags {' '.join(flags) or 'none of avx2/avx512'}; " \
            f"torch {torch.__version__}; python {platform.python_version()}"
 

@@ -1,6 +1,7 @@
 """export.py: ONNX export of a small trained model, its metadata, ONNX Runtime against PyTorch, and
 predict.py running the .onnx file. Skipped with a reason where onnx/onnxruntime are not installed."""
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import images
 import predict
 import runtimes
 import train
-from helpers import FP32, assert_clean_error, call, make_tree, train_argv
+from helpers import FP32, assert_clean_error, call, make_tree, run_script, train_argv
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (requirements-dev.txt)")
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime (requirements-dev.txt)")
@@ -131,3 +132,95 @@ def test_missing_onnx_packages_give_one_line(exported, monkeypatch):
     assert_clean_error(code, err, "pip install onnx onnxscript onnxruntime")
     code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", exported["onnx"]])
     assert_clean_error(code, err, "pip install onnxruntime")
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8, and .onnx prediction without torch
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int8(exported):
+    out = exported["root"] / "int8.onnx"
+    code, stdout, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 6,
+                                      "--max-accuracy-drop", 100, "--output", out])
+    assert code == 0, err
+    return {"path": out, "stdout": stdout}
+
+
+def test_int8_is_static_qdq_with_per_channel_weights_and_says_how_it_was_made(exported, int8):
+    model = onnx.load(str(int8["path"]))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # QDQ around the fp32 operators
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = [initializers[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] in initializers and initializers[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert weights and all(len(initializers[n.input[1]].dims) == 1 for n in model.graph.node
+                           if n.op_type == "DequantizeLinear" and n.input[0] in {w.name for w in weights})
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["quantization"].startswith("int8: ONNX Runtime static post-training quantization, QDQ, per-channel")
+    assert meta["calibration"] == f"6 training photos of {exported['data']}"
+    assert json.loads(meta["classes"]) == ["daisy", "roses", "tulips"] and meta["val_crop"] == "80"
+    line = next(l for l in int8["stdout"].splitlines() if l.startswith("val accuracy on 6 photos"))
+    assert f"fp32 {float(meta['fp32_val_accuracy']):.4f}, INT8 {float(meta['int8_val_accuracy']):.4f}" in line
+    assert os.path.getsize(int8["path"]) < 0.5 * os.path.getsize(exported["onnx"])  # int8 weights
+
+
+def test_int8_calibrates_on_training_photos_only(exported, monkeypatch):
+    seen = []
+    real = export.Calibration.get_next
+
+    def spy(self):
+        batch = real(self)
+        if batch is not None:
+            seen.extend(self.files[self.position - len(batch["images"]):self.position])
+        return batch
+
+    monkeypatch.setattr(export.Calibration, "get_next", spy)
+    code, _, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 5,
+                                 "--max-accuracy-drop", 100, "--output", exported["root"] / "spy.onnx"])
+    assert code == 0, err
+    assert len(seen) == 5 and all("/train/" in f for f in seen)
+
+
+def test_predict_runs_the_int8_file_and_mostly_agrees_with_fp32(exported, int8):
+    fp32 = predict.load_classifier(str(exported["onnx"]))
+    quantized = predict.load_classifier(str(int8["path"]))
+    files = sorted(str(p) for p in (exported["data"] / "val").rglob("*.jpg"))
+    a, _ = predict.predict(fp32, files, 4, 0)
+    b, _ = predict.predict(quantized, files, 4, 0)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.5 and abs(a - b).max() < 0.5
+
+
+def test_int8_that_loses_too_much_accuracy_is_refused(exported, tmp_path, monkeypatch):
+    real = export.accuracy_on
+    calls = []
+
+    def worse_int8(blob, *args):
+        calls.append(1)
+        accuracy, top = real(blob, *args)
+        return (accuracy if len(calls) == 1 else accuracy - 0.2), top  # the second call measures INT8
+
+    monkeypatch.setattr(export, "accuracy_on", worse_int8)
+    out = tmp_path / "bad.onnx"
+    code, stdout, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 4,
+                                      "--output", out])
+    assert_clean_error(code, err, "INT8 loses 20.0 points", "--max-accuracy-drop 1", "was not written")
+    assert not out.exists()
+
+
+def test_int8_without_the_runs_data_says_where_to_point(exported, tmp_path):
+    moved = dict(ckpt.load_checkpoint(str(exported["best"])))
+    moved["args"] = dict(moved["args"], data_path=str(tmp_path / "gone"))
+    torch.save(moved, tmp_path / "moved.pth")
+    code, _, err = call(export, ["--weights", tmp_path / "moved.pth", "--int8", "--output", tmp_path / "x.onnx"])
+    assert_clean_error(code, err, str(tmp_path / "gone"), "--data-path")
+
+
+def test_predict_with_an_onnx_file_never_imports_torch(exported):
+    image = sorted((exported["data"] / "val").rglob("*.jpg"))[0]
+    program = ("import runpy, sys\n"
+               f"sys.argv = ['predict.py', {str(image)!r}, '--weights', {str(exported['onnx'])!r}]\n"
+               "try:\n    runpy.run_path('predict.py', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+               "print('exit', code, 'torch' in sys.modules, 'torchvision' in sys.modules)\n")
+    proc = run_script(["-c", program])
+    assert proc.stdout.strip().splitlines()[-1] == "exit 0 False False", proc.stdout + proc.stderr
+    assert len([l for l in proc.stdout.splitlines() if l.split()[0] in ("daisy", "roses", "tulips")]) == 3

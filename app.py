@@ -1,0 +1,180 @@
+"""A demo page: drop, paste or pick a photo and see its classes (and, for .pth weights, where the
+network looked), served by Gradio on this machine.
+
+    python app.py                                   # weights/best.pth on http://127.0.0.1:7860
+    python app.py --weights googlenet.onnx --examples photos/ --port 8080
+    python app.py --host 0.0.0.0                    # reachable from other machines
+
+It classifies through predict.py's code (the same loader, preprocessing and softmax, so the page
+shows predict.py's numbers). What people upload is not always a photo: every file the loader cannot
+use gets a message on the page, and the server goes on serving.
+"""
+import argparse
+import base64
+import os
+import sys
+import warnings
+
+import numpy as np
+from PIL import Image
+
+import images
+import options
+import predict
+import visualize
+from options import UserError
+
+MISSING = "the demo page needs gradio, an optional dependency: pip install gradio"
+TOP = 5  # classes shown
+FORMATS = "a JPEG, PNG, WebP, GIF, BMP or TIFF photo"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Serve a page that classifies uploaded photos with a trained GoogLeNet.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default=os.path.join("weights", "best.pth"),
+                   help="a checkpoint from train.py (with a Grad-CAM heat map) or a .onnx file from export.py")
+    p.add_argument("--class-indices", default="class_indices.json",
+                   help="class names, used only when the weights file does not hold them")
+    p.add_argument("--examples", default=None, metavar="DIR", help="a folder of photos offered as examples")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every network interface)")
+    p.add_argument("--port", type=options.positive_int, default=7860, help="the port to serve on")
+    p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS,
+                   help="the layer whose output the heat map weighs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (.pth weights)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="mixed precision, as in train.py")
+    return p
+
+
+class Upload(UserError):
+    """An upload that is not a usable photo: the page shows the message."""
+
+
+def read_upload(path):
+    """The upright RGB photo of an uploaded file, through the project's one loader; an Upload error
+    that says what is wrong for anything else. Pillow's decompression-bomb limit (89 megapixels)
+    is a hard limit here: a file that claims more is refused before it is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return images.load_image(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Upload(f"This image is too large to be a photo ({e}). Upload one of at most "
+                     f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.")
+    except Exception as e:  # any failure of the decoder means the same to the person uploading
+        detail = str(e).split(":")[0] if str(e) else type(e).__name__
+        raise Upload(f"This file cannot be read as an image ({detail}). Upload {FORMATS}.")
+
+
+class Demo:
+    """The model behind the page: one photo in, the top classes (and a heat map) out."""
+
+    def __init__(self, classifier, cam_layer):
+        self.classifier, self.cam_layer = classifier, cam_layer
+
+    def classify(self, path):
+        """({class: probability} of the top classes, the Grad-CAM picture or None, a note)."""
+        pixels = images.resize_and_crop(read_upload(path), self.classifier.preprocessing)
+        probabilities = self.classifier.probabilities(pixels[None])[0]
+        order = np.argsort(-probabilities, kind="stable")
+        top = {self.classifier.classes[k]: float(probabilities[k]) for k in order[:TOP]}
+        if self.classifier.torch_model is None:
+            return top, None, ("The heat map needs PyTorch weights: start the page with the .pth file "
+                               "this .onnx file was exported from.")
+        best = int(order[0])
+        heat = self.heat_map(pixels, best)
+        caption = f"{self.classifier.classes[best]} {probabilities[best]:.2f} ({self.cam_layer})"
+        return top, visualize.overlay(pixels, heat, caption), f"Grad-CAM of {self.classifier.classes[best]} at {self.cam_layer}."
+
+    def heat_map(self, pixels, target):
+        import torch
+
+        model = self.classifier.torch_model
+        x = torch.from_numpy(images.normalize(pixels[None], self.classifier.preprocessing))
+        x = x.to(next(model.parameters()).device, memory_format=torch.channels_last)
+        return visualize.grad_cam(model, x, torch.tensor([target], device=x.device), self.cam_layer)[0].cpu()
+
+
+def upload_path(payload, folder):
+    """The file behind Gradio's upload payload (a pasted or webcam image may come as a data: URL)."""
+    if payload is None:
+        raise Upload(f"Drop, paste or pick {FORMATS} first.")
+    if isinstance(payload, str):
+        return payload
+    if payload.get("path"):
+        return payload["path"]
+    url = payload.get("url") or ""
+    if url.startswith("data:") and "," in url:
+        path = os.path.join(folder, "pasted-image")
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(url.split(",", 1)[1]))
+        return path
+    raise Upload(f"Nothing was uploaded: drop, paste or pick {FORMATS}.")
+
+
+def build_page(demo, examples=None, folder=None):
+    import gradio as gr
+
+    def answer(payload):
+        try:
+            return demo.classify(upload_path(payload, folder))
+        except Upload as e:
+            raise gr.Error(str(e), duration=None)
+
+    with gr.Blocks(title="GoogLeNet flower classifier") as page:
+        gr.Markdown(f"## GoogLeNet: {', '.join(demo.classifier.classes)}\n"
+                    "Drop, paste or pick a photo; the answer appears on the right.")
+        with gr.Row():
+            photo = gr.Image(label="photo", type="filepath", sources=["upload", "clipboard", "webcam"])
+            with gr.Column():
+                label = gr.Label(label="classes", num_top_classes=TOP, elem_id="classes")
+                heat = gr.Image(label="where it looked (Grad-CAM)", type="pil", interactive=False)
+                note = gr.Markdown()
+        button = gr.Button("Classify", variant="primary")
+        # preprocess=False: the upload reaches the project's own loader untouched, so a file that is
+        # no photo gets this page's message, not the framework's
+        button.click(answer, inputs=photo, outputs=[label, heat, note], preprocess=False, api_name="classify")
+        photo.upload(answer, inputs=photo, outputs=[label, heat, note], preprocess=False, api_visibility="private")
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=photo)
+    return page
+
+
+def main(args):
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError(MISSING)
+    examples = None
+    if args.examples:
+        if not os.path.isdir(args.examples):
+            raise UserError(f"--examples {args.examples} is not a folder: pass a folder of photos")
+        examples = images.find_image_files(args.examples)[:12]
+        if not examples:
+            raise UserError(f"--examples {args.examples} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
+    classifier = predict.load_classifier(args.weights, args.class_indices, args.device, args.amp,
+                                         warn=lambda line: print(line, file=sys.stderr))
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="googlenet-app-")
+    page = build_page(Demo(classifier, args.cam_layer), examples, folder)
+    print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}", flush=True)
+    try:
+        page.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+                                                       show_error=True, quiet=True)
+    except OSError as e:
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port")
+    return 0
+
+
+def run(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(run())

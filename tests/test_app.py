@@ -1,0 +1,206 @@
+"""app.py: the demo page, served on a free local port by a real process and called the way people
+call it: through gradio_client (the probabilities equal predict.py's; what is not a photo gets a
+message and the next good request still works; many requests leave the memory flat) and through a
+real headless Chromium driven by Playwright (upload a photo, see the class). Offline."""
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import predict
+import train
+from helpers import FP32, REPO, call, make_tree, script_env, train_argv
+
+pytest.importorskip("gradio", reason="the demo page needs gradio (requirements-dev.txt)")
+gradio_client = pytest.importorskip("gradio_client", reason="these tests call the page with gradio_client")
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+                 if p and os.path.exists(p)), None)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """python app.py ... in its own process, until stop()."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *map(str, args), "--port", str(self.port)],
+                                     cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.proc.poll() is None, "".join(self.output)
+            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(self.output)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        self.client = gradio_client.Client(self.url, verbose=False)
+
+    def classify(self, path):
+        return self.client.predict(gradio_client.handle_file(str(path)), api_name="/classify")
+
+    def rss_mib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    tree = make_tree(root / "data", n_train=4, n_val=2)
+    assert call(train, train_argv(tree, root / "out", "--image-size", 64))[0] == 0
+    return {"data": tree, "best": root / "out" / "best.pth", "root": root}
+
+
+@pytest.fixture(scope="module")
+def page(trained):
+    server = Server("--weights", trained["best"], "--examples", trained["data"] / "val", "--device", "cpu", "--amp", "off")
+    yield server
+    server.stop()
+
+
+def confidences(label):
+    return {c["label"]: c["confidence"] for c in label["confidences"]}
+
+
+def test_the_page_gives_predict_pys_probabilities_and_a_heat_map(page, trained):
+    photo = trained["data"] / "val" / "tulips" / "tulips_01.jpg"
+    label, heat, note = page.classify(photo)
+    classifier = predict.load_classifier(str(trained["best"]), device="cpu", amp="off")
+    expected, _ = predict.predict(classifier, [str(photo)], 1, 0)
+    assert confidences(label) == pytest.approx(dict(zip(classifier.classes, expected[0].tolist())), abs=1e-6)
+    assert label["label"] == classifier.classes[int(expected[0].argmax())]
+    with Image.open(heat) as picture:
+        assert picture.width > 2 * classifier.preprocessing.crop  # the photo and its overlay, side by side
+    assert note.startswith(f"Grad-CAM of {label['label']}")
+
+
+def bomb_png(path, side=20000):
+    """A PNG whose header claims side x side pixels (400 megapixels) in a few bytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_what_is_not_a_photo_gets_a_message_and_the_page_goes_on(page, trained, tmp_path):
+    good = trained["data"] / "val" / "daisy" / "daisy_00.jpg"
+    (tmp_path / "notes.jpg").write_text("a shopping list, not a photo")
+    whole = good.read_bytes()
+    (tmp_path / "half.jpg").write_bytes(whole[: len(whole) // 2])
+    refused = {tmp_path / "notes.jpg": "cannot be read as an image", tmp_path / "half.jpg": "cannot be read as an image",
+               bomb_png(tmp_path / "bomb.png"): "too large to be a photo"}
+    for path, words in refused.items():
+        with pytest.raises(gradio_client.exceptions.AppError, match=words):
+            page.classify(path)
+        assert page.classify(good)[0]["label"]  # the next good request is answered
+
+    rng = np.random.default_rng(0)
+    answered = {"one_pixel.png": Image.new("RGB", (1, 1), (200, 30, 30)),
+                "sixteen_bit.png": Image.fromarray(rng.integers(0, 65535, (40, 60), dtype=np.uint16)),
+                "cmyk.jpg": Image.new("CMYK", (64, 48), (0, 200, 200, 0)),
+                "fifty_megapixels.jpg": Image.new("RGB", (8660, 5774), (30, 160, 40))}
+    for name, image in answered.items():
+        image.save(tmp_path / name)
+        label, _, _ = page.classify(tmp_path / name)
+        assert sum(confidences(label).values()) == pytest.approx(1.0, abs=1e-4), name
+
+
+def test_sixteen_bit_photos_are_read_as_their_eight_bit_selves(tmp_path):
+    import images
+
+    values = np.linspace(0, 65535, 40 * 60).reshape(40, 60).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode.startswith("I")  # stored with 16 bits
+    read = np.asarray(images.load_image(str(tmp_path / "deep.png")))
+    assert read.shape == (40, 60, 3) and np.array_equal(read[..., 0], read[..., 2])
+    assert np.abs(read[..., 0].astype(int) - (values // 257)).max() <= 1  # scaled, not clipped at 255
+
+
+def test_many_requests_leave_the_memory_flat(page, trained):
+    photos = sorted((trained["data"] / "val").rglob("*.jpg"))
+    for photo in photos * 4:  # warm up: every code path and cache has run
+        page.classify(photo)
+    before = page.rss_mib()
+    for i in range(200):
+        page.classify(photos[i % len(photos)])
+    jobs = [page.client.submit(gradio_client.handle_file(str(photos[i % len(photos)])), api_name="/classify")
+            for i in range(20)]
+    assert all(job.result(timeout=300)[0]["label"] for job in jobs)
+    growth = page.rss_mib() - before
+    assert growth < 50, f"the server grew by {growth:.0f} MiB over 220 requests"
+
+
+def test_an_onnx_page_says_the_heat_map_needs_the_pth(trained, tmp_path):
+    pytest.importorskip("onnxscript", reason="the export needs onnxscript (requirements-dev.txt)")
+    import export
+
+    onnx_file = tmp_path / "model.onnx"
+    assert call(export, ["--weights", trained["best"], "--output", onnx_file])[0] == 0
+    server = Server("--weights", onnx_file)
+    try:
+        label, heat, note = server.classify(trained["data"] / "val" / "roses" / "roses_00.jpg")
+        assert heat is None and "needs PyTorch weights" in note and label["label"]
+    finally:
+        server.stop()
+
+
+def test_app_mistakes_are_one_line(tmp_path):
+    from helpers import assert_clean_error, run_script
+
+    proc = run_script(REPO / "app.py", ["--weights", tmp_path / "none.pth"], timeout=120)
+    assert_clean_error(proc.returncode, proc.stderr, "does not exist")
+    proc = run_script(REPO / "app.py", ["--examples", tmp_path / "nowhere"], timeout=120)
+    assert_clean_error(proc.returncode, proc.stderr, "--examples", "not a folder")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_a_real_browser_uploads_a_photo_and_sees_the_class(page, trained, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements-dev.txt)")
+    photo = trained["data"] / "val" / "roses" / "roses_01.jpg"
+    expected = page.classify(photo)[0]["label"]
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        try:
+            tab = browser.new_page(viewport={"width": 1100, "height": 760})
+            tab.goto(page.url)
+            tab.locator("input[type=file]").first.set_input_files(str(photo))
+            tab.get_by_role("button", name="Classify").click()
+            shown = tab.locator("#classes").get_by_text(expected, exact=True).first
+            shown.wait_for(timeout=120_000)
+            assert shown.is_visible()
+            tab.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
