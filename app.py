@@ -82,7 +82,10 @@ class Demo:
             return top, None, ("The heat map needs PyTorch weights: start the page with the .pth file "
                                "this .onnx file was exported from.")
         best = int(order[0])
-        heat = self.heat_map(pixels, best)
+        try:
+            heat = self.heat_map(pixels, best)
+        except visualize.CamError as e:  # captum missing: the classes still come, the page says why
+            return top, None, f"No heat map: {e}."
         caption = f"{self.classifier.classes[best]} {probabilities[best]:.2f} ({self.cam_layer})"
         return top, visualize.overlay(pixels, heat, caption), f"Grad-CAM of {self.classifier.classes[best]} at {self.cam_layer}."
 

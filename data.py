@@ -271,6 +271,12 @@ def _log_table(counts, log):
 # ---------------------------------------------------------------------------------------------
 # The dataset, its order, its cache
 # ---------------------------------------------------------------------------------------------
+def unreadable_error(path, reason=None):
+    """--bad-images error's one line."""
+    return DataError(f"cannot read image {path}" + (f" ({reason})" if reason else "")
+                     + ": remove or replace it, or pass --bad-images skip")
+
+
 def find_unreadable(paths, threads=8):
     """[(path, reason)] of the files that images.unreadable finds to be no images, in order."""
     with ThreadPoolExecutor(max_workers=threads) as pool:  # the reads wait on the disk, not the GIL
@@ -299,6 +305,17 @@ class ImageDataset(Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    def unreadable(self):
+        """The paths of the samples found unreadable so far, by any process sharing the cache."""
+        return [self.samples[i][0] for i in self.cache.bad_indices()]
+
+    def mark_unreadable(self, paths):
+        """On resume: the images the run found unreadable are so again, without decoding them."""
+        wanted = set(paths)
+        for index, (path, _) in enumerate(self.samples):
+            if path in wanted:
+                self.cache.mark_bad(index)
 
     def pixels(self, index):
         """uint8 H x W x 3 of one sample, from the cache or decoded (and cached); None if unreadable."""
@@ -340,6 +357,20 @@ class ImageDataset(Dataset):
             return self.transform(image), self.targets[used], True
         finally:
             generator.set_state(saved)
+
+
+def inverse_frequency(targets):
+    """Per class, images / (classes x the class's images): weights under which every class counts
+    as much as any other (--class-weights balanced)."""
+    counts = torch.bincount(torch.tensor(targets)).double()
+    return (counts.sum() / (len(counts) * counts.clamp_min(1))).float()
+
+
+def balanced_draws(targets):
+    """Per sample, the inverse of its class's count: drawn with these weights, every class is as
+    likely (--sampler balanced)."""
+    counts = torch.bincount(torch.tensor(targets)).double()
+    return (1.0 / counts)[torch.tensor(targets)]
 
 
 class EpochSampler(Sampler):

@@ -283,7 +283,8 @@ def main(args):
     progress = ckpt.Progress(plan=plan)
     if resume is not None:
         progress = ckpt.restore_training(resume, args.resume, training.state, rank, plan)
-        mark_unreadable(progress.bad_images, train_loader, val_loader)
+        for loader in (train_loader, val_loader):
+            loader.dataset.mark_unreadable(progress.bad_images)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
             f"best {args.best_metric} {progress.best_score:.3f}")
     distributed.run_on_main(placement.device, write_class_indices, args, found.classes)
@@ -415,7 +416,7 @@ def train_one_epoch(training, loader, run, progress):
         found = args.bad_images == "error" and loader.dataset.cache.found_bad
         diverged, stopping, unreadable = training.stop.check(device, not math.isfinite(step_loss), found)
         if unreadable:
-            raise (unreadable_error(loader.dataset) if found else distributed.PeerFailed())
+            raise (data.unreadable_error(loader.dataset.unreadable()[0]) if found else distributed.PeerFailed())
         if diverged:
             raise TrainingError(f"the loss became {step_loss if not math.isfinite(step_loss) else 'nan or inf in another process'} "
                                 f"at epoch {progress.epoch + 1}, step {progress.step + 1}: training diverged; lower --lr "
@@ -486,9 +487,9 @@ def evaluate_only(run, model, criterion, val_loader, start):
     args = run.args
     ckpt.check_classes(args.weights, start.get("classes"), run.record.classes, "the val folder")
     result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
-    unreadable = [val_loader.dataset.samples[i][0] for i in val_loader.dataset.cache.bad_indices()]
+    unreadable = val_loader.dataset.unreadable()
     if unreadable and args.bad_images == "error":
-        raise data.DataError(f"cannot read image {unreadable[0]}: remove or replace it, or pass --bad-images skip")
+        raise data.unreadable_error(unreadable[0])
     if unreadable:
         print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
     if run.is_main:
@@ -589,8 +590,7 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     samples = {"train": found.train, "val": found.val}
     skipped = data.find_unreadable([p for p, _ in found.train + found.val])
     if skipped and args.bad_images == "error":
-        path, reason = skipped[0]
-        raise data.DataError(f"cannot read image {path} ({reason}): remove or replace it, or pass --bad-images skip")
+        raise data.unreadable_error(*skipped[0])
     if skipped:
         log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
         bad = {p for p, _ in skipped}
@@ -611,17 +611,11 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
         transform = (data.train_transform(args.image_size[0], auto_augment, args.random_erase) if train
                      else data.EvalTransform(preprocessing))
         dataset = data.ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
-        weights = class_balance(dataset.targets) if train and args.sampler == "balanced" else None
+        weights = data.balanced_draws(dataset.targets) if train and args.sampler == "balanced" else None
         sampler = (data.EpochSampler(len(dataset), True, args.seed, rank, world_size, weights=weights) if train else
                    data.EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
         loaders.append(data.make_loader(dataset, sampler, args.batch_size, workers, device))
     return loaders[0], loaders[1], workers
-
-
-def class_balance(targets):
-    """Per sample, the inverse of its class's count: drawn with these weights, every class is as likely."""
-    counts = torch.bincount(torch.tensor(targets))
-    return (1.0 / counts.double())[torch.tensor(targets)]
 
 
 class ClassWeightedLoss(nn.CrossEntropyLoss):
@@ -642,8 +636,7 @@ def class_weights(args, train_loader, device):
     """--class-weights balanced: images / (classes x the class's images) per class, None otherwise."""
     if args.class_weights == "none" or train_loader is None:
         return None
-    counts = torch.bincount(torch.tensor(train_loader.dataset.targets)).double()
-    return (counts.sum() / (len(counts) * counts.clamp_min(1))).float().to(device)
+    return data.inverse_frequency(train_loader.dataset.targets).to(device)
 
 
 def build_model(args, classes, recorded, start, source, device, log):
@@ -730,28 +723,13 @@ def open_tensorboard(output_dir, next_step):
 # ---------------------------------------------------------------------------------------------
 # Saving and reporting
 # ---------------------------------------------------------------------------------------------
-def unreadable_error(dataset):
-    path = dataset.samples[dataset.cache.bad_indices()[0]][0]
-    return data.DataError(f"cannot read image {path}: remove or replace it, or pass --bad-images skip")
-
-
-def mark_unreadable(paths, *loaders):
-    """On resume: the images that the run found unreadable are so again, without decoding them."""
-    wanted = set(paths)
-    for loader in loaders:
-        for index, (path, _) in enumerate(loader.dataset.samples):
-            if path in wanted:
-                loader.dataset.cache.mark_bad(index)
-
-
 def newly_unreadable(run, loaders, progress):
     """The images found unreadable since the last look, from every machine's caches; added to progress."""
-    known = set(progress.bad_images)
-    mine = [loader.dataset.samples[i][0] for loader in loaders for i in loader.dataset.cache.bad_indices()]
-    found = sorted({p for part in distributed.all_gather(mine) for p in part} - known)
+    mine = [path for loader in loaders for path in loader.dataset.unreadable()]
+    found = sorted({p for part in distributed.all_gather(mine) for p in part} - set(progress.bad_images))
     progress.bad_images.extend(found)
     if found and run.args.bad_images == "error":  # found while validating
-        raise data.DataError(f"cannot read image {found[0]}: remove or replace it, or pass --bad-images skip")
+        raise data.unreadable_error(found[0])
     return found
 
 

@@ -226,14 +226,14 @@ def test_either_balancing_option_raises_the_small_classs_recall(uneven, tmp_path
 
 def test_the_balanced_sampler_draws_classes_evenly_and_exactly_again():
     targets = [0] * 90 + [1] * 10
-    sampler = data.EpochSampler(100, True, seed=3, weights=train.class_balance(targets))
+    sampler = data.EpochSampler(100, True, seed=3, weights=data.balanced_draws(targets))
     sampler.set_epoch(0)
     drawn = list(sampler)
     assert len(drawn) == 100 and 35 <= sum(targets[i] for i, _ in drawn) <= 65  # about half from class 1
     assert len({seed for _, seed in drawn}) == 100  # a sample drawn twice is augmented two ways
     sampler.set_epoch(0, skip=40)
     assert list(sampler) == drawn[40:]  # the same epoch again, resumed after 40 samples
-    halves = [data.EpochSampler(100, True, 3, rank, 2, weights=train.class_balance(targets)) for rank in (0, 1)]
+    halves = [data.EpochSampler(100, True, 3, rank, 2, weights=data.balanced_draws(targets)) for rank in (0, 1)]
     assert sorted(list(halves[0]) + list(halves[1])) == sorted(drawn)  # split over 2 processes
     sampler.set_epoch(1)
     assert list(sampler) != drawn
