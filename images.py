@@ -65,9 +65,12 @@ def unreadable(path):
     start-up. It reads 16 bytes; only a file that starts like none of the formats above has its
     header parsed by Pillow (which reads more formats than their names say). A file that passes can
     still fail later, when it is decoded (a truncated photo, say)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
+    try:  # os.open and os.read: half the cost of open() and its buffered file object
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = os.read(fd, 16)
+        finally:
+            os.close(fd)
     except OSError as e:
         return f"{type(e).__name__}: {e.strerror or e}"
     if not head:
