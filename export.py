@@ -8,8 +8,8 @@ The graph is the eval-mode network without the aux heads: input ``images`` (N x 
 normalised; N is free), output ``logits`` (N x classes). The class names, the image sizes and the
 normalisation travel in the file's metadata, so the .onnx file is all predict.py needs.
 
---int8 is ONNX Runtime's static post-training quantization (QDQ format, per-channel int8 weights,
-uint8 activations), calibrated on training photos of the run, never its val photos. Before the
+--int8 is ONNX Runtime's static post-training quantization (QDQ format, per-channel int8 weights
+in 7 bits, uint8 activations), calibrated on training photos of the run, never its val photos. Before the
 file is written, the fp32 and INT8 models are evaluated on the run's val photos: it is refused when
 INT8 loses more than --max-accuracy-drop points.
 """
@@ -194,7 +194,10 @@ def quantize(blob, classes, preprocessing, train_files, val_samples, calibration
         quant_pre_process(fp32, ready)  # shapes and constant folding, as ONNX Runtime recommends first
         quantize_static(ready, int8, Calibration(chosen, preprocessing), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        # 7-bit weights: CPUs without VNNI multiply uint8 by int8 in int16 sums that
+                        # saturate with 8-bit weights (top-1 agreement with fp32 96.6% -> 98.3% here)
+                        reduce_range=True)
         with open(int8, "rb") as f:
             int8_blob = f.read()
     fp32_accuracy, fp32_top = accuracy_on(blob, classes, preprocessing, val_samples)
@@ -236,7 +239,7 @@ def main(args):
                               "(--calibration-images) or keep the fp32 export")
         blob = with_metadata(result.blob, {
             "quantization": "int8: ONNX Runtime static post-training quantization, QDQ, per-channel int8 "
-                            "weights, uint8 activations, MinMax calibration",
+                            "weights (7-bit range), uint8 activations, MinMax calibration",
             "calibration": f"{result.calibration_images} training photos of {root}",
             "fp32_val_accuracy": f"{result.fp32_accuracy:.4f}", "int8_val_accuracy": f"{result.int8_accuracy:.4f}",
             "top1_agreement": f"{result.agreement:.4f}", "val_images": result.val_images})

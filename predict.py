@@ -5,7 +5,7 @@
     python predict.py tulip.jpg --weights googlenet.onnx # through ONNX Runtime, without torch
 
 A .pth checkpoint runs in PyTorch; a .onnx file from export.py (fp32 or INT8) runs in ONNX Runtime
-and never imports torch, which takes seconds to import. Both see the same pixels: images.py's
+(or OpenVINO with --runtime openvino) and never imports torch, which takes seconds to import. Both see the same pixels: images.py's
 decoding and preprocessing, and the same softmax here.
 """
 import argparse
@@ -38,7 +38,7 @@ def get_args_parser():
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--weights", default=os.path.join("weights", "best.pth"),
                    help="a checkpoint from train.py, a plain state dict (then --class-indices names the classes), "
-                        "or a .onnx file from export.py (run by ONNX Runtime)")
+                        "or a .onnx file from export.py (run by ONNX Runtime, or --runtime)")
     p.add_argument("--class-indices", default="class_indices.json",
                    help="class names, used only when the weights file does not hold them")
     p.add_argument("--topk", type=options.positive_int, default=None, help="show only the K most likely classes for one image")
@@ -50,6 +50,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA)")
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="what runs a .onnx file (openvino: an optional dependency, faster for INT8 files on CPUs)")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
     p.add_argument("--cam", default=None, metavar="OUT_DIR",
                    help="also write a Grad-CAM heat map of each image to this folder (needs captum)")
@@ -86,15 +88,16 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print):
-    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in ONNX Runtime)."""
+def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print,
+                    runtime="onnxruntime"):
+    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in `runtime`)."""
     if weights.lower().endswith(".onnx"):
         if not os.path.isfile(weights):
             raise PredictionError(f"weights file {weights} does not exist: export one with "
                                   f"python export.py --output {weights}, or pass --weights with the right path")
         from runtimes import load_onnx  # no torch on this path
 
-        model, classes, preprocessing = load_onnx(weights)
+        model, classes, preprocessing = load_onnx(weights, runtime=runtime)
         return Classifier(model, classes, preprocessing)
     # torch only here: importing it takes seconds that a .onnx file never pays
     import checkpoint as ckpt
@@ -203,10 +206,13 @@ def main(args):
             raise PredictionError("--cam needs the gradients of PyTorch weights: pass the .pth file the "
                                   ".onnx file was exported from")
         if args.amp in ("bf16", "fp16") or args.device not in ("auto", "cpu"):
-            raise PredictionError(f"--amp {args.amp} --device {args.device} apply to PyTorch weights: ONNX Runtime "
-                                  "runs a .onnx file on the CPU in fp32; leave them out or pass the .pth file")
+            raise PredictionError(f"--amp {args.amp} --device {args.device} apply to PyTorch weights: a .onnx "
+                                  "file runs on the CPU as it was exported; leave them out or pass the .pth file")
+    elif args.runtime != "onnxruntime":
+        raise PredictionError(f"--runtime {args.runtime} runs .onnx files and {args.weights} is PyTorch weights: "
+                              "export it with export.py, or leave --runtime out")
     classifier = load_classifier(args.weights, args.class_indices, args.device, args.amp,
-                                 warn=lambda line: print(line, file=sys.stderr))
+                                 warn=lambda line: print(line, file=sys.stderr), runtime=args.runtime)
     workers = (args.workers if args.workers is not None
                else images.default_workers(classifier.device_type, args.batch_size, items=len(files)))
     probabilities, errors = predict(classifier, files, args.batch_size, workers, args.tta)

@@ -5,7 +5,8 @@
 DIR is the run's data (by default the --data-path its checkpoint records). The fp32 and INT8
 .onnx files are exported into a temporary folder, INT8 calibrated on training photos as
 export.py --int8 does. Each row is a format: PyTorch fp32, PyTorch bf16 autocast (only where the
-CPU has native bf16), ONNX Runtime fp32 and INT8. Columns: the file's size, accuracy on the run's
+CPU has native bf16), ONNX Runtime fp32 and INT8, and OpenVINO fp32 and INT8 (the same two files,
+where openvino is installed). Columns: the file's size, accuracy on the run's
 val photos, the share of val photos whose top class is PyTorch fp32's, compute-only images per
 second at batch 32 (preprocessed images in memory, after 2 warm-up batches), and predict.py's
 images per second end to end on the val photos (a new process: start-up, decoding and all).
@@ -48,10 +49,9 @@ def compute_rate(logits_of, batch, batches):
     return batches * len(batch) / (time.perf_counter() - start)
 
 
-def predict_rate(files, weights, amp):
+def predict_rate(files, weights, options):
     """predict.py on the files in a new process: images per second, process start included."""
-    command = [sys.executable, os.path.join(ROOT, "predict.py"), *files, "--weights", weights]
-    command += ["--amp", amp] if amp else []
+    command = [sys.executable, os.path.join(ROOT, "predict.py"), *files, "--weights", weights, *options]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -68,7 +68,7 @@ def main(argv=None):
     import device as dev
     import export
     import predict
-    from runtimes import OnnxModel
+    from runtimes import OnnxModel, OpenVinoModel
 
     try:
         export.require_onnx()
@@ -98,18 +98,27 @@ def main(argv=None):
     formats = [("pytorch fp32", "off"), ("pytorch bf16", "bf16")] if native else [("pytorch fp32", "off")]
     for name, amp in formats:
         classifier = predict.Classifier(predict.TorchLogits(model, dev.place("cpu", amp)), classes, preprocessing)
-        rows.append((name, os.path.getsize(args.weights), classifier, args.weights, amp))
+        rows.append((name, os.path.getsize(args.weights), classifier, args.weights, ["--amp", amp]))
     for name in ("onnx fp32", "onnx int8"):
         rows.append((name, os.path.getsize(files[name]), predict.Classifier(OnnxModel(files[name]), classes,
-                                                                            preprocessing), files[name], None))
+                                                                            preprocessing), files[name], []))
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("openvino is not installed (pip install openvino): its rows are left out")
+    else:
+        for name in ("onnx fp32", "onnx int8"):
+            classifier = predict.Classifier(OpenVinoModel(files[name]), classes, preprocessing)
+            rows.append((name.replace("onnx", "openvino"), os.path.getsize(files[name]), classifier, files[name],
+                         ["--runtime", "openvino"]))
     reference = None
     print(f"\n| format | file MB | val accuracy | top-1 agreement with pytorch fp32 | compute img/s (batch 32) | "
           f"predict.py img/s end to end |\n| --- | --- | --- | --- | --- | --- |")
-    for name, size, classifier, path, amp in rows:
+    for name, size, classifier, path, predict_options in rows:
         top = np.concatenate([classifier.probabilities(pixels[i:i + 32]).argmax(1) for i in range(0, len(pixels), 32)])
         reference = top if reference is None else reference
         rate = compute_rate(classifier.logits_of, batch, args.batches)
-        end_to_end = predict_rate(val_files, path, amp)
+        end_to_end = predict_rate(val_files, path, predict_options)
         print(f"| {name} | {size / 2 ** 20:.1f} | {np.mean(top == labels):.3f} | {np.mean(top == reference):.3f} | "
               f"{rate:.1f} | {end_to_end:.1f} |", flush=True)
     return 0

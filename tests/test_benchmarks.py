@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, make_tree, run_script
+import train
+from helpers import CLASSES, COLORS, REPO, call, make_tree, run_script, save_image, train_argv
 
 
 def run(script, *args, timeout=900):
@@ -56,3 +57,46 @@ def test_benchmark_prediction_side_by_side(tmp_path):
     assert re.search(r"^predict +seed [\d.]+ \(\d+\) \| fp32 [\d.]+ \(\d+\) \| onnx [\d.]+ \(\d+\)$", proc.stdout, re.M)
     assert re.search(r"fp32/seed [\d.]+x  onnx/fp32 [\d.]+x", proc.stdout)
     assert "flags" in proc.stdout.splitlines()[0]
+
+
+def test_formats_prints_one_row_per_format_of_a_trained_model(tmp_path):
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package, reason="the ONNX rows need onnx, onnxruntime and onnxscript (requirements-dev.txt)")
+    tree = make_tree(tmp_path / "data", n_train=4, n_val=2)
+    out = tmp_path / "out"
+    assert call(train, train_argv(tree, out, "--image-size", 64, "--val-crop", 80, "--variant", "torchvision"))[0] == 0
+    proc = run("formats.py", "--weights", out / "best.pth", "--batches", 1, "--calibration-images", 4)
+    assert proc.returncode == 0, proc.stderr
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| ([a-z0-9 ]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                                            proc.stdout, re.M)}
+    expected = {"pytorch fp32", "onnx fp32", "onnx int8"}
+    try:
+        import openvino  # noqa: F401
+
+        expected |= {"openvino fp32", "openvino int8"}
+    except ImportError:
+        assert "openvino is not installed" in proc.stdout
+    if "native bf16: yes" in proc.stdout:
+        expected.add("pytorch bf16")
+    assert set(rows) == expected, proc.stdout
+    assert rows["pytorch fp32"][2] == "1.000" and rows["onnx fp32"][2] == "1.000"  # agreement with itself, and fp32
+    assert float(rows["onnx int8"][0]) < float(rows["onnx fp32"][0]) < float(rows["pytorch fp32"][0])  # MB
+    assert all(0 <= float(r[1]) <= 1 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows.values())
+    assert "6 val photos at 80 px" in proc.stdout and "flags" in proc.stdout.splitlines()[0]
+
+
+def test_startup_times_a_linked_folder_and_stops_after_the_first_step(tmp_path):
+    source = tmp_path / "photos"
+    for k, name in enumerate(CLASSES):
+        for i in range(5):
+            save_image(source / name / f"{i}.jpg", COLORS[k], seed=k * 10 + i)
+    work = tmp_path / "work"
+    proc = run("startup.py", "--source", source, "--photos", 24, "--work", work, "--cache", "off", "auto",
+               "--image-size", 32)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\| 24 \| (off|auto) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["off", "auto"], proc.stdout
+    assert all(0 < float(data) <= float(step) and float(memory) > 0 for _, data, step, memory in rows)
+    linked = sorted(p.relative_to(work / "24") for p in (work / "24").rglob("*.jpg"))
+    assert len(linked) == 24 and {p.parts[0] for p in linked} == set(CLASSES)  # classes kept, 5 photos cycled
+    assert all((work / "24" / p).stat().st_nlink > 1 for p in linked)  # hard links, no copies

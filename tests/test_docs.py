@@ -10,7 +10,7 @@ from helpers import REPO, SPLIT_DATA, run_script, script_env
 
 DOCUMENTED_IN = {script: "docs/options.md" for script in (
     "train.py", "predict.py", "export.py", "report.py", "model.py", "app.py", "data_set/split_data.py",
-    "benchmarks/benchmark.py", "benchmarks/time_to_accuracy.py", "benchmarks/formats.py")}
+    "benchmarks/benchmark.py", "benchmarks/time_to_accuracy.py", "benchmarks/formats.py", "benchmarks/startup.py")}
 
 
 @pytest.mark.parametrize("script", sorted(DOCUMENTED_IN))

@@ -2,6 +2,7 @@
 predict.py running the .onnx file. Skipped with a reason where onnx/onnxruntime are not installed."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_export_errors_are_one_line(exported, tmp_path):
     code, _, err = call(predict, [*FP32, exported["data"] / "val", "--weights", tmp_path / "none.onnx"])
     assert_clean_error(code, err, "does not exist", "export.py")
     code, _, err = call(predict, [exported["data"] / "val", "--weights", exported["onnx"], "--amp", "bf16"])
-    assert_clean_error(code, err, "--amp bf16", "ONNX Runtime runs a .onnx file on the CPU in fp32")
+    assert_clean_error(code, err, "--amp bf16", "a .onnx file runs on the CPU as it was exported")
 
 
 def test_missing_onnx_packages_give_one_line(exported, monkeypatch):
@@ -224,3 +225,29 @@ def test_predict_with_an_onnx_file_never_imports_torch(exported):
     proc = run_script(["-c", program])
     assert proc.stdout.strip().splitlines()[-1] == "exit 0 False False", proc.stdout + proc.stderr
     assert len([l for l in proc.stdout.splitlines() if l.split()[0] in ("daisy", "roses", "tulips")]) == 3
+
+
+def test_openvino_runs_both_files_as_onnx_runtime_does(exported, int8):
+    pytest.importorskip("openvino", reason="--runtime openvino needs openvino (requirements-dev.txt)")
+    files = sorted(str(p) for p in (exported["data"] / "val").rglob("*.jpg"))
+    for path, tolerance in ((exported["onnx"], 1e-4), (int8["path"], 0.1)):
+        reference = predict.load_classifier(str(path))
+        openvino = predict.load_classifier(str(path), runtime="openvino")
+        assert openvino.classes == reference.classes and openvino.preprocessing == reference.preprocessing
+        a, _ = predict.predict(reference, files, 4, 0)
+        b, errors = predict.predict(openvino, files, 4, 0)  # batches of 4 and a last one of 2
+        assert errors == [""] * len(files) and abs(a - b).max() <= tolerance, (path, abs(a - b).max())
+    image = files[0]
+    outputs = [call(predict, [image, "--weights", exported["onnx"], *runtime])
+               for runtime in ([], ["--runtime", "openvino"])]
+    assert all(code == 0 for code, _, _ in outputs), outputs
+    assert [l.split()[0] for l in outputs[0][1].splitlines()] == [l.split()[0] for l in outputs[1][1].splitlines()]
+
+
+def test_runtime_mistakes_are_one_line(exported, monkeypatch):
+    image = sorted((exported["data"] / "val").rglob("*.jpg"))[0]
+    code, _, err = call(predict, [*FP32, image, "--weights", exported["best"], "--runtime", "openvino"])
+    assert_clean_error(code, err, "--runtime openvino runs .onnx files", "export.py")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    code, _, err = call(predict, [image, "--weights", exported["onnx"], "--runtime", "openvino"])
+    assert_clean_error(code, err, "pip install openvino")
