@@ -1,6 +1,8 @@
-"""The scripts' argument types and their user-error base: a number out of range is argparse's one-line
-error naming the option ("argument --lr: must be above 0, got -1"), never a traceback from deep inside."""
+"""The scripts' argument types, their user-error base and run_command, the one way a command reports
+one: a number out of range is argparse's one-line error naming the option ("argument --lr: must be
+above 0, got -1"), never a traceback from deep inside."""
 import argparse
+import sys
 
 
 class UserError(Exception):
@@ -8,6 +10,15 @@ class UserError(Exception):
     "error: <message>" as one line and exit with exit_code, never with a traceback."""
 
     exit_code = 2
+
+
+def run_command(main, args):
+    """main(args) as a command's whole run: a UserError ends in its one line on stderr and its exit code."""
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def _number(kind, text):

@@ -244,12 +244,7 @@ def main(args):
 
 
 def run(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return options.run_command(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

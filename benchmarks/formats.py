@@ -112,8 +112,8 @@ def main(argv=None):
             rows.append((name.replace("onnx", "openvino"), os.path.getsize(files[name]), classifier, files[name],
                          ["--runtime", "openvino"]))
     reference = None
-    print(f"\n| format | file MB | val accuracy | top-1 agreement with pytorch fp32 | compute img/s (batch 32) | "
-          f"predict.py img/s end to end |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| format | file MB | val accuracy | top-1 agreement with pytorch fp32 | compute img/s (batch 32) | "
+          "predict.py img/s end to end |\n| --- | --- | --- | --- | --- | --- |")
     for name, size, classifier, path, predict_options in rows:
         top = np.concatenate([classifier.probabilities(pixels[i:i + 32]).argmax(1) for i in range(0, len(pixels), 32)])
         reference = top if reference is None else reference

@@ -181,3 +181,12 @@ def stop_after_step(n, out, keep):
         return diverged, steps["n"] == n, unreadable
 
     return check
+
+
+def train_small_run(root):
+    """A 1-epoch fp32 run at 64 px on a generated tree of 3 classes under root: {"data", "best", "root"}."""
+    import train
+
+    tree = make_tree(root / "data", n_train=4, n_val=2)
+    assert call(train, train_argv(tree, root / "out", "--image-size", 64))[0] == 0
+    return {"data": tree, "best": root / "out" / "best.pth", "root": root}

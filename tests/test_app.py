@@ -2,7 +2,6 @@
 call it: through gradio_client (the probabilities equal predict.py's; what is not a photo gets a
 message and the next good request still works; many requests leave the memory flat) and through a
 real headless Chromium driven by Playwright (upload a photo, see the class). Offline."""
-import io
 import os
 import shutil
 import socket
@@ -18,8 +17,7 @@ import pytest
 from PIL import Image
 
 import predict
-import train
-from helpers import FP32, REPO, call, make_tree, script_env, train_argv
+from helpers import REPO, call, script_env, train_small_run
 
 pytest.importorskip("gradio", reason="the demo page needs gradio (requirements-dev.txt)")
 gradio_client = pytest.importorskip("gradio_client", reason="these tests call the page with gradio_client")
@@ -71,10 +69,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app")
-    tree = make_tree(root / "data", n_train=4, n_val=2)
-    assert call(train, train_argv(tree, root / "out", "--image-size", 64))[0] == 0
-    return {"data": tree, "best": root / "out" / "best.pth", "root": root}
+    return train_small_run(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture(scope="module")

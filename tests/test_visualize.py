@@ -13,7 +13,7 @@ import images
 import visualize
 import predict
 import train
-from helpers import FP32, assert_clean_error, call, load, make_tree, train_argv
+from helpers import FP32, assert_clean_error, call, load, train_argv, train_small_run
 from model import GoogLeNet
 
 pytest.importorskip("captum", reason="Grad-CAM needs captum (requirements-dev.txt)")
@@ -84,10 +84,7 @@ def test_another_class_points_elsewhere(quadrant_model):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cam")
-    tree = make_tree(root / "data", n_train=4, n_val=2)
-    assert call(train, train_argv(tree, root / "out", "--image-size", 64))[0] == 0
-    return {"data": tree, "best": root / "out" / "best.pth", "root": root}
+    return train_small_run(tmp_path_factory.mktemp("cam"))
 
 
 def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability(run, tmp_path):
