@@ -49,7 +49,8 @@ def get_args_parser():
                         "single image; min(cpu count, batch size, 8) on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA)")
+                   help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA; for a "
+                        ".onnx file in OpenVINO, auto lets it compute in bf16 on such CPUs and off keeps f32)")
     p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
                    help="what runs a .onnx file (openvino: an optional dependency, faster for INT8 files on CPUs)")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
@@ -97,7 +98,7 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
                                   f"python export.py --output {weights}, or pass --weights with the right path")
         from runtimes import load_onnx  # no torch on this path
 
-        model, classes, preprocessing = load_onnx(weights, runtime=runtime)
+        model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp)
         return Classifier(model, classes, preprocessing)
     # torch only here: importing it takes seconds that a .onnx file never pays
     import checkpoint as ckpt

@@ -4,7 +4,9 @@
 export.py writes the files (fp32, or INT8 with --int8) with the class names and the preprocessing
 in their metadata; predict.py and app.py run them through load_onnx, so a .onnx file is all they
 need. OpenVINO reads the same file (INT8 QDQ included); on an AVX2-only CPU it runs the INT8 file
-1.4x faster than ONNX Runtime and the fp32 file at the same speed (docs/performance.md).
+1.4x faster than ONNX Runtime and the fp32 file at the same speed (docs/performance.md). Like
+PyTorch's --amp auto, OpenVINO computes in bf16 on CPUs with native bf16 unless told f32
+(amp="off"); ONNX Runtime always computes an fp32 file in fp32.
 """
 import json
 
@@ -47,9 +49,11 @@ class OnnxModel:
 
 
 class OpenVinoModel:
-    """The same file compiled by OpenVINO for the CPU, called like OnnxModel."""
+    """The same file compiled by OpenVINO for the CPU, called like OnnxModel. amp "auto" leaves the
+    precision to OpenVINO (bf16 where the CPU has native bf16), "off" asks for f32; ``precision``
+    says what it chose."""
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, amp="auto"):
         try:
             import openvino
         except ImportError:
@@ -57,7 +61,10 @@ class OpenVinoModel:
         core = openvino.Core()
         try:
             network = core.read_model(path)
-            self.compiled = core.compile_model(network, "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+            config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+            if amp == "off":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            self.compiled = core.compile_model(network, "CPU", config)
         except Exception as e:
             raise OnnxError(f"{path} is not a model OpenVINO can read ({str(e).splitlines()[0][:120]}): "
                             "export it again with export.py, or use --runtime onnxruntime")
@@ -65,14 +72,16 @@ class OpenVinoModel:
         framework = network.get_rt_info()["framework"] if network.has_rt_info(["framework"]) else {}
         self.metadata = {key: value.astype(str) for key, value in framework.items()}
         self.output = self.compiled.output(0)
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
     def __call__(self, images):
         return self.compiled(images)[self.output]
 
 
-def load_onnx(path, threads=None, runtime="onnxruntime"):
-    """(model, classes, Preprocessing) of a file written by export.py, in the runtime named."""
-    model = OpenVinoModel(path, threads) if runtime == "openvino" else OnnxModel(path, threads)
+def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto"):
+    """(model, classes, Preprocessing) of a file written by export.py, in the runtime named (amp: as
+    OpenVinoModel takes it)."""
+    model = OpenVinoModel(path, threads, amp) if runtime == "openvino" else OnnxModel(path, threads)
     try:
         meta = model.metadata
         classes = json.loads(meta["classes"])

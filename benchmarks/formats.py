@@ -5,8 +5,8 @@
 DIR is the run's data (by default the --data-path its checkpoint records). The fp32 and INT8
 .onnx files are exported into a temporary folder, INT8 calibrated on training photos as
 export.py --int8 does. Each row is a format: PyTorch fp32, PyTorch bf16 autocast (only where the
-CPU has native bf16), ONNX Runtime fp32 and INT8, and OpenVINO fp32 and INT8 (the same two files,
-where openvino is installed). Columns: the file's size, accuracy on the run's
+CPU has native bf16), ONNX Runtime fp32 and INT8, and OpenVINO fp32, bf16 (where the CPU has native
+bf16) and INT8 (the same two files, where openvino is installed). Columns: the file's size, accuracy on the run's
 val photos, the share of val photos whose top class is PyTorch fp32's, compute-only images per
 second at batch 32 (preprocessed images in memory, after 2 warm-up batches), and predict.py's
 images per second end to end on the val photos (a new process: start-up, decoding and all).
@@ -107,10 +107,14 @@ def main(argv=None):
     except ImportError:
         print("openvino is not installed (pip install openvino): its rows are left out")
     else:
-        for name in ("onnx fp32", "onnx int8"):
-            classifier = predict.Classifier(OpenVinoModel(files[name]), classes, preprocessing)
-            rows.append((name.replace("onnx", "openvino"), os.path.getsize(files[name]), classifier, files[name],
-                         ["--runtime", "openvino"]))
+        # OpenVINO's own default computes in bf16 on a CPU with native bf16: the fp32 file gets a row
+        # each way there, and the INT8 file runs as predict.py runs it by default (--amp auto)
+        openvino_rows = [("openvino fp32", "onnx fp32", "off")] + (
+            [("openvino bf16", "onnx fp32", "auto")] if native else []) + [("openvino int8", "onnx int8", "auto")]
+        for name, file, amp in openvino_rows:
+            classifier = predict.Classifier(OpenVinoModel(files[file], amp=amp), classes, preprocessing)
+            rows.append((name, os.path.getsize(files[file]), classifier, files[file],
+                         ["--runtime", "openvino", "--amp", amp]))
     reference = None
     print("\n| format | file MB | val accuracy | top-1 agreement with pytorch fp32 | compute img/s (batch 32) | "
           "predict.py img/s end to end |\n| --- | --- | --- | --- | --- | --- |")
