@@ -50,8 +50,7 @@ class OnnxModel:
 
 class OpenVinoModel:
     """The same file compiled by OpenVINO for the CPU, called like OnnxModel. amp "auto" leaves the
-    precision to OpenVINO (bf16 where the CPU has native bf16), "off" asks for f32; ``precision``
-    says what it chose."""
+    precision to OpenVINO (bf16 where the CPU has native bf16), "off" asks for f32."""
 
     def __init__(self, path, threads=None, amp="auto"):
         try:
@@ -72,7 +71,6 @@ class OpenVinoModel:
         framework = network.get_rt_info()["framework"] if network.has_rt_info(["framework"]) else {}
         self.metadata = {key: value.astype(str) for key, value in framework.items()}
         self.output = self.compiled.output(0)
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
     def __call__(self, images):
         return self.compiled(images)[self.output]
