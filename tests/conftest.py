@@ -1,5 +1,7 @@
-"""Put the repo root on sys.path so tests can import the top-level modules (data, model, ...)."""
+"""Put the repo root on sys.path so tests can import the top-level modules (data, model, ...), and
+keep the suite's disk use to about one module's worth."""
 import os
+import shutil
 import signal
 import sys
 
@@ -16,3 +18,16 @@ def keep_signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_the_modules_folders(request, tmp_path_factory):
+    """A module's fixtures train runs of about 200 MB each into folders of tmp_path_factory, which
+    pytest keeps to the session's end: a CI machine with a few GB free ran out of disk. When every
+    test of the module passed, what it added to the base folder goes as the module ends."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed_before = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed_before:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
