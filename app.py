@@ -12,6 +12,7 @@ use gets a message on the page, and the server goes on serving.
 import argparse
 import base64
 import os
+import signal
 import sys
 import warnings
 
@@ -159,14 +160,18 @@ def main(args):
                                          warn=lambda line: print(line, file=sys.stderr))
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="googlenet-app-")
-    page = build_page(Demo(classifier, args.cam_layer), examples, folder)
-    print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}", flush=True)
-    try:
-        page.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                       show_error=True, quiet=True)
-    except OSError as e:
-        raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port")
+    # Gradio closes its server on Ctrl-C: a terminate (a service manager's stop) ends the same way,
+    # so the folder below is removed either way
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with tempfile.TemporaryDirectory(prefix="googlenet-app-") as folder:  # pasted images are written here
+        page = build_page(Demo(classifier, args.cam_layer), examples, folder)
+        print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}",
+              flush=True)
+        try:
+            page.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+                                                           show_error=True, quiet=True)
+        except OSError as e:
+            raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port")
     return 0
 
 

@@ -275,25 +275,28 @@ def main():
     runs = [(part, config) for part, configs in CONFIGS.items() if part not in opts.skip
             for config in configs if config not in opts.skip]
     tmp = tempfile.mkdtemp(prefix="googlenet-bench-")
-    onnx_file = None
-    if ("predict", "onnx") in runs:
-        try:
-            export.require_onnx()
-            onnx_file = export_for_benchmark(root, opts.image_size, tmp)
-        except export.ExportError as e:
-            print(f"leaving out onnx: {e}")
-            runs.remove(("predict", "onnx"))
-    results = {run: [] for run in runs}
-    # training draws (warm-up + timed steps) batches per run; 2 more keep the last batch of an epoch full
-    folders = {"train": make_subset(root, BATCH * (WARMUP_STEPS + opts.train_steps + 2), os.path.join(tmp, "train")),
-               "predict": make_subset(root, opts.predict_images, os.path.join(tmp, "predict"))}
-    for r in range(opts.rounds):
-        for part, config in runs:
-            res = measure(f"{part}-{config}", folders[part], opts, onnx_file)
-            results[(part, config)].append(res)
-            print(f"round {r + 1}: {part:<7} {config:<5} {res['images_per_s']:7.2f} img/s  "
-                  f"peak RSS {res['peak_rss_mib']} MiB", flush=True)
-    shutil.rmtree(tmp)
+    try:
+        onnx_file = None
+        if ("predict", "onnx") in runs:
+            try:
+                export.require_onnx()
+                onnx_file = export_for_benchmark(root, opts.image_size, tmp)
+            except export.ExportError as e:
+                print(f"leaving out onnx: {e}")
+                runs.remove(("predict", "onnx"))
+        results = {run: [] for run in runs}
+        # training draws (warm-up + timed steps) batches per run; 2 more keep the last batch of an epoch full
+        train_images = BATCH * (WARMUP_STEPS + opts.train_steps + 2)
+        folders = {"train": make_subset(root, train_images, os.path.join(tmp, "train")),
+                   "predict": make_subset(root, opts.predict_images, os.path.join(tmp, "predict"))}
+        for r in range(opts.rounds):
+            for part, config in runs:
+                res = measure(f"{part}-{config}", folders[part], opts, onnx_file)
+                results[(part, config)].append(res)
+                print(f"round {r + 1}: {part:<7} {config:<5} {res['images_per_s']:7.2f} img/s  "
+                      f"peak RSS {res['peak_rss_mib']} MiB", flush=True)
+    finally:
+        shutil.rmtree(tmp)
 
     median = {run: statistics.median(x["images_per_s"] for x in rs) for run, rs in results.items()}
     print("\nmedians over rounds, img/s (peak RSS MiB)")

@@ -81,50 +81,51 @@ def main(argv=None):
     print(f"weights {args.weights}, data {root}: {len(val_samples)} val photos at {preprocessing.crop} px; "
           f"{torch.get_num_threads()} threads")
 
-    folder = tempfile.mkdtemp(prefix="googlenet-formats-")
-    fp32_blob, _ = export.to_onnx(model, classes, preprocessing, model.variant, log=lambda *a: None)
-    int8 = export.quantize(fp32_blob, classes, preprocessing, train_files, val_samples, args.calibration_images,
-                           log=lambda *a: None)
-    files = {"onnx fp32": os.path.join(folder, "fp32.onnx"), "onnx int8": os.path.join(folder, "int8.onnx")}
-    for name, blob in (("onnx fp32", fp32_blob), ("onnx int8", export.with_metadata(int8.blob, {}))):
-        with open(files[name], "wb") as f:
-            f.write(blob)
+    with tempfile.TemporaryDirectory(prefix="googlenet-formats-") as folder:
+        fp32_blob, _ = export.to_onnx(model, classes, preprocessing, model.variant, log=lambda *a: None)
+        int8 = export.quantize(fp32_blob, classes, preprocessing, train_files, val_samples, args.calibration_images,
+                               log=lambda *a: None)
+        files = {"onnx fp32": os.path.join(folder, "fp32.onnx"), "onnx int8": os.path.join(folder, "int8.onnx")}
+        for name, blob in (("onnx fp32", fp32_blob), ("onnx int8", export.with_metadata(int8.blob, {}))):
+            with open(files[name], "wb") as f:
+                f.write(blob)
 
-    val_files = [p for p, _ in val_samples]
-    labels = np.array([k for _, k in val_samples])
-    pixels = np.stack([predict.prepare(f, preprocessing)[0] for f in val_files])
-    batch = images.normalize(pixels[np.arange(32) % len(pixels)], preprocessing)  # 32, repeating if fewer
-    rows = []
-    formats = [("pytorch fp32", "off"), ("pytorch bf16", "bf16")] if native else [("pytorch fp32", "off")]
-    for name, amp in formats:
-        classifier = predict.Classifier(predict.TorchLogits(model, dev.place("cpu", amp)), classes, preprocessing)
-        rows.append((name, os.path.getsize(args.weights), classifier, args.weights, ["--amp", amp]))
-    for name in ("onnx fp32", "onnx int8"):
-        rows.append((name, os.path.getsize(files[name]), predict.Classifier(OnnxModel(files[name]), classes,
-                                                                            preprocessing), files[name], []))
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        print("openvino is not installed (pip install openvino): its rows are left out")
-    else:
-        # OpenVINO's own default computes in bf16 on a CPU with native bf16: the fp32 file gets a row
-        # each way there, and the INT8 file runs as predict.py runs it by default (--amp auto)
-        openvino_rows = [("openvino fp32", "onnx fp32", "off")] + (
-            [("openvino bf16", "onnx fp32", "auto")] if native else []) + [("openvino int8", "onnx int8", "auto")]
-        for name, file, amp in openvino_rows:
-            classifier = predict.Classifier(OpenVinoModel(files[file], amp=amp), classes, preprocessing)
-            rows.append((name, os.path.getsize(files[file]), classifier, files[file],
-                         ["--runtime", "openvino", "--amp", amp]))
-    reference = None
-    print("\n| format | file MB | val accuracy | top-1 agreement with pytorch fp32 | compute img/s (batch 32) | "
-          "predict.py img/s end to end |\n| --- | --- | --- | --- | --- | --- |")
-    for name, size, classifier, path, predict_options in rows:
-        top = np.concatenate([classifier.probabilities(pixels[i:i + 32]).argmax(1) for i in range(0, len(pixels), 32)])
-        reference = top if reference is None else reference
-        rate = compute_rate(classifier.logits_of, batch, args.batches)
-        end_to_end = predict_rate(val_files, path, predict_options)
-        print(f"| {name} | {size / 2 ** 20:.1f} | {np.mean(top == labels):.3f} | {np.mean(top == reference):.3f} | "
-              f"{rate:.1f} | {end_to_end:.1f} |", flush=True)
+        val_files = [p for p, _ in val_samples]
+        labels = np.array([k for _, k in val_samples])
+        pixels = np.stack([predict.prepare(f, preprocessing)[0] for f in val_files])
+        batch = images.normalize(pixels[np.arange(32) % len(pixels)], preprocessing)  # 32, repeating if fewer
+        rows = []
+        formats = [("pytorch fp32", "off"), ("pytorch bf16", "bf16")] if native else [("pytorch fp32", "off")]
+        for name, amp in formats:
+            classifier = predict.Classifier(predict.TorchLogits(model, dev.place("cpu", amp)), classes, preprocessing)
+            rows.append((name, os.path.getsize(args.weights), classifier, args.weights, ["--amp", amp]))
+        for name in ("onnx fp32", "onnx int8"):
+            rows.append((name, os.path.getsize(files[name]), predict.Classifier(OnnxModel(files[name]), classes,
+                                                                                preprocessing), files[name], []))
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            print("openvino is not installed (pip install openvino): its rows are left out")
+        else:
+            # OpenVINO's own default computes in bf16 on a CPU with native bf16: the fp32 file gets a row
+            # each way there, and the INT8 file runs as predict.py runs it by default (--amp auto)
+            openvino_rows = [("openvino fp32", "onnx fp32", "off")] + (
+                [("openvino bf16", "onnx fp32", "auto")] if native else []) + [("openvino int8", "onnx int8", "auto")]
+            for name, file, amp in openvino_rows:
+                classifier = predict.Classifier(OpenVinoModel(files[file], amp=amp), classes, preprocessing)
+                rows.append((name, os.path.getsize(files[file]), classifier, files[file],
+                             ["--runtime", "openvino", "--amp", amp]))
+        reference = None
+        print("\n| format | file MB | val accuracy | top-1 agreement with pytorch fp32 | compute img/s (batch 32) | "
+              "predict.py img/s end to end |\n| --- | --- | --- | --- | --- | --- |")
+        for name, size, classifier, path, predict_options in rows:
+            top = np.concatenate([classifier.probabilities(pixels[i:i + 32]).argmax(1)
+                                  for i in range(0, len(pixels), 32)])
+            reference = top if reference is None else reference
+            rate = compute_rate(classifier.logits_of, batch, args.batches)
+            end_to_end = predict_rate(val_files, path, predict_options)
+            print(f"| {name} | {size / 2 ** 20:.1f} | {np.mean(top == labels):.3f} | {np.mean(top == reference):.3f} | "
+                  f"{rate:.1f} | {end_to_end:.1f} |", flush=True)
     return 0
 
 
