@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -50,7 +51,8 @@ class Server:
                     break
             except OSError:
                 time.sleep(0.3)
-        self.client = gradio_client.Client(self.url, verbose=False)
+        self.client = gradio_client.Client(self.url, verbose=False,
+                                           download_files=os.path.join(tempfile.gettempdir(), "downloads"))
 
     def classify(self, path):
         return self.client.predict(gradio_client.handle_file(str(path)), api_name="/classify")
@@ -65,6 +67,18 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def temp_folder(tmp_path_factory):
+    """The module's own temp folder, for this process and the servers: gradio writes uploads under
+    it and gradio_client leaves an empty folder there per download (250 in /tmp a run, before)."""
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(folder))
+        patch.setenv("TMPDIR", str(folder))  # the servers' processes get it through script_env
+        patch.setenv("GRADIO_TEMP_DIR", str(folder / "gradio"))
+        yield folder
 
 
 @pytest.fixture(scope="module")
