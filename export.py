@@ -230,9 +230,10 @@ def main(args):
         train_files, val_samples, root = run_photos(ckpt.load_checkpoint(args.weights), args.data_path)
         blob, _ = to_onnx(model, classes, preprocessing, variant, args.check_images)
         result = quantize(blob, classes, preprocessing, train_files, val_samples, args.calibration_images)
-        drop = 100 * (result.fp32_accuracy - result.int8_accuracy)
+        change = 100 * (result.int8_accuracy - result.fp32_accuracy)  # not -drop: that prints -0.0 for no change
+        drop = -change
         print(f"val accuracy on {result.val_images} photos: fp32 {result.fp32_accuracy:.4f}, INT8 "
-              f"{result.int8_accuracy:.4f} ({-drop:+.1f} points); the same top class for {100 * result.agreement:.1f}%")
+              f"{result.int8_accuracy:.4f} ({change:+.1f} points); the same top class for {100 * result.agreement:.1f}%")
         if drop > args.max_accuracy_drop:
             raise ExportError(f"INT8 loses {drop:.1f} points of val accuracy (more than --max-accuracy-drop "
                               f"{args.max_accuracy_drop:g}): {args.output} was not written; calibrate on more photos "

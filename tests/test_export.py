@@ -162,6 +162,8 @@ def test_int8_is_static_qdq_with_per_channel_weights_and_says_how_it_was_made(ex
     assert json.loads(meta["classes"]) == ["daisy", "roses", "tulips"] and meta["val_crop"] == "80"
     line = next(l for l in int8["stdout"].splitlines() if l.startswith("val accuracy on 6 photos"))
     assert f"fp32 {float(meta['fp32_val_accuracy']):.4f}, INT8 {float(meta['int8_val_accuracy']):.4f}" in line
+    change = 100 * (float(meta["int8_val_accuracy"]) - float(meta["fp32_val_accuracy"]))
+    assert f"({change:+.1f} points)" in line  # the sign of the change: "+0.0" when nothing changed, never "-0.0"
     assert os.path.getsize(int8["path"]) < 0.5 * os.path.getsize(exported["onnx"])  # int8 weights
 
 
