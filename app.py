@@ -19,11 +19,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-import images
-import options
-import predict
-import visualize
-from options import UserError
+from inference import classify, images, visualize
+from plumbing import options
+from plumbing.options import UserError
 
 MISSING = "the demo page needs gradio, an optional dependency: pip install gradio"
 TOP = 5  # classes shown
@@ -156,7 +154,7 @@ def main(args):
         examples = images.find_image_files(args.examples)[:12]
         if not examples:
             raise UserError(f"--examples {args.examples} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
-    classifier = predict.load_classifier(args.weights, args.class_indices, args.device, args.amp,
+    classifier = classify.load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                          warn=lambda line: print(line, file=sys.stderr))
     import tempfile
 

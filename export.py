@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import images
-
-import checkpoint as ckpt
-import options
-from atomic import atomic_write
-from options import UserError
-from runtimes import OnnxModel
+from inference import checkpoint as ckpt
+from inference import classify, images
+from inference.runtimes import OnnxModel
+from plumbing import options
+from plumbing.atomic import atomic_write
+from plumbing.options import UserError
 
 OPSET = 18  # run by every ONNX Runtime since 1.14 (2023)
 TOLERANCE = 1e-4  # largest allowed difference between ONNX Runtime's and PyTorch's probabilities
@@ -149,7 +148,7 @@ class Calibration:
 
 def run_photos(loaded, data_path, log=print):
     """(training photo paths, val (path, class) samples) of the run a checkpoint comes from."""
-    import data
+    from training import data
 
     recorded = (loaded.get("args") or {}).get("data_path")
     root = data_path or recorded
@@ -166,11 +165,10 @@ def run_photos(loaded, data_path, log=print):
 
 def accuracy_on(model_bytes, classes, preprocessing, samples):
     """(accuracy, top classes) of an ONNX model on (path, class) samples, through predict.py's path."""
-    import predict
-    from runtimes import OnnxModel
+    from inference.runtimes import OnnxModel
 
-    classifier = predict.Classifier(OnnxModel(model_bytes), classes, preprocessing)
-    probabilities, errors = predict.predict(classifier, [p for p, _ in samples], batch_size=32, workers=1)
+    classifier = classify.Classifier(OnnxModel(model_bytes), classes, preprocessing)
+    probabilities, errors = classify.predict(classifier, [p for p, _ in samples], batch_size=32, workers=1)
     top = probabilities.argmax(1)
     kept = [i for i, e in enumerate(errors) if not e]
     return float(np.mean([top[i] == samples[i][1] for i in kept])), top

@@ -286,7 +286,7 @@ def main(argv=None):
     import argparse
     import sys
 
-    import options
+    from plumbing import options
 
     parser = argparse.ArgumentParser(description="Print GoogLeNet's stages (output shapes, parameters, FLOPs), "
                                                  "or draw what a trained one sees.")
@@ -306,9 +306,8 @@ def main(argv=None):
     if not (args.feature_maps or args.filters):
         print_summary(GoogLeNet(args.num_classes, aux_logits=not args.no_aux, variant=args.variant), args.image_size)
         return 0
-    import checkpoint
-    import visualize
-    from options import UserError
+    from inference import checkpoint, visualize
+    from plumbing.options import UserError
 
     try:
         if not args.weights:

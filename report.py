@@ -1,132 +1,8 @@
 """What the model learned: per-epoch metrics, per-class scores and the confusion matrix."""
 import csv
-import io
 import os
 
-from atomic import SaveError, atomic_write, atomic_write_text
-
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
-                 "val_macro_f1", "images_per_s", "seconds"]
-BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # what --best-metric can choose
-
-
-def append_metrics(path, epoch, row):
-    """Add one epoch's row to metrics.csv; rows of this epoch or later (a resumed run) are replaced."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) < epoch]
-    rows.append({"epoch": epoch, **{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}})
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, out.getvalue())
-
-
-def per_class_scores(confusion):
-    """[(precision, recall, accuracy, support)] per class; confusion rows are the true classes.
-
-    Per-class accuracy is (TP + TN) / all images: how often the one-vs-rest decision is right.
-    """
-    total = int(confusion.sum())
-    scores = []
-    for k in range(confusion.shape[0]):
-        tp = int(confusion[k, k])
-        predicted = int(confusion[:, k].sum())
-        support = int(confusion[k, :].sum())
-        tn = total - predicted - support + tp
-        scores.append((tp / predicted if predicted else 0.0, tp / support if support else 0.0,
-                       (tp + tn) / total if total else 0.0, support))
-    return scores
-
-
-def summary_scores(confusion):
-    """{"accuracy", "balanced_accuracy", "macro_f1"} of a confusion matrix. Balanced accuracy is the
-    mean recall over the classes that have images; macro-F1 the mean F1 over the classes that have
-    images or predictions (as scikit-learn's defaults compute them): with uneven classes, a model
-    that ignores a small class scores low on both even when its accuracy is high."""
-    total = int(confusion.sum())
-    per_class = per_class_scores(confusion)
-    recalls = [r for _, r, _, n in per_class if n]
-    f1s = [2 * p * r / (p + r) if p + r else 0.0 for k, (p, r, _, n) in enumerate(per_class)
-           if n or int(confusion[:, k].sum())]
-    return {"accuracy": int(confusion.diag().sum()) / total if total else 0.0,
-            "balanced_accuracy": sum(recalls) / len(recalls) if recalls else 0.0,
-            "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
-
-
-def print_evaluation(classes, confusion, loss=None):
-    total = int(confusion.sum())
-    scores = summary_scores(confusion)
-    width = max(len(c) for c in classes + ["class"])
-    print(f"accuracy: {scores['accuracy']:.4f} ({int(confusion.diag().sum())}/{total})"
-          + (f"  loss: {loss:.4f}" if loss is not None else "")
-          + f"  balanced accuracy: {scores['balanced_accuracy']:.4f}  macro-F1: {scores['macro_f1']:.4f}")
-    print(f"{'class':<{width}}  precision  recall  accuracy  images")
-    for name, (p, r, a, n) in zip(classes, per_class_scores(confusion)):
-        print(f"{name:<{width}}  {p:9.4f}  {r:6.4f}  {a:8.4f}  {n:6d}")
-    print("confusion matrix (rows: true class, columns: predicted):")
-    cell = max(6, max(len(c) for c in classes))
-    print(" " * width + "  " + " ".join(f"{c[:cell]:>{cell}}" for c in classes))
-    for name, row in zip(classes, confusion.tolist()):
-        print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
-
-
-def write_confusion_csv(path, classes, confusion):
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["true \\ predicted"] + classes)
-    for name, row in zip(classes, confusion.tolist()):
-        writer.writerow([name] + row)
-    atomic_write_text(path, out.getvalue())
-
-
-PREDICTION_FIELDS = ["file", "true_class", "predicted_class", "loss"]  # then one probability per class
-
-
-def write_predictions_csv(path, classes, rows):
-    """predictions.csv: per image (path, true class index, probabilities, cross-entropy), in that order."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(PREDICTION_FIELDS + [f"p_{c}" for c in classes])
-    for path_, target, probabilities, loss in rows:
-        best = max(range(len(classes)), key=probabilities.__getitem__)
-        writer.writerow([path_, classes[target], classes[best], f"{loss:.6f}"] + [f"{p:.6f}" for p in probabilities])
-    atomic_write_text(path, out.getvalue())
-
-
-class TensorBoardLog:
-    """--tensorboard: the run's scalars in folder for `tensorboard --logdir`, rank 0 only.
-
-    Every scalar is logged at the global step (training steps since the start of the run), the
-    per-epoch ones at their epoch's last step. A resumed run opens its writer with purge_step set to
-    its next step, so TensorBoard drops whatever an interrupted run had logged past it: the curves
-    continue with no step twice. Raises ImportError without the tensorboard package.
-    """
-
-    def __init__(self, folder, next_step):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.folder = folder
-        self.writer = SummaryWriter(folder, purge_step=next_step if next_step > 1 else None)
-
-    def add(self, scalars, step):
-        try:
-            for tag, value in scalars.items():
-                if value is not None:
-                    self.writer.add_scalar(tag, value, step)
-        except OSError as e:
-            raise SaveError(self.folder, e) from e
-
-    def flush(self):
-        try:
-            self.writer.flush()
-        except OSError as e:
-            raise SaveError(self.folder, e) from e
-
-    def close(self):
-        self.writer.close()
+from plumbing.atomic import SaveError, atomic_write
 
 
 def save_png(fig, path):
@@ -205,7 +81,7 @@ def plot(folder, top_losses=16):
 def draw_top_losses(plt, predictions_path, count):
     """The `count` images with the highest loss in predictions.csv, each as a photo viewer shows it,
     captioned with its true class, the predicted class and that prediction's probability."""
-    from images import load_image
+    from inference.images import load_image
 
     with open(predictions_path, newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["loss"]), reverse=True)[:count]
@@ -233,7 +109,7 @@ def draw_top_losses(plt, predictions_path, count):
 if __name__ == "__main__":
     import argparse
 
-    import options
+    from plumbing import options
 
     parser = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
                                                  "(confusion_matrix.csv) and worst-classified images "

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=2 train.py ...           # data-parallel, one process per GPU
 
 main() reads top to bottom: set-up, data, model, --eval-only, the training objects, resume, and
-fit(), the epoch loop. What the run keeps fixed travels in Run, what moves in checkpoint.Progress.
+fit(), the epoch loop. What the run keeps fixed travels in Run, what moves in run_state.Progress.
 """
 import argparse
 import contextlib
@@ -23,19 +23,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import checkpoint as ckpt
-import data
-import device as dev
-import distributed
-import download
-import options
-import schedule
-from atomic import atomic_write_text, remove_stale_temp_files
-from images import Preprocessing, default_workers
+from inference import checkpoint as ckpt
+from inference.images import Preprocessing, default_workers
 from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
-from options import UserError
-from report import (BEST_METRICS, TensorBoardLog, append_metrics, print_evaluation, summary_scores,
-                    write_confusion_csv, write_predictions_csv)
+from plumbing import device as dev
+from plumbing import distributed, options
+from plumbing.atomic import atomic_write_text, remove_stale_temp_files
+from plumbing.options import UserError
+from training import data, download, run_state, schedule
+from training.metrics import (
+    BEST_METRICS,
+    TensorBoardLog,
+    append_metrics,
+    print_evaluation,
+    summary_scores,
+    write_confusion_csv,
+    write_predictions_csv,
+)
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 clock = time.perf_counter  # every duration the run measures, --time-budget's included
@@ -199,7 +203,7 @@ class Training:
     DistributedDataParallel); state.model is the model itself, whose weights the checkpoints hold."""
 
     forward: nn.Module
-    state: ckpt.TrainingState
+    state: run_state.TrainingState
     criterion: nn.Module
     mix: Optional[nn.Module]
     stop: "StopRequest"
@@ -216,7 +220,7 @@ class EpochResult:
 @dataclass
 class Evaluation:
     loss: float
-    scores: dict  # accuracy, balanced_accuracy, macro_f1 (report.summary_scores)
+    scores: dict  # accuracy, balanced_accuracy, macro_f1 (metrics.summary_scores)
     confusion: torch.Tensor  # rows: true class, columns: predicted
     rows: Optional[list] = None  # per image: (dataset index, class probabilities, cross-entropy)
 
@@ -280,9 +284,9 @@ def main(args):
 
     plan = schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget else schedule.fixed_plan(args.epochs or 25)
     training = build_training(args, run, model, forward, criterion, plan)
-    progress = ckpt.Progress(plan=plan)
+    progress = run_state.Progress(plan=plan)
     if resume is not None:
-        progress = ckpt.restore_training(resume, args.resume, training.state, rank, plan)
+        progress = run_state.restore_training(resume, args.resume, training.state, rank, plan)
         for loader in (train_loader, val_loader):
             loader.dataset.mark_unreadable(progress.bad_images)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
@@ -321,7 +325,7 @@ def fit(run, training, train_loader, val_loader, progress):
             signum = training.stop.signal or signal.SIGTERM  # another process may have caught it
             log(f"\n{signal.Signals(signum).name}: stopped at epoch {epoch + 1}, step {progress.step}; saved "
                 f"{run.last_path}. Resume with:\n  python train.py "
-                + ckpt.resume_command(args, get_args_parser().parse_args([]), run.last_path))
+                + run_state.resume_command(args, get_args_parser().parse_args([]), run.last_path))
             return 128 + signum
         trained = clock()
         if run.world_size > 1:
@@ -670,7 +674,7 @@ def build_training(args, run, model, forward, criterion, plan):
     optimizer = build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     factor = functools.partial(schedule.lr_factor, plan=plan, warmup_epochs=args.warmup_epochs,
                                schedule=args.lr_scheduler, step_size=args.lr_step_size, gamma=args.lr_gamma)
-    state = ckpt.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+    state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
                                dev.grad_scaler(run.device, run.placement.amp_dtype), build_ema(args, model))
     mix = data.build_batch_mix(args.mixup_alpha, args.cutmix_alpha, len(run.record.classes))
     return Training(forward, state, criterion, mix, StopRequest())
@@ -748,8 +752,8 @@ def out_of_patience(args, progress):
 def save_last(run, state, progress):
     """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
     progress.plan.elapsed_s = run.elapsed()
-    rngs = distributed.all_gather(ckpt.capture_rng_state())
-    distributed.run_on_main(run.device, ckpt.save_training, run.last_path, run.record, state, progress, rngs)
+    rngs = distributed.all_gather(run_state.capture_rng_state())
+    distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
 def report_epoch(run, epoch, lr, result, val, seconds):

@@ -28,7 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import options  # noqa: E402
+from inference import classify
+from plumbing import options  # noqa: E402
 
 BATCH = 32
 # The first step picks oneDNN's kernels and the second still grows the heap (page faults); from the
@@ -40,7 +41,7 @@ CONFIGS = {"train": ("seed", "fp32", "bf16"), "predict": ("seed", "fp32", "bf16"
 def make_subset(root, count, dest):
     """Link the first `count` images of a class-interleaved order into dest/<class>/: every run
     reads the same files, and a big folder costs no time."""
-    import data
+    from training import data
 
     classes = data.find_classes(root)
     per_class = [[p for p, k in data.list_images(root, classes) if k == c] for c in range(len(classes))]
@@ -56,7 +57,7 @@ def make_subset(root, count, dest):
 
 
 def subset(root):
-    import data
+    from training import data
 
     classes = data.find_classes(root)
     return classes, data.list_images(root, classes)
@@ -91,11 +92,11 @@ def train_seed_style(root, size, steps):
 def train_project(root, size, steps, amp):
     import torch
 
-    import data
-    import device as dev
-    import images
     import train
+    from inference import images
     from model import GoogLeNet
+    from plumbing import device as dev
+    from training import data
 
     placement = dev.place("cpu", amp)
     cpu, amp_dtype = placement.device, placement.amp_dtype
@@ -166,24 +167,24 @@ def predict_seed_style(root, size):
 def predict_project(root, size, config, onnx_file):
     import torch
 
-    import device as dev
-    import images
     import predict
+    from inference import images
     from model import GoogLeNet
+    from plumbing import device as dev
 
     classes, chosen = subset(root)
     files = [p for p, _ in chosen]
     if config == "onnx":
-        classifier = predict.load_classifier(onnx_file)
+        classifier = classify.load_classifier(onnx_file)
     else:
         placement = dev.place("cpu", "off" if config == "fp32" else "bf16")
         model = GoogLeNet(num_classes=len(classes), aux_logits=False, init_weights=True)
         model = model.to(memory_format=torch.channels_last).eval()
-        classifier = predict.Classifier(predict.TorchLogits(model, placement), classes, images.Preprocessing(size, size))
+        classifier = classify.Classifier(classify.TorchLogits(model, placement), classes, images.Preprocessing(size, size))
     args = predict.get_args_parser().parse_args(files[:1])
     workers = images.default_workers("cpu", args.batch_size, items=len(files))
     start = time.perf_counter()
-    probabilities, _ = predict.predict(classifier, files, args.batch_size, workers)
+    probabilities, _ = classify.predict(classifier, files, args.batch_size, workers)
     assert probabilities.shape == (len(files), len(classes))
     return {"images_per_s": len(files) / (time.perf_counter() - start)}
 
@@ -193,7 +194,7 @@ def export_for_benchmark(root, size, dest):
     import torch
 
     import export
-    import images
+    from inference import images
     from model import GoogLeNet
 
     classes, _ = subset(root)

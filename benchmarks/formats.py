@@ -23,9 +23,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import images  # noqa: E402
-import options  # noqa: E402
 from benchmark import cpu_description  # noqa: E402
+
+from inference import (
+    classify,
+    images,  # noqa: E402
+)
+from plumbing import options  # noqa: E402
 
 WARMUP = 2
 
@@ -64,11 +68,10 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     import torch
 
-    import checkpoint as ckpt
-    import device as dev
     import export
-    import predict
-    from runtimes import OnnxModel, OpenVinoModel
+    from inference import checkpoint as ckpt
+    from inference.runtimes import OnnxModel, OpenVinoModel
+    from plumbing import device as dev
 
     try:
         export.require_onnx()
@@ -92,15 +95,15 @@ def main(argv=None):
 
         val_files = [p for p, _ in val_samples]
         labels = np.array([k for _, k in val_samples])
-        pixels = np.stack([predict.prepare(f, preprocessing)[0] for f in val_files])
+        pixels = np.stack([classify.prepare(f, preprocessing)[0] for f in val_files])
         batch = images.normalize(pixels[np.arange(32) % len(pixels)], preprocessing)  # 32, repeating if fewer
         rows = []
         formats = [("pytorch fp32", "off"), ("pytorch bf16", "bf16")] if native else [("pytorch fp32", "off")]
         for name, amp in formats:
-            classifier = predict.Classifier(predict.TorchLogits(model, dev.place("cpu", amp)), classes, preprocessing)
+            classifier = classify.Classifier(classify.TorchLogits(model, dev.place("cpu", amp)), classes, preprocessing)
             rows.append((name, os.path.getsize(args.weights), classifier, args.weights, ["--amp", amp]))
         for name in ("onnx fp32", "onnx int8"):
-            rows.append((name, os.path.getsize(files[name]), predict.Classifier(OnnxModel(files[name]), classes,
+            rows.append((name, os.path.getsize(files[name]), classify.Classifier(OnnxModel(files[name]), classes,
                                                                                 preprocessing), files[name], []))
         try:
             import openvino  # noqa: F401
@@ -112,7 +115,7 @@ def main(argv=None):
             openvino_rows = [("openvino fp32", "onnx fp32", "off")] + (
                 [("openvino bf16", "onnx fp32", "auto")] if native else []) + [("openvino int8", "onnx int8", "auto")]
             for name, file, amp in openvino_rows:
-                classifier = predict.Classifier(OpenVinoModel(files[file], amp=amp), classes, preprocessing)
+                classifier = classify.Classifier(OpenVinoModel(files[file], amp=amp), classes, preprocessing)
                 rows.append((name, os.path.getsize(files[file]), classifier, files[file],
                              ["--runtime", "openvino", "--amp", amp]))
         reference = None

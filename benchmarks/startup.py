@@ -21,8 +21,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import options  # noqa: E402
 from benchmark import cpu_description  # noqa: E402
+
+from plumbing import options  # noqa: E402
 
 
 def get_args_parser():
@@ -40,7 +41,7 @@ def get_args_parser():
 
 def linked_folder(source, count, work):
     """work/<count>/<class>/<n>_<name>: count hard links to source's photos, classes kept, cycled."""
-    import data
+    from training import data
 
     folder = os.path.join(work, str(count))
     if os.path.isdir(folder):

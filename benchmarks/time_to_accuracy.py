@@ -18,8 +18,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import options  # noqa: E402
 from benchmark import cpu_description  # noqa: E402
+
+from plumbing import options  # noqa: E402
 
 EPOCH_LINE = re.compile(r"\[epoch (\d+)\] .*val_accuracy: ([\d.]+)")
 

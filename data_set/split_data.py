@@ -11,8 +11,8 @@ import os
 import sys
 
 try:
-    import options
-    from data import DataError, split_dataset
+    from plumbing import options
+    from training.data import DataError, split_dataset
 except ModuleNotFoundError as e:
     if e.name not in ("options", "data"):
         raise

@@ -61,7 +61,7 @@ def make_tree(root, classes=CLASSES, n_train=4, n_val=2, size=SIZE):
 
 def samples_of(root):
     """(path, class index) samples of a folder of class folders, as train.py lists them."""
-    import data
+    from training import data
 
     return data.list_images(str(root), data.find_classes(str(root)))
 
@@ -71,7 +71,7 @@ def dataset_of(root, transform, cached=True, substitute=True, workers=0):
     image, or none with cached=False) for a loader with that many workers."""
     import torch
 
-    import data
+    from training import data
 
     samples = samples_of(root)
     images_cache, _ = data.machine_cache(len(samples), 2 ** 26 if cached else 0, max(workers, 1), torch.device("cpu"))

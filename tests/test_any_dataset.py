@@ -16,16 +16,26 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import cache
-import data
-import download
 import export
-import images
 import predict
-import report
 import train
-from helpers import (COLORS, FP32, assert_clean_error, call, dataset_of, load, make_tree, save_image, stop_after_step,
-                     train_argv, write_corrupt, write_truncated_jpeg)
+from helpers import (
+    COLORS,
+    FP32,
+    assert_clean_error,
+    call,
+    dataset_of,
+    load,
+    make_tree,
+    save_image,
+    stop_after_step,
+    train_argv,
+    write_corrupt,
+    write_truncated_jpeg,
+)
+from inference import classify, images
+from plumbing import cache
+from training import data, download, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ def test_resume_holds_exactly_with_an_image_found_unreadable_mid_epoch(tmp_path,
 # ---------------------------------------------------------------------------------------------
 def test_balanced_accuracy_and_macro_f1_by_hand():
     confusion = torch.tensor([[8, 2, 0], [1, 1, 0], [0, 0, 0]])  # a class with no images and no predictions
-    scores = report.summary_scores(confusion)
+    scores = metrics.summary_scores(confusion)
     assert scores["accuracy"] == pytest.approx(9 / 12)
     assert scores["balanced_accuracy"] == pytest.approx((8 / 10 + 1 / 2) / 2)
     f1_a, f1_b = 2 * (8 / 9) * 0.8 / (8 / 9 + 0.8), 2 * (1 / 3) * 0.5 / (1 / 3 + 0.5)
@@ -358,7 +368,7 @@ def test_a_link_to_a_parent_folder_is_entered_once(tmp_path):
     names = [(os.path.relpath(p, root), k) for p, k in samples]
     assert len(samples) == 9 and sum(k == 0 for _, k in samples) == 4, names
     assert (os.path.join("roses", "linked", "extra.jpg"), 1) in names
-    assert len(predict.collect_images([str(root)])) == 9
+    assert len(classify.collect_images([str(root)])) == 9
 
 
 @pytest.mark.parametrize("side", ["val", "train"])

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import predict
 from helpers import REPO, call, script_env, train_small_run
+from inference import classify
 
 pytest.importorskip("gradio", reason="the demo page needs gradio (requirements-dev.txt)")
 gradio_client = pytest.importorskip("gradio_client", reason="these tests call the page with gradio_client")
@@ -100,8 +100,8 @@ def confidences(label):
 def test_the_page_gives_predict_pys_probabilities_and_a_heat_map(page, trained):
     photo = trained["data"] / "val" / "tulips" / "tulips_01.jpg"
     label, heat, note = page.classify(photo)
-    classifier = predict.load_classifier(str(trained["best"]), device="cpu", amp="off")
-    expected, _ = predict.predict(classifier, [str(photo)], 1, 0)
+    classifier = classify.load_classifier(str(trained["best"]), device="cpu", amp="off")
+    expected, _ = classify.predict(classifier, [str(photo)], 1, 0)
     assert confidences(label) == pytest.approx(dict(zip(classifier.classes, expected[0].tolist())), abs=1e-6)
     assert label["label"] == classifier.classes[int(expected[0].argmax())]
     with Image.open(heat) as picture:
@@ -144,7 +144,7 @@ def test_what_is_not_a_photo_gets_a_message_and_the_page_goes_on(page, trained, 
 
 
 def test_sixteen_bit_photos_are_read_as_their_eight_bit_selves(tmp_path):
-    import images
+    from inference import images
 
     values = np.linspace(0, 65535, 40 * 60).reshape(40, 60).astype(np.uint16)
     Image.fromarray(values).save(tmp_path / "deep.png")

@@ -19,10 +19,10 @@ import time
 import pytest
 import torch
 
-import atomic
-import checkpoint
-import report
 import train
+from inference import checkpoint
+from plumbing import atomic
+from training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +78,9 @@ SAVER_SERVER = r"""
 import os, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import torch
-import atomic
-import checkpoint
+from plumbing import atomic
+from inference import checkpoint
+from training import metrics
 
 path, n = sys.argv[2], int(sys.argv[3])
 for line in sys.stdin:
@@ -210,7 +211,7 @@ def test_saved_files_honour_the_umask(tmp_path, umask):
     try:
         checkpoint.save_checkpoint({"model": {"w": torch.ones(2)}}, str(tmp_path / "best.pth"))
         checkpoint.write_class_indices(str(tmp_path / "class_indices.json"), ["a"])
-        report.append_metrics(str(tmp_path / "metrics.csv"), 1, {"lr": 0.1})
+        metrics.append_metrics(str(tmp_path / "metrics.csv"), 1, {"lr": 0.1})
         # replacing an existing file gives it the same normal permissions
         checkpoint.save_checkpoint({"model": {"w": torch.zeros(2)}}, str(tmp_path / "best.pth"))
         assert os.umask(umask) == umask  # the helper that reads the umask put it back
@@ -245,11 +246,11 @@ def read_metrics(path):
 def test_append_metrics_rows_and_format(tmp_path):
     path = str(tmp_path / "metrics.csv")
     for epoch in (1, 2, 3):
-        report.append_metrics(path, epoch, dict(lr=3e-4, train_loss=1.0 / epoch, train_accuracy="",
+        metrics.append_metrics(path, epoch, dict(lr=3e-4, train_loss=1.0 / epoch, train_accuracy="",
                                                 val_loss=2.0 / 3, val_accuracy=epoch / 9, val_balanced_accuracy=0.25,
                                                 val_macro_f1=0.2, images_per_s=12.5, seconds=7.0))
     fields, rows = read_metrics(path)
-    assert fields == report.METRIC_FIELDS
+    assert fields == metrics.METRIC_FIELDS
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert rows[2] == {"epoch": "3", "lr": "0.0003", "train_loss": "0.333333", "train_accuracy": "",
                        "val_loss": "0.666667", "val_accuracy": "0.333333", "val_balanced_accuracy": "0.25",
@@ -262,10 +263,10 @@ def test_append_metrics_for_an_existing_epoch_replaces_it_and_drops_later_ones(t
     """A run resumed from epoch 2's last.pth rewrites epoch 2; epochs 3-4 of the lost run go."""
     path = str(tmp_path / "metrics.csv")
     for epoch in (1, 2, 3, 4):
-        report.append_metrics(path, epoch, dict(lr=0.1, val_accuracy=0.1 * epoch))
-    report.append_metrics(path, 2, dict(lr=0.05, val_accuracy=0.9))
+        metrics.append_metrics(path, epoch, dict(lr=0.1, val_accuracy=0.1 * epoch))
+    metrics.append_metrics(path, 2, dict(lr=0.05, val_accuracy=0.9))
     _, rows = read_metrics(path)
     assert [(r["epoch"], r["lr"], r["val_accuracy"]) for r in rows] == [("1", "0.1", "0.1"), ("2", "0.05", "0.9")]
-    report.append_metrics(path, 3, dict(lr=0.01, val_accuracy=0.95))
+    metrics.append_metrics(path, 3, dict(lr=0.01, val_accuracy=0.95))
     _, rows = read_metrics(path)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]

@@ -13,7 +13,18 @@ import uuid
 import pytest
 import torch
 
-from helpers import FP32, PREDICT, REPO, SPLIT_DATA, TRAIN, assert_clean_error, make_tree, run_script, script_env, train_argv
+from helpers import (
+    FP32,
+    PREDICT,
+    REPO,
+    SPLIT_DATA,
+    TRAIN,
+    assert_clean_error,
+    make_tree,
+    run_script,
+    script_env,
+    train_argv,
+)
 
 MB = 2 ** 20
 

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import checkpoint
-import distributed
-from helpers import FP32, REPO, call, last_line, make_tree
 import train
+from helpers import FP32, REPO, call, last_line, make_tree
+from inference import checkpoint
 from model import GoogLeNet
+from plumbing import distributed
 
 CLASSES = ["daisy", "roses", "tulips"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3

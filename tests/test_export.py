@@ -7,13 +7,12 @@ import sys
 import pytest
 import torch
 
-import checkpoint as ckpt
 import export
-import images
 import predict
-import runtimes
 import train
 from helpers import FP32, REPO, assert_clean_error, call, make_tree, run_script, train_argv
+from inference import checkpoint as ckpt
+from inference import classify, images, runtimes
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (requirements-dev.txt)")
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime (requirements-dev.txt)")
@@ -62,12 +61,12 @@ def test_metadata_holds_the_class_names_and_preprocessing(exported):
 
 
 def test_onnx_runtime_gives_pytorchs_probabilities_on_images(exported):
-    torch_model = predict.load_classifier(str(exported["best"]), device="cpu", amp="off")
-    onnx_model = predict.load_classifier(str(exported["onnx"]))
+    torch_model = classify.load_classifier(str(exported["best"]), device="cpu", amp="off")
+    onnx_model = classify.load_classifier(str(exported["onnx"]))
     assert onnx_model.torch_model is None and onnx_model.preprocessing == torch_model.preprocessing
     files = sorted(str(p) for p in (exported["data"] / "val").rglob("*.jpg"))
-    expected, _ = predict.predict(torch_model, files, 4, 0)
-    got, errors = predict.predict(onnx_model, files, 4, 0)
+    expected, _ = classify.predict(torch_model, files, 4, 0)
+    got, errors = classify.predict(onnx_model, files, 4, 0)
     assert errors == [""] * len(files) and got.shape == (6, 3)
     assert abs(got - expected).max() <= export.TOLERANCE
 
@@ -185,11 +184,11 @@ def test_int8_calibrates_on_training_photos_only(exported, monkeypatch):
 
 
 def test_predict_runs_the_int8_file_and_mostly_agrees_with_fp32(exported, int8):
-    fp32 = predict.load_classifier(str(exported["onnx"]))
-    quantized = predict.load_classifier(str(int8["path"]))
+    fp32 = classify.load_classifier(str(exported["onnx"]))
+    quantized = classify.load_classifier(str(int8["path"]))
     files = sorted(str(p) for p in (exported["data"] / "val").rglob("*.jpg"))
-    a, _ = predict.predict(fp32, files, 4, 0)
-    b, _ = predict.predict(quantized, files, 4, 0)
+    a, _ = classify.predict(fp32, files, 4, 0)
+    b, _ = classify.predict(quantized, files, 4, 0)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.5 and abs(a - b).max() < 0.5
 
 

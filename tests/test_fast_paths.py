@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import data
-import device as dev
-import images
 from helpers import dataset_of
+from inference import images
 from model import GoogLeNet
+from plumbing import device as dev
+from training import data
 
 
 def photo_folder(root, count=3):

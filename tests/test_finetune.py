@@ -4,7 +4,7 @@ A torchvision GoogLeNet built here (random weights, same layout as the ImageNet 
 the ImageNet weights: it must load through our code path and compute the same logits, fine-tune on
 3 classes from the command line (train.run / predict.run, in this process: importing torch again
 in a subprocess costs seconds), freeze what --freeze-layers freezes, and fail cleanly on the wrong
-file or without a network. Then --eval-only's report and report.per_class_scores by hand.
+file or without a network. Then --eval-only's report and metrics.per_class_scores by hand.
 Offline, CPU only.
 """
 import csv
@@ -18,12 +18,12 @@ import pytest
 import torch
 import torchvision
 
-import checkpoint
-from helpers import FP32, call, make_tree, train_argv
 import predict
-import report
 import train
+from helpers import FP32, call, make_tree, train_argv
+from inference import checkpoint
 from model import GoogLeNet
+from training import metrics
 
 CLASSES = ["daisy", "roses", "tulips"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
@@ -220,7 +220,7 @@ def test_eval_only_prints_the_report_and_writes_the_confusion_matrix(finetuned, 
     assert [sum(r) for r in cells] == [VAL_PER_CLASS] * len(CLASSES)
     assert sum(cells[i][i] for i in range(len(CLASSES))) == correct
     # the per-class table agrees with the matrix
-    scores = report.per_class_scores(torch.tensor(cells))
+    scores = metrics.per_class_scores(torch.tensor(cells))
     for row, (p, r, a, n) in zip(table, scores):
         assert row[1:] == [f"{p:.4f}", f"{r:.4f}", f"{a:.4f}", str(n)]
     # predictions.csv: one row per val image, in the val folder's order, agreeing with the matrix
@@ -248,7 +248,7 @@ def test_per_class_scores_by_hand():
     #            class 1: TP 3, predicted 4, true 6, wrong 1 + 3 -> 12/16
     #            class 2: TP 4, predicted 5, true 4, wrong 1 + 0 -> 15/16
     expected = [(5 / 7, 5 / 6, 13 / 16, 6), (3 / 4, 3 / 6, 12 / 16, 6), (4 / 5, 4 / 4, 15 / 16, 4)]
-    got = report.per_class_scores(confusion)
+    got = metrics.per_class_scores(confusion)
     assert len(got) == 3
     for (p, r, a, n), (ep, er, ea, en) in zip(got, expected):
         assert (p, r, a) == pytest.approx((ep, er, ea), abs=1e-12) and n == en
@@ -256,6 +256,6 @@ def test_per_class_scores_by_hand():
 
 def test_per_class_scores_never_divide_by_zero():
     # class 1 is never predicted (precision 0); class 2 has no images (recall 0)
-    got = report.per_class_scores(torch.tensor([[2, 0, 0], [1, 0, 0], [0, 0, 0]]))
+    got = metrics.per_class_scores(torch.tensor([[2, 0, 0], [1, 0, 0], [0, 0, 0]]))
     assert got == [(2 / 3, 1.0, 2 / 3, 2), (0.0, 0.0, 2 / 3, 1), (0.0, 0.0, 1.0, 0)]
-    assert report.per_class_scores(torch.zeros(2, 2, dtype=torch.int64)) == [(0.0, 0.0, 0.0, 0)] * 2
+    assert metrics.per_class_scores(torch.zeros(2, 2, dtype=torch.int64)) == [(0.0, 0.0, 0.0, 0)] * 2

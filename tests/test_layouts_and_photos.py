@@ -7,12 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import images
-import predict
 import train
-from data import split_dataset
-from helpers import FP32, COLORS, assert_clean_error, call, load, dataset_of, save_image, train_argv
+from helpers import COLORS, FP32, assert_clean_error, call, dataset_of, load, save_image, train_argv
+from inference import classify, images
+from training import data
+from training.data import split_dataset
 
 
 def plain_folder(root, counts=(6, 5, 4)):
@@ -159,5 +158,5 @@ def test_cache_stream_and_prediction_all_see_it_upright(tmp_path):
     streamed = dataset_of(tmp_path / "photos", transform, cached=False)
     assert torch.equal(cached[0][0], streamed[0][0])
     assert_upright(Image.fromarray(cached.cache.get(0)), (96, 64))
-    pixels, error = predict.prepare(str(path), preprocessing)
+    pixels, error = classify.prepare(str(path), preprocessing)
     assert error == "" and torch.equal(torch.from_numpy(pixels).permute(2, 0, 1), cached[0][0])

@@ -6,11 +6,11 @@ import importlib.util
 import pytest
 
 import export
-import options
 import predict
 import train
-from helpers import REPO, run_script
 from data_set import split_data
+from helpers import REPO, run_script
+from plumbing import options
 
 BAD_VALUES = {  # per type: values it must refuse
     options.positive_int: ["0", "-3", "2.5", "x"],

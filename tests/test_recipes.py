@@ -11,15 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint as ckpt
-import data
-import device as dev
-import images
 import predict
-import schedule
 import train
-from helpers import FP32, call, load, make_tree, dataset_of, stop_after_step, train_argv
+from helpers import FP32, call, dataset_of, load, make_tree, stop_after_step, train_argv
+from inference import checkpoint as ckpt
+from inference import classify, images
 from model import GoogLeNet, logits_with_mirror
+from plumbing import device as dev
+from training import data, run_state, schedule
 
 CPU = torch.device("cpu")
 
@@ -243,12 +242,12 @@ def test_aux_heads_get_the_same_soft_targets(tree):
     loader = data.make_loader(ds, data.EpochSampler(len(ds), True), 4, 0, CPU)
     model = Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = ckpt.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
+    state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                dev.grad_scaler(CPU, None), None)
     training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), train.StopRequest())
     record = ckpt.Record(["daisy", "roses", "tulips"], "paper", (32, 32), images.Preprocessing(32, 32), None, {})
     run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
-    progress = ckpt.Progress(plan=schedule.fixed_plan(1))
+    progress = run_state.Progress(plan=schedule.fixed_plan(1))
     result = train.train_one_epoch(training, loader, run, progress)
     assert result.accuracy is None and result.loss > 0 and not result.stopped
     assert progress.step == len(loader) and progress.seen == len(ds)
@@ -389,8 +388,8 @@ def test_other_sizes_train_and_predict_at_the_recorded_sizes(tree, tmp_path):
     model, classes, preprocessing = ckpt.load_model(str(out / "best.pth"), "unused.json", CPU)
     assert preprocessing == images.Preprocessing(144, 128, images.MEAN, images.STD)
     image = tree / "val" / "roses" / "roses_00.jpg"
-    classifier = predict.load_classifier(str(out / "best.pth"), device="cpu", amp="off")
-    got, errors = predict.predict(classifier, [str(image)], 1, 0)
+    classifier = classify.load_classifier(str(out / "best.pth"), device="cpu", amp="off")
+    got, errors = classify.predict(classifier, [str(image)], 1, 0)
     assert errors == [""]
     x = data.EvalTransform(preprocessing)(images.load_image(str(image)))
     with torch.inference_mode():
@@ -441,8 +440,8 @@ def test_tta_in_eval_only_and_predict(tree, tmp_path):
     assert "accuracy:" in stdout
     image = tree / "val" / "tulips" / "tulips_01.jpg"
     model, _, preprocessing = ckpt.load_model(str(out / "best.pth"), "unused.json", CPU)
-    classifier = predict.load_classifier(str(out / "best.pth"), device="cpu", amp="off")
-    with_tta, _ = predict.predict(classifier, [str(image)], 1, 0, tta=True)
+    classifier = classify.load_classifier(str(out / "best.pth"), device="cpu", amp="off")
+    with_tta, _ = classify.predict(classifier, [str(image)], 1, 0, tta=True)
     assert (preprocessing.resize, preprocessing.crop) == (80, 80)  # evaluation at 1.25 x the 64 px training crops
     x = data.normalize_batch(data.EvalTransform(preprocessing)(images.load_image(str(image)))[None], channels_last=True)
     with torch.inference_mode():

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 import report
+from training import metrics
 
 
 def write_run(folder):
     for epoch, (loss, acc) in enumerate([(1.5, 0.4), (1.1, 0.55), (0.9, 0.6)], start=1):
-        report.append_metrics(str(folder / "metrics.csv"), epoch,
+        metrics.append_metrics(str(folder / "metrics.csv"), epoch,
                               dict(lr=3e-4, train_loss=loss, val_loss=loss + 0.1, val_accuracy=acc,
                                    images_per_s=9.0, seconds=300.0))
-    report.write_confusion_csv(str(folder / "confusion_matrix.csv"), ["a", "b", "c"],
+    metrics.write_confusion_csv(str(folder / "confusion_matrix.csv"), ["a", "b", "c"],
                                torch.tensor([[5, 1, 0], [2, 3, 1], [0, 0, 6]]))
 
 
@@ -54,7 +55,7 @@ def test_top_losses_shows_the_highest_loss_images_with_their_captions(tmp_path):
         Image.fromarray(np.full((40, 60, 3), 30 * i, np.uint8)).save(path)
         probabilities = [0.2, 0.3, 0.5] if i % 2 else [0.7, 0.2, 0.1]
         rows.append((str(path), i % 3, probabilities, -np.log(probabilities[i % 3])))
-    report.write_predictions_csv(str(tmp_path / "predictions.csv"), ["a", "b", "c"], rows)
+    metrics.write_predictions_csv(str(tmp_path / "predictions.csv"), ["a", "b", "c"], rows)
     fig = report.draw_top_losses(plt, str(tmp_path / "predictions.csv"), 4)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     expected = sorted(rows, key=lambda r: r[3], reverse=True)[:4]

@@ -9,10 +9,10 @@ import signal
 import pytest
 import torch
 
-import options
-import schedule
 import train
 from helpers import call, load, make_tree, train_argv
+from plumbing import options
+from training import schedule
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,10 +4,8 @@ import os
 import pytest
 from PIL import Image
 
-from data import DataError
-from data import val_count
-from data import split_dataset
 from helpers import SPLIT_DATA, run_script
+from training.data import DataError, split_dataset, val_count
 
 SIZES = {"daisy": 20, "roses": 7, "tulips": 2}
 

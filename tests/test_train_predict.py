@@ -25,15 +25,30 @@ import time
 import pytest
 import torch
 
-import checkpoint as ckpt
-import data
-import download
 import predict
 import train
-from helpers import (FP32, CLASSES, COLORS, PREDICT, REPO, TRAIN, assert_clean_error, call, last_line, load, make_tree,
-                     run_script, save_image, script_env, train_argv, write_corrupt,
-                     write_truncated_jpeg)
+from helpers import (
+    CLASSES,
+    COLORS,
+    FP32,
+    PREDICT,
+    REPO,
+    TRAIN,
+    assert_clean_error,
+    call,
+    last_line,
+    load,
+    make_tree,
+    run_script,
+    save_image,
+    script_env,
+    train_argv,
+    write_corrupt,
+    write_truncated_jpeg,
+)
+from inference import checkpoint as ckpt
 from model import GoogLeNet
+from training import data, download
 
 METRIC_HEADER = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
                  "val_macro_f1", "images_per_s", "seconds"]
@@ -480,7 +495,7 @@ def test_fp16_loss_scaling_trains_like_the_plain_run(trained, one_epoch, tmp_pat
     """CUDA's fp16 path scales the loss, unscales the gradients inside the fused optimizer step and
     adapts the scale. Here that GradScaler runs on the CPU in fp32: scaling by a power of two is
     exact, so the epoch must end on the same weights as the plain run, bit for bit."""
-    import device as dev
+    from plumbing import device as dev
 
     scalers = []
 

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import images
-import visualize
 import predict
 import train
 from helpers import FP32, assert_clean_error, call, load, train_argv, train_small_run
+from inference import images, visualize
 from model import GoogLeNet
+from training import data
 
 pytest.importorskip("captum", reason="Grad-CAM needs captum (requirements-dev.txt)")
 
@@ -132,10 +131,10 @@ def test_cam_errors_are_one_line(run, tmp_path, monkeypatch):
 # what the layers see: feature maps and conv1's filters
 # ---------------------------------------------------------------------------------------------
 def test_feature_maps_draw_the_asked_channels_of_the_layer_beside_the_photo(run, tmp_path, capsys):
-    import model as model_py
     from PIL import Image
 
-    import checkpoint
+    import model as model_py
+    from inference import checkpoint
 
     trained, _, preprocessing = checkpoint.load_model(str(run["best"]), "unused.json", torch.device("cpu"))
     photo = sorted((run["data"] / "val").rglob("*.jpg"))[0]
@@ -188,9 +187,10 @@ def test_trained_conv1_filters_are_smoother_than_their_random_start(tmp_path):
     """Trained on photos whose colours change smoothly, the real network's first layer moves away
     from the white noise it starts as (measured: roughness 1.43 at the start, about 1.2 after 24
     steps); the picture shows its 64 kernels as colour tiles."""
-    import checkpoint
-    import model as model_py
     from PIL import Image
+
+    import model as model_py
+    from inference import checkpoint
 
     rng = np.random.default_rng(0)
     for split, count in (("train", 32), ("val", 1)):

@@ -5,7 +5,7 @@ No torch here: predict.py writes its tables with it before (or without) importin
 import os
 import tempfile
 
-from options import UserError
+from plumbing.options import UserError
 
 DISK_HINT = "free some disk space, or write it somewhere else"
 

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from options import UserError
+from plumbing.options import UserError
 
 
 class PeerFailed(Exception):

@@ -10,8 +10,8 @@ PyTorch's --amp auto, OpenVINO computes in bf16 on CPUs with native bf16 unless 
 """
 import json
 
-from images import Preprocessing
-from options import UserError
+from inference.images import Preprocessing
+from plumbing.options import UserError
 
 RUNTIMES = ("onnxruntime", "openvino")
 MISSING = ("running .onnx files needs onnxruntime, an optional dependency: pip install onnxruntime "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from options import UserError
+from plumbing.options import UserError
 
 
 class DeviceError(UserError):

@@ -23,12 +23,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
 
-import cache
-import distributed
-import images
-from cache import BAD
-from images import IMAGE_EXTENSIONS, MEAN, STD
-from options import UserError
+from inference import images
+from inference.images import IMAGE_EXTENSIONS, MEAN, STD
+from plumbing import cache, distributed
+from plumbing.cache import BAD
+from plumbing.options import UserError
 
 LAYOUTS = "a folder of class folders (DIR/<class>/<images>) or of a split (DIR/train/<class>/, DIR/val/<class>/)"
 

@@ -15,7 +15,7 @@ import zlib
 
 from tqdm import tqdm
 
-from data import DataError, split_dataset
+from training.data import DataError, split_dataset
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"

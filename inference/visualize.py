@@ -17,9 +17,9 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-import images as imgs
-from atomic import atomic_write
-from options import UserError
+from inference import images as imgs
+from plumbing.atomic import atomic_write
+from plumbing.options import UserError
 
 # the layers whose outputs are spatial maps; the last Inception block is the default, as in the paper's
 # CAM; earlier blocks give finer maps from smaller receptive fields

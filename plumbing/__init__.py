@@ -1,0 +1,3 @@
+"""What every command stands on: option types and the one user-error path, device and precision,
+several processes, crash-safe writes and the shared image cache.
+"""
