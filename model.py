@@ -8,8 +8,6 @@ BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch
 max-pool and torchvision's pooling and dropout in the aux heads. Those weights expect inputs
 normalised with mean 0.5 and std 0.5, the same as ours.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,17 +16,14 @@ VARIANTS = ("paper", "torchvision")
 
 
 class BasicConv2d(nn.Module):
-    """Conv2d followed by ReLU (and BatchNorm between them in the torchvision variant).
+    """Conv2d followed by ReLU (and BatchNorm between them in the torchvision variant)."""
 
-    relu=False leaves the ReLU to the caller: GoogLeNet applies it after the max-pool that follows.
-    """
-
-    def __init__(self, in_channels, out_channels, batch_norm=False, relu=True, **kwargs):
+    def __init__(self, in_channels, out_channels, batch_norm=False, **kwargs):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, bias=not batch_norm, **kwargs)
         if batch_norm:
             self.bn = nn.BatchNorm2d(out_channels, eps=0.001)  # torchvision's eps
-        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
         x = self.conv(x)
@@ -112,13 +107,10 @@ class GoogLeNet(nn.Module):
         def inception(*channels):
             return Inception(*channels, batch_norm=bn, branch3_kernel=k3)
 
-        # ReLU commutes with max-pooling (max of ReLUs = ReLU of the max, gradients included), so the
-        # two convolutions that feed a pool get their ReLU after it: the same network, with 4x fewer
-        # values through the ReLU (about 4% faster training on a CPU).
-        self.conv1 = BasicConv2d(3, 64, bn, relu=False, kernel_size=7, stride=2, padding=3)
+        self.conv1 = BasicConv2d(3, 64, bn, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = BasicConv2d(64, 64, bn, kernel_size=1)
-        self.conv3 = BasicConv2d(64, 192, bn, relu=False, kernel_size=3, padding=1)
+        self.conv3 = BasicConv2d(64, 192, bn, kernel_size=3, padding=1)
         self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
 
         self.inception3a = inception(192, 64, 96, 128, 16, 32, 32)
@@ -151,14 +143,14 @@ class GoogLeNet(nn.Module):
     def forward(self, x):
         # N x 3 x 224 x 224
         x = self.conv1(x)
-        # N x 64 x 112 x 112 (before its ReLU)
-        x = self.maxpool1(x).relu_()
+        # N x 64 x 112 x 112
+        x = self.maxpool1(x)
         # N x 64 x 56 x 56
         x = self.conv2(x)
         # N x 64 x 56 x 56
         x = self.conv3(x)
-        # N x 192 x 56 x 56 (before its ReLU)
-        x = self.maxpool2(x).relu_()
+        # N x 192 x 56 x 56
+        x = self.maxpool2(x)
 
         # N x 192 x 28 x 28
         x = self.inception3a(x)
@@ -282,52 +274,21 @@ def print_summary(model, image_size):
 
 
 def main(argv=None):
-    """python model.py: the layer summary; with --weights, --feature-maps PHOTO or --filters, pictures."""
+    """python model.py: every stage's output shape, parameters and FLOPs (torch only)."""
     import argparse
-    import sys
 
-    from plumbing import options
-
-    parser = argparse.ArgumentParser(description="Print GoogLeNet's stages (output shapes, parameters, FLOPs), "
-                                                 "or draw what a trained one sees.")
-    parser.add_argument("--num-classes", type=options.positive_int, default=5, help="classes of the classifier")
-    parser.add_argument("--image-size", type=options.image_size, default=224, help="input height and width in pixels")
+    parser = argparse.ArgumentParser(description="Print GoogLeNet's stages: output shapes, parameters and FLOPs.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--num-classes", type=int, default=5, help="classes of the classifier")
+    parser.add_argument("--image-size", type=int, default=224, help="input height and width in pixels")
     parser.add_argument("--variant", default="paper", choices=VARIANTS, help="the paper's layout or torchvision's")
     parser.add_argument("--no-aux", action="store_true", help="without the auxiliary classifiers")
-    parser.add_argument("--weights", default=None, help="a checkpoint from train.py, for --feature-maps and --filters")
-    parser.add_argument("--feature-maps", default=None, metavar="PHOTO",
-                        help="draw the first --channels output maps of --layer for this photo")
-    parser.add_argument("--layer", default="inception3a", help="the stage whose maps --feature-maps draws (conv1 ... inception5b)")
-    parser.add_argument("--channels", type=options.positive_int, default=16, help="how many of the layer's channels to draw")
-    parser.add_argument("--filters", action="store_true", help="draw conv1's 7x7 kernels as colour tiles")
-    parser.add_argument("--output", default=None,
-                        help="the PNG to write (default: feature_maps_<layer>.png or conv1_filters.png)")
     args = parser.parse_args(argv)
-    if not (args.feature_maps or args.filters):
-        print_summary(GoogLeNet(args.num_classes, aux_logits=not args.no_aux, variant=args.variant), args.image_size)
-        return 0
-    from inference import checkpoint, visualize
-    from plumbing.options import UserError
-
-    try:
-        if not args.weights:
-            raise UserError("--feature-maps and --filters draw trained weights: pass --weights weights/best.pth")
-        model, _, preprocessing = checkpoint.load_model(args.weights, "class_indices.json", torch.device("cpu"))
-        if args.filters:
-            picture, boxes = visualize.conv1_filters(model)
-        else:
-            if not os.path.isfile(args.feature_maps):
-                raise UserError(f"photo {args.feature_maps} does not exist: check the path")
-            try:
-                picture, boxes = visualize.feature_maps(model, args.feature_maps, preprocessing, args.layer, args.channels)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read image {args.feature_maps} ({type(e).__name__}: {e})")
-        output = args.output or ("conv1_filters.png" if args.filters else f"feature_maps_{args.layer}.png")
-        visualize.save_picture(picture, output)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {output}: {len(boxes)} tiles")
+    if args.num_classes < 1:
+        parser.error(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.image_size < 32:  # five stride-2 stages: smaller inputs end before the last pool
+        parser.error(f"--image-size must be at least 32 pixels, got {args.image_size}")
+    print_summary(GoogLeNet(args.num_classes, aux_logits=not args.no_aux, variant=args.variant), args.image_size)
     return 0
 
 

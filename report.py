@@ -1,18 +1,53 @@
-"""What the model learned: per-epoch metrics, per-class scores and the confusion matrix."""
+"""Draw what a run learned and what its network sees, as PNG files.
+
+    python report.py weights                     # curves, confusion matrix, top losses of a run's folder
+    python report.py --weights weights/best.pth --feature-maps tulip.jpg --layer inception3a
+    python report.py --weights weights/best.pth --filters       # conv1's 64 kernels
+
+The run's files come from train.py (metrics.csv each epoch; confusion_matrix.csv and predictions.csv
+from --eval-only); the pictures of the network come from inference/visualize.py.
+"""
+import argparse
 import csv
 import os
+import sys
 
-from plumbing.atomic import SaveError, atomic_write
+from plumbing import options
+from plumbing.atomic import atomic_write
+from plumbing.options import UserError
+
+MISSING = "plotting needs matplotlib, an optional dependency: pip install matplotlib"
+
+
+class ReportError(UserError):
+    """Nothing to draw, or a file named in a run's CSV that cannot be read: the message says what to do."""
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix (confusion_matrix.csv) "
+                                            "and worst-classified images (predictions.csv) to PNG files beside them; "
+                                            "or, with --weights, a layer's feature maps or conv1's filters.",
+                                formatter_class=options.HelpFormatter)
+    p.add_argument("folder", nargs="?", default="weights", help="the run's --output-dir")
+    p.add_argument("--top-losses", type=options.non_negative_int, default=16,
+                   help="how many of the highest-loss val images top_losses.png shows (0: none)")
+    p.add_argument("--weights", default=None, help="a checkpoint from train.py, for --feature-maps and --filters")
+    p.add_argument("--feature-maps", default=None, metavar="PHOTO",
+                   help="draw the first --channels output maps of --layer for this photo")
+    p.add_argument("--layer", default="inception3a", help="the stage whose maps --feature-maps draws (conv1 ... inception5b)")
+    p.add_argument("--channels", type=options.positive_int, default=16, help="how many of the layer's channels to draw")
+    p.add_argument("--filters", action="store_true", help="draw conv1's 7x7 kernels as colour tiles")
+    p.add_argument("--output", default=None,
+                   help="the PNG of --feature-maps or --filters (default: feature_maps_<layer>.png or conv1_filters.png)")
+    return p
 
 
 def save_png(fig, path):
-    """fig as a PNG file, written atomically; a full disk ends the program with a one-line error."""
+    """fig as a PNG file, written atomically (a full disk raises atomic.SaveError, a UserError)."""
     import matplotlib.pyplot as plt
 
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    except SaveError as e:
-        raise SystemExit(f"error: {e}")
     finally:
         plt.close(fig)
 
@@ -26,7 +61,7 @@ def plot(folder, top_losses=16):
         matplotlib.use("Agg")  # files only: works without a display
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: plotting needs matplotlib, an optional dependency: pip install matplotlib")
+        raise ReportError(MISSING) from None
     written = []
     metrics_path = os.path.join(folder, "metrics.csv")
     if os.path.exists(metrics_path):
@@ -73,7 +108,7 @@ def plot(folder, top_losses=16):
         written.append(os.path.join(folder, "top_losses.png"))
         save_png(draw_top_losses(plt, predictions_path, top_losses), written[-1])
     if not written:
-        raise SystemExit(f"error: {folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
+        raise ReportError(f"{folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
                          "train (python train.py) or evaluate (python train.py --eval-only) first")
     return written
 
@@ -94,8 +129,8 @@ def draw_top_losses(plt, predictions_path, count):
         try:
             image = load_image(row["file"], min_side=256)
         except OSError as e:
-            raise SystemExit(f"error: cannot read {row['file']} named in {predictions_path} ({e.strerror or e}): "
-                             "run --eval-only again where the val images are")
+            raise ReportError(f"cannot read {row['file']} named in {predictions_path} ({e.strerror or e}): "
+                             "run --eval-only again where the val images are") from e
         image.thumbnail((256, 256))
         ax.imshow(image)
         probability = float(row[f"p_{row['predicted_class']}"])
@@ -106,17 +141,42 @@ def draw_top_losses(plt, predictions_path, count):
     return fig
 
 
-if __name__ == "__main__":
-    import argparse
+def draw_network(args):
+    """--feature-maps or --filters: one PNG of what the trained network in --weights sees."""
+    import torch
 
-    from plumbing import options
+    from inference import checkpoint, visualize
 
-    parser = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
-                                                 "(confusion_matrix.csv) and worst-classified images "
-                                                 "(predictions.csv) to PNG files beside them.")
-    parser.add_argument("folder", nargs="?", default="weights", help="the run's --output-dir")
-    parser.add_argument("--top-losses", type=options.non_negative_int, default=16,
-                        help="how many of the highest-loss val images top_losses.png shows (0: none)")
-    args = parser.parse_args()
+    if not args.weights:
+        raise ReportError("--feature-maps and --filters draw trained weights: pass --weights weights/best.pth")
+    model, _, preprocessing = checkpoint.load_model(args.weights, "class_indices.json", torch.device("cpu"))
+    if args.filters:
+        picture, boxes = visualize.conv1_filters(model)
+    else:
+        if not os.path.isfile(args.feature_maps):
+            raise ReportError(f"photo {args.feature_maps} does not exist: check the path")
+        try:
+            picture, boxes = visualize.feature_maps(model, args.feature_maps, preprocessing, args.layer, args.channels)
+        except (OSError, ValueError) as e:
+            raise ReportError(f"cannot read image {args.feature_maps} ({type(e).__name__}: {e})") from e
+    output = args.output or ("conv1_filters.png" if args.filters else f"feature_maps_{args.layer}.png")
+    visualize.save_picture(picture, output)
+    return [output], len(boxes)
+
+
+def main(args):
+    if args.feature_maps or args.filters:
+        written, tiles = draw_network(args)
+        print(f"wrote {written[0]}: {tiles} tiles")
+        return 0
     for path in plot(args.folder, args.top_losses):
         print(f"wrote {path}")
+    return 0
+
+
+def run(argv=None):
+    return options.run_command(main, get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

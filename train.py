@@ -8,7 +8,6 @@ main() reads top to bottom: set-up, data, model, --eval-only, the training objec
 fit(), the epoch loop. What the run keeps fixed travels in Run, what moves in run_state.Progress.
 """
 import argparse
-import contextlib
 import dataclasses
 import functools
 import math
@@ -24,22 +23,18 @@ from torch import nn
 from tqdm import tqdm
 
 from inference import checkpoint as ckpt
-from inference.images import Preprocessing, default_workers
-from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet, logits_with_mirror
+from inference.images import Preprocessing
+from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet
 from plumbing import device as dev
 from plumbing import distributed, options
 from plumbing.atomic import atomic_write_text, remove_stale_temp_files
 from plumbing.options import UserError
-from training import data, download, run_state, schedule
+from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
 from training.metrics import (
     BEST_METRICS,
     TensorBoardLog,
-    append_metrics,
-    print_evaluation,
-    summary_scores,
-    write_confusion_csv,
-    write_predictions_csv,
 )
+from training.step import TrainingError
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
 clock = time.perf_counter  # every duration the run measures, --time-budget's included
@@ -49,15 +44,9 @@ DEFAULT_DATA = os.path.join("data_set", "flower_data")
 DEFAULT_VARIANT = "torchvision"
 
 
-class TrainingError(UserError):
-    """A run that cannot go on (the loss diverged, an output that cannot be written): the message says what to do."""
-
-    exit_code = 1
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train GoogLeNet (Inception v1) on a folder of flower photos.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=options.HelpFormatter)
     p.add_argument("--data-path", default=DEFAULT_DATA,
                    help="folder of class folders (<class>/<images>), or with train/<class>/ and val/<class>/")
     p.add_argument("--val-ratio", type=options.open_fraction, default=0.1,
@@ -128,7 +117,7 @@ def get_args_parser():
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision. auto: on CUDA bf16 where supported, else fp16; on a CPU bf16 "
                         "where it has native bf16 (avx512_bf16, amx_bf16), else fp32. off: fp32")
-    p.add_argument("--channels-last", default="on", choices=["on", "off"],
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format: faster convolutions on CPUs and tensor cores")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
     p.add_argument("--weights", default=None,
@@ -206,46 +195,7 @@ class Training:
     state: run_state.TrainingState
     criterion: nn.Module
     mix: Optional[nn.Module]
-    stop: "StopRequest"
-
-
-@dataclass
-class EpochResult:
-    loss: float
-    accuracy: Optional[float]  # None with MixUp/CutMix: the targets are then mixtures, not classes
-    images_per_s: float
-    stopped: bool = False  # a stop was requested: the epoch ended early
-
-
-@dataclass
-class Evaluation:
-    loss: float
-    scores: dict  # accuracy, balanced_accuracy, macro_f1 (metrics.summary_scores)
-    confusion: torch.Tensor  # rows: true class, columns: predicted
-    rows: Optional[list] = None  # per image: (dataset index, class probabilities, cross-entropy)
-
-    @property
-    def accuracy(self):
-        return self.scores["accuracy"]
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked after every step, so a stop never tears a step."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def check(self, device, diverged=False, unreadable=False):
-        """(diverged, stop requested, an unreadable image under --bad-images error), each anywhere:
-        every process acts at the same step."""
-        return distributed.any_process([diverged, self.signal is not None, unreadable], device)
+    stop: step.StopRequest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,45 +214,45 @@ def main(args):
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     preprocessing = evaluation_sizes(args, start)
-    train_loader, val_loader, workers = build_loaders(args, found, preprocessing, placement.device,
-                                                      rank, world_size, log)
+    loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
     first, last = args.image_size
     crops = f"{first}" if first == last else f"{first} to {last}"
     log(f"data: {len(found.classes)} classes {found.classes}; "
-        + ("" if args.eval_only else f"{len(train_loader.dataset)} train, ") + f"{len(val_loader.dataset)} val images "
+        + ("" if args.eval_only else f"{len(loaders.train.dataset)} train, ") + f"{len(loaders.val.dataset)} val images "
         + ("(" if args.eval_only else f"({crops} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
-        f"device {placement.device}, {placement.precision}; {workers} loader workers; {world_size} process(es)")
+        f"device {placement.device}, {placement.precision}; {loaders.workers} loader workers; {world_size} process(es)")
 
     torch.manual_seed(args.seed)
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
     run = Run(args, rank, world_size, placement,
               ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split, vars(args)))
-    criterion = ClassWeightedLoss(class_weights(args, train_loader, placement.device), args.label_smoothing)
+    criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
+                                         args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
-        return evaluate_only(run, forward, criterion, val_loader, start)
+        return evaluation.evaluate_only(run, forward, criterion, loaders.val, start)
 
     plan = schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget else schedule.fixed_plan(args.epochs or 25)
     training = build_training(args, run, model, forward, criterion, plan)
     progress = run_state.Progress(plan=plan)
     if resume is not None:
         progress = run_state.restore_training(resume, args.resume, training.state, rank, plan)
-        for loader in (train_loader, val_loader):
+        for loader in (loaders.train, loaders.val):
             loader.dataset.mark_unreadable(progress.bad_images)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
             f"best {args.best_metric} {progress.best_score:.3f}")
     distributed.run_on_main(placement.device, write_class_indices, args, found.classes)
-    steps_per_epoch = math.ceil(train_loader.sampler.epoch_length / args.batch_size)
+    steps_per_epoch = math.ceil(loaders.train.sampler.epoch_length / args.batch_size)
     tensorboard = None
     if args.tensorboard:
         next_step = progress.epoch * steps_per_epoch + progress.step + 1
         tensorboard = distributed.run_on_main(placement.device, open_tensorboard, args.output_dir, next_step)
     run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, started=started,
                               time_before=plan.elapsed_s)
-    return fit(run, training, train_loader, val_loader, progress)
+    return fit(run, training, loaders, progress)
 
 
-def fit(run, training, train_loader, val_loader, progress):
+def fit(run, training, loaders, progress):
     """The epoch loop, from where progress stands to the plan's last epoch: train, validate, save.
     Returns the exit code."""
     args, log, plan = run.args, print if run.is_main else silent, progress.plan
@@ -310,14 +260,14 @@ def fit(run, training, train_loader, val_loader, progress):
     validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
     while progress.epoch < plan.epochs:
         epoch, whole = progress.epoch, progress.step == 0
-        if out_of_patience(args, progress):
-            log(out_of_patience(args, progress))
+        if schedule.out_of_patience(args, progress):
+            log(schedule.out_of_patience(args, progress))
             break
         size = schedule.image_size(epoch, plan, args.image_size)
-        train_loader = with_crop(train_loader, size, args, run.device)
-        train_loader.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
+        data.with_crop(loaders, size, args, run.device)
+        loaders.train.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
         epoch_start = clock()
-        result = train_one_epoch(training, train_loader, run, progress)
+        result = train_one_epoch(training, loaders, run, progress)
         if result.stopped:
             save_last(run, state, progress)
             if run.tensorboard:
@@ -330,8 +280,8 @@ def fit(run, training, train_loader, val_loader, progress):
         trained = clock()
         if run.world_size > 1:
             distributed.check_in_sync(state.model, state.ema)
-        val = evaluate(validated, val_loader, training.criterion, run)
-        found = newly_unreadable(run, (train_loader, val_loader), progress)
+        val = evaluation.evaluate(validated, loaders.val, training.criterion, run)
+        found = data.newly_unreadable(run.args.bad_images, (loaders.train, loaders.val), progress)
         if found:
             log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
                 + "; ".join(found))
@@ -347,7 +297,7 @@ def fit(run, training, train_loader, val_loader, progress):
         state.scheduler.step()  # the next epoch's rate, on the plan as it is now
         seconds = clock() - epoch_start
         improved = progress.end_epoch(val.scores[args.best_metric])
-        distributed.run_on_main(run.device, report_epoch, run, progress.epoch, lr, result, val, seconds)
+        distributed.run_on_main(run.device, metrics.report_epoch, run, progress.epoch, lr, result, val, seconds)
         if improved:
             payload = run.record.describe(validated)
             payload.update(epoch=progress.epoch, val_accuracy=val.accuracy, val_scores=val.scores)
@@ -360,153 +310,76 @@ def fit(run, training, train_loader, val_loader, progress):
         log(f"ranks in sync: the {run.world_size} processes held identical weights after every epoch")
     took = f"; {run.elapsed() / 60:.1f} of {plan.budget_s / 60:g} min" if plan.budget_s else ""
     log(f"best val_{args.best_metric} {progress.best_score:.3f} at epoch {progress.best_epoch}, saved in "
-        f"{run.best_path}{took}; peak memory {peak_rss_gib():.1f} GiB")
+        f"{run.best_path}{took}; peak memory {dev.peak_rss_gib():.1f} GiB")
     return 0
 
 
-def with_crop(loader, size, args, device):
-    """The training loader with crops of this size: the same loader when they already are, else a
-    new one over the same images and order (loader workers hold a copy of the transform)."""
-    if loader.dataset.transform.transforms[0].size == (size, size):
-        return loader
-    auto_augment = None if args.auto_augment == "none" else args.auto_augment
-    loader.dataset.transform = data.train_transform(size, auto_augment, args.random_erase)
-    return data.make_loader(loader.dataset, loader.sampler, args.batch_size, loader.num_workers, device)
-
-
-def train_one_epoch(training, loader, run, progress):
-    """One pass over loader, counting every step into progress (which may start mid-epoch); ends
+def train_one_epoch(training, loaders, run, progress):
+    """One pass over loaders.train, counting every step into progress (which may start mid-epoch); ends
     early, with stopped=True, when a stop is requested."""
-    args, device, state = run.args, run.device, training.state
-    training.forward.train()
-    if args.freeze_layers:  # frozen layers keep their BatchNorm statistics too
-        for m in training.forward.modules():
-            if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
-                m.eval()
-    micro = args.micro_batch if 0 < args.micro_batch < args.batch_size else args.batch_size
-    plan = progress.plan
-    size = loader.dataset.transform.transforms[0].size[0]
-    bar = tqdm(loader, desc=f"train {progress.epoch + 1}/{plan.epochs if plan.planned else '?'} ({size} px)",
-               disable=not run.is_main,
-               initial=progress.step, total=progress.step + len(loader), file=sys.stdout, dynamic_ncols=True)
-    start, images_timed = time.perf_counter(), 0
+    args, state, criterion = run.args, training.state, training.criterion
+    step.train_mode(training.forward, args.freeze_layers)
+    loader = loaders.train
+    bar = epoch_bar(loader, loaders.crop, run, progress)
+    start, images_timed = clock(), 0
     for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
-        images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
-                                      run.record.preprocessing.std, channels_last=args.channels_last == "on")
-        labels = labels.to(device, non_blocking=True)
+        images, labels = to_device(images, run), labels.to(run.device, non_blocking=True)
         targets = labels
         if training.mix is not None:
             images, targets = training.mix(images, labels)  # soft targets, for the aux heads too
         state.optimizer.zero_grad(set_to_none=True)
         step_loss, correct = 0.0, 0
-        chunks = list(zip(images.split(micro), targets.split(micro), labels.split(micro)))
-        for i, (x, y, hard) in enumerate(chunks):
-            # DDP all-reduces gradients only on the last chunk of a step
-            last_chunk = i == len(chunks) - 1
-            no_sync = getattr(training.forward, "no_sync", None)
-            with contextlib.nullcontext() if last_chunk or no_sync is None else no_sync():
-                with dev.autocast(device, run.placement.amp_dtype):
-                    logits, aux2, aux1 = training.forward(x)
+        for chunk in step.micro_batches(images, targets, labels, args.micro_batch):
+            with step.gradient_sync(training.forward, chunk):
+                with dev.autocast(run.device, run.placement.amp_dtype):
+                    logits, aux2, aux1 = training.forward(chunk.images)
                 logits, aux2, aux1 = logits.float(), aux2.float(), aux1.float()
-                loss = training.criterion(logits, y) + args.aux_weight * (training.criterion(aux1, y)
-                                                                          + training.criterion(aux2, y))
-                loss = loss * (len(x) / len(images))  # chunks add up to the mean over the batch
+                y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
+                loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
+                loss = loss * chunk.share  # chunks add up to the mean over the batch
                 state.scaler.scale(loss).backward()
             step_loss += loss.item()
             if training.mix is None:
-                correct += (logits.argmax(1) == hard).sum().item()
-        # one all-reduce per step tells every process about a diverged loss, a stop request, or an
-        # unreadable image when --bad-images error asks to stop at the first
-        found = args.bad_images == "error" and loader.dataset.cache.found_bad
-        diverged, stopping, unreadable = training.stop.check(device, not math.isfinite(step_loss), found)
-        if unreadable:
-            raise (data.unreadable_error(loader.dataset.unreadable()[0]) if found else distributed.PeerFailed())
-        if diverged:
-            raise TrainingError(f"the loss became {step_loss if not math.isfinite(step_loss) else 'nan or inf in another process'} "
-                                f"at epoch {progress.epoch + 1}, step {progress.step + 1}: training diverged; lower --lr "
-                                "(best.pth was not touched)")
+                correct += (logits.argmax(1) == chunk.labels).sum().item()
+        stopping = step.vote(training.stop, loader, run.device, step_loss, args.bad_images,
+                             f"epoch {progress.epoch + 1}, step {progress.step + 1}")
         state.scaler.step(state.optimizer)
         state.scaler.update()
         if state.ema is not None:
             state.ema.update_parameters(state.model)
         progress.add_step(step_loss, len(images), correct)
         images_timed += len(images)
-        if run.tensorboard:
-            run.tensorboard.add({"train/step_loss": step_loss}, progress.epoch * run.steps_per_epoch + progress.step)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+        log_step(run, bar, progress, step_loss)
         if stopping:
             bar.close()
-            return EpochResult(float("nan"), None, 0.0, stopped=True)
+            return step.EpochResult(float("nan"), None, 0.0, stopped=True)
         if args.save_every and progress.step % args.save_every == 0:
             save_last(run, state, progress)
     bar.close()
-    elapsed = time.perf_counter() - start
     loss_sum, seen, timed, correct = distributed.all_reduce_sum(
-        [progress.loss_sum, progress.seen, images_timed, progress.correct], device)
+        [progress.loss_sum, progress.seen, images_timed, progress.correct], run.device)
     accuracy = correct / max(seen, 1) if training.mix is None else None
-    return EpochResult(loss_sum / max(seen, 1), accuracy, timed / max(elapsed, 1e-9))
+    return step.EpochResult(loss_sum / max(seen, 1), accuracy, timed / max(clock() - start, 1e-9))
 
 
-@torch.inference_mode()
-def evaluate(model, loader, criterion, run, tta=False, per_image=False):
-    """Loss, accuracy and confusion matrix over every val image, whichever process holds it; with
-    per_image, also each image's probabilities and loss, in the dataset's order."""
-    args, device = run.args, run.device
-    num_classes = len(run.record.classes)
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum, rows = 0.0, []
-    indices = iter(loader.sampler)  # an evaluation sampler hands out plain indices, in loading order
-    for images, targets, valid in tqdm(loader, desc="val", disable=not run.is_main, file=sys.stdout,
-                                       dynamic_ncols=True, leave=False):
-        images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
-                                      run.record.preprocessing.std, channels_last=args.channels_last == "on")
-        targets = targets.to(device, non_blocking=True)
-        with dev.autocast(device, run.placement.amp_dtype):
-            logits = logits_with_mirror(model, images) if tta else model(images)
-        kept = [next(indices) for _ in range(len(valid))]
-        if not valid.all():  # unreadable images are left out of every figure
-            kept = [i for i, ok in zip(kept, valid.tolist()) if ok]
-            valid = valid.to(device)
-            logits, targets = logits[valid], targets[valid]
-            if not len(targets):
-                continue
-        loss_sum += criterion(logits.float(), targets).item() * len(targets)
-        confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
-                                    minlength=num_classes ** 2).view(num_classes, num_classes)
-        if per_image:
-            log_p = torch.log_softmax(logits.float(), dim=1)
-            losses = -log_p.gather(1, targets[:, None])[:, 0]
-            rows += [(i, p, l) for i, p, l in zip(kept, log_p.exp().tolist(), losses.tolist())]
-    counts = distributed.all_reduce_sum(confusion.flatten().tolist() + [loss_sum], device)
-    confusion = torch.tensor(counts[:-1], dtype=torch.int64).view(num_classes, num_classes)
-    if per_image:
-        rows = sorted(r for part in distributed.all_gather(rows) for r in part)
-    return Evaluation(counts[-1] / max(int(confusion.sum()), 1), summary_scores(confusion), confusion,
-                      rows if per_image else None)
+def epoch_bar(loader, crop, run, progress):
+    """The epoch's progress bar (rank 0 only), starting where a resumed epoch stands."""
+    plan = progress.plan
+    return tqdm(loader, desc=f"train {progress.epoch + 1}/{plan.epochs if plan.planned else '?'} ({crop} px)",
+                disable=not run.is_main, initial=progress.step, total=progress.step + len(loader), file=sys.stdout,
+                dynamic_ncols=True)
 
 
-def evaluate_only(run, model, criterion, val_loader, start):
-    """--eval-only: the report, confusion_matrix.csv and predictions.csv of --weights on the val images."""
-    args = run.args
-    ckpt.check_classes(args.weights, start.get("classes"), run.record.classes, "the val folder")
-    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
-    unreadable = val_loader.dataset.unreadable()
-    if unreadable and args.bad_images == "error":
-        raise data.unreadable_error(unreadable[0])
-    if unreadable:
-        print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
-    if run.is_main:
-        classes = run.record.classes
-        print_evaluation(classes, result.confusion, result.loss)
-        path = os.path.join(args.output_dir, "confusion_matrix.csv")
-        write_confusion_csv(path, classes, result.confusion)
-        samples = val_loader.dataset.samples
-        write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
-                              [(samples[i][0], samples[i][1], p, l) for i, p, l in result.rows])
-        print(f"confusion matrix and per-image predictions written to {path} and "
-              f"{os.path.join(args.output_dir, 'predictions.csv')}")
-    return 0
+def to_device(images, run):
+    """A uint8 batch from the loader as the model's normalised float input, on the run's device."""
+    return data.normalize_batch(images.to(run.device, non_blocking=True), run.record.preprocessing.mean,
+                                run.record.preprocessing.std, channels_last=run.args.channels_last)
+
+
+def log_step(run, bar, progress, step_loss):
+    if run.tensorboard:
+        run.tensorboard.add({"train/step_loss": step_loss}, progress.epoch * run.steps_per_epoch + progress.step)
+    bar.set_postfix(loss=f"{step_loss:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,61 +461,6 @@ def evaluation_sizes(args, start=None):
     return Preprocessing(resize, crop)
 
 
-def build_loaders(args, found, preprocessing, device, rank, world_size, log):
-    """(train loader or None, val loader, worker count). The files are only listed and checked
-    here (images.unreadable); they are decoded when first loaded, into this machine's cache."""
-    samples = {"train": found.train, "val": found.val}
-    skipped = data.find_unreadable([p for p, _ in found.train + found.val])
-    if skipped and args.bad_images == "error":
-        raise data.unreadable_error(*skipped[0])
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
-        bad = {p for p, _ in skipped}
-        samples = {part: [s for s in items if s[0] not in bad] for part, items in samples.items()}
-    capacity = data.cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
-    workers = (args.workers if args.workers is not None
-               else default_workers(device.type, args.batch_size, capacity > 0))
-    auto_augment = None if args.auto_augment == "none" else args.auto_augment
-    total = max(len(samples["train"]) + len(samples["val"]), 1)
-    loaders = []
-    for part in ("train", "val"):
-        if part == "train" and args.eval_only:
-            loaders.append(None)
-            continue
-        train = part == "train"
-        images_cache, writer = data.machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
-                                                  max(workers, 1), device)
-        transform = (data.train_transform(args.image_size[0], auto_augment, args.random_erase) if train
-                     else data.EvalTransform(preprocessing))
-        dataset = data.ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
-        weights = data.balanced_draws(dataset.targets) if train and args.sampler == "balanced" else None
-        sampler = (data.EpochSampler(len(dataset), True, args.seed, rank, world_size, weights=weights) if train else
-                   data.EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
-        loaders.append(data.make_loader(dataset, sampler, args.batch_size, workers, device))
-    return loaders[0], loaders[1], workers
-
-
-class ClassWeightedLoss(nn.CrossEntropyLoss):
-    """Cross-entropy with label smoothing and optional class weights, averaged over the images.
-    PyTorch's weighted mean divides by the batch's sum of weights instead, which undoes the weights
-    in every batch of one class: with 4 images a batch and a 10:1 imbalance, most batches."""
-
-    def __init__(self, weight=None, label_smoothing=0.0):
-        super().__init__(weight=weight, label_smoothing=label_smoothing,
-                         reduction="mean" if weight is None else "sum")
-
-    def forward(self, logits, targets):
-        loss = super().forward(logits, targets)
-        return loss if self.weight is None else loss / len(logits)
-
-
-def class_weights(args, train_loader, device):
-    """--class-weights balanced: images / (classes x the class's images) per class, None otherwise."""
-    if args.class_weights == "none" or train_loader is None:
-        return None
-    return data.inverse_frequency(train_loader.dataset.targets).to(device)
-
-
 def build_model(args, classes, recorded, start, source, device, log):
     """GoogLeNet with aux heads, of the variant asked for or recorded, with --weights loaded."""
     variant = args.variant or DEFAULT_VARIANT
@@ -661,7 +479,7 @@ def build_model(args, classes, recorded, start, source, device, log):
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(HEAD_PREFIXES + AUX_PREFIXES)
     model.to(device)
-    if args.channels_last == "on":
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -671,40 +489,13 @@ def build_training(args, run, model, forward, criterion, plan):
     if run.world_size > 1:
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    optimizer = build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    optimizer = recipe.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     factor = functools.partial(schedule.lr_factor, plan=plan, warmup_epochs=args.warmup_epochs,
                                schedule=args.lr_scheduler, step_size=args.lr_step_size, gamma=args.lr_gamma)
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
-                               dev.grad_scaler(run.device, run.placement.amp_dtype), build_ema(args, model))
+                               dev.grad_scaler(run.device, run.placement.amp_dtype), recipe.build_ema(args, model))
     mix = data.build_batch_mix(args.mixup_alpha, args.cutmix_alpha, len(run.record.classes))
-    return Training(forward, state, criterion, mix, StopRequest())
-
-
-def build_optimizer(args, params):
-    # fused: the whole update of every parameter in one kernel (CPU, CUDA and MPS); on this
-    # project's 2-core CPU an Adam step takes 8 ms instead of 33 ms with foreach=True
-    if args.opt == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
-                               weight_decay=args.weight_decay, fused=True)
-    opt_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
-    return opt_class(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-
-
-def build_ema(args, model):
-    """The weights' exponential moving average (torch.optim.swa_utils), or None without --model-ema."""
-    if not args.model_ema:
-        return None
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=functools.partial(ema_update, max_decay=args.model_ema_decay), use_buffers=True)
-
-
-def ema_update(averaged, current, num_averaged, max_decay):
-    """One EMA update with a decay that grows as (1 + n) / (10 + n) after n updates up to max_decay,
-    as TensorFlow's ExponentialMovingAverage does with num_updates: a fixed 0.999 would still hold
-    60% of the random initial weights after 500 steps (6 epochs of the flower photos)."""
-    n = int(num_averaged)
-    decay = min(max_decay, (1 + n) / (10 + n))
-    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(averaged, current, num_averaged)
+    return Training(forward, state, criterion, mix, step.StopRequest())
 
 
 def write_class_indices(args, classes):
@@ -727,26 +518,6 @@ def open_tensorboard(output_dir, next_step):
 # ---------------------------------------------------------------------------------------------
 # Saving and reporting
 # ---------------------------------------------------------------------------------------------
-def newly_unreadable(run, loaders, progress):
-    """The images found unreadable since the last look, from every machine's caches; added to progress."""
-    mine = [path for loader in loaders for path in loader.dataset.unreadable()]
-    found = sorted({p for part in distributed.all_gather(mine) for p in part} - set(progress.bad_images))
-    progress.bad_images.extend(found)
-    if found and run.args.bad_images == "error":  # found while validating
-        raise data.unreadable_error(found[0])
-    return found
-
-
-def out_of_patience(args, progress):
-    """Why the run ends early (--patience), or None while it may go on."""
-    waited = progress.epoch - progress.best_epoch
-    if not args.patience or progress.best_epoch == 0 or waited < args.patience:
-        return None
-    planned = (f"; the {args.lr_scheduler} schedule was planned for {progress.plan.epochs} epochs"
-               if args.lr_scheduler != "none" and progress.epoch < progress.plan.epochs else "")
-    return (f"stopping early after epoch {progress.epoch}: val {args.best_metric} has not improved for "
-            f"{waited} epochs (--patience {args.patience}; best {progress.best_score:.3f} at epoch "
-            f"{progress.best_epoch}){planned}")
 
 
 def save_last(run, state, progress):
@@ -756,39 +527,6 @@ def save_last(run, state, progress):
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
-def report_epoch(run, epoch, lr, result, val, seconds):
-    """The epoch's summary line, its metrics.csv row and its TensorBoard scalars."""
-    other = "" if run.args.best_metric == "accuracy" else f"val_{run.args.best_metric}: {val.scores[run.args.best_metric]:.3f}  "
-    print(f"[epoch {epoch}] train_loss: {result.loss:.3f}  "
-          + (f"train_accuracy: {result.accuracy:.3f}  " if result.accuracy is not None else "")
-          + f"val_loss: {val.loss:.3f}  val_accuracy: {val.accuracy:.3f}  {other}{result.images_per_s:.1f} img/s  "
-          f"{seconds:.0f} s")
-    append_metrics(os.path.join(run.args.output_dir, "metrics.csv"), epoch,
-                   dict(lr=lr, train_loss=result.loss, train_accuracy="" if result.accuracy is None else result.accuracy,
-                        val_loss=val.loss, val_accuracy=val.accuracy,
-                        val_balanced_accuracy=val.scores["balanced_accuracy"], val_macro_f1=val.scores["macro_f1"],
-                        images_per_s=result.images_per_s, seconds=seconds))
-    if run.tensorboard:
-        run.tensorboard.add({"epoch": epoch, "lr": lr, "train/loss": result.loss, "train/accuracy": result.accuracy,
-                             "val/loss": val.loss, "val/accuracy": val.accuracy,
-                             "images_per_s": result.images_per_s}, epoch * run.steps_per_epoch)
-        run.tensorboard.flush()
-
-
-def peak_rss_gib():
-    """Peak resident memory of this process, which holds the model and the image cache (0 where unknown).
-
-    Not its children's: loader workers are forks that share its pages, and the children's figure
-    also holds a fork that importing torch makes (to run ldconfig), which alone reports 0.4 GiB.
-    """
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0.0
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30  # macOS counts bytes
-
-
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -796,18 +534,9 @@ def run(argv=None):
         parser.error(f"--val-crop {args.val_crop} is larger than --val-resize {args.val_resize}: "
                      "the crop is taken from the resized image")
     try:
-        code = main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = e.exit_code
-    except distributed.PeerFailed:
-        code = 1  # the process that failed printed why
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
+        return options.run_command(main, args)
     finally:
         distributed.close()
-    return code
 
 
 if __name__ == "__main__":

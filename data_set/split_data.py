@@ -2,7 +2,7 @@
 
     python -m data_set.split_data [--source DIR] [--dest DIR] [--val-ratio 0.1] [--seed 0] [--force]
 
-Run from the project's folder (it uses data.py there). The split is data.split_samples, which
+The split is training/data.py's split_samples, which
 train.py also uses on a folder of class folders: the same on every platform for a given seed;
 adding or removing one class leaves the split of the others unchanged.
 """
@@ -10,15 +10,12 @@ import argparse
 import os
 import sys
 
-try:
-    from plumbing import options
-    from training.data import DataError, split_dataset
-except ModuleNotFoundError as e:
-    if e.name not in ("options", "data"):
-        raise
-    sys.exit("error: run this from the project's folder as  python -m data_set.split_data --source DIR ...")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the project's folders, also when run as a file from elsewhere
+
+from plumbing import options  # noqa: E402
+from training.data import split_dataset  # noqa: E402
+
 DEFAULT_SOURCE = os.path.join(HERE, "flower_data", "flower_photos")
 DEFAULT_DEST = os.path.join(HERE, "flower_data")
 
@@ -38,15 +35,14 @@ def get_args_parser():
     return parser
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        split_dataset(args.source, args.dest, args.val_ratio, args.seed, args.force)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(args):
+    split_dataset(args.source, args.dest, args.val_ratio, args.seed, args.force)
     return 0
 
 
+def run(argv=None):
+    return options.run_command(main, get_args_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

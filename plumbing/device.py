@@ -1,5 +1,6 @@
 """Where the model runs: the one place that picks the device and its precision (``place``)."""
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -159,3 +160,17 @@ def tune_cpu_allocator():
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
     except (OSError, AttributeError):
         return False
+
+
+def peak_rss_gib():
+    """Peak resident memory of this process, which holds the model and the image cache (0 where unknown).
+
+    Not its children's: loader workers are forks that share its pages, and the children's figure
+    also holds a fork that importing torch makes (to run ldconfig), which alone reports 0.4 GiB.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30  # macOS counts bytes

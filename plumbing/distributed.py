@@ -14,8 +14,13 @@ import torch.distributed as dist
 from plumbing.options import UserError
 
 
-class PeerFailed(Exception):
+class PeerFailed(UserError):
     """Another process failed and prints why; this one ends quietly with a non-zero exit."""
+
+    exit_code = 1
+
+    def __init__(self):
+        super().__init__("")  # run_command prints nothing for it
 
 
 class OutOfSync(UserError):

@@ -13,12 +13,24 @@ class UserError(Exception):
 
 
 def run_command(main, args):
-    """main(args) as a command's whole run: a UserError ends in its one line on stderr and its exit code."""
+    """main(args) as a command's whole run: a UserError ends in its one line on stderr and its exit
+    code (none when another process already printed it), Ctrl-C in "interrupted" and 130."""
     try:
         return main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if str(e):
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except None: such options say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _number(kind, text):

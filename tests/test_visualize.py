@@ -133,7 +133,7 @@ def test_cam_errors_are_one_line(run, tmp_path, monkeypatch):
 def test_feature_maps_draw_the_asked_channels_of_the_layer_beside_the_photo(run, tmp_path, capsys):
     from PIL import Image
 
-    import model as model_py
+    import report
     from inference import checkpoint
 
     trained, _, preprocessing = checkpoint.load_model(str(run["best"]), "unused.json", torch.device("cpu"))
@@ -153,23 +153,23 @@ def test_feature_maps_draw_the_asked_channels_of_the_layer_beside_the_photo(run,
         scaled = ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) * 255).to(torch.uint8).numpy()
         assert np.array_equal(tile, np.asarray(Image.fromarray(scaled).resize(tile.shape[::-1], Image.NEAREST))), k
     capsys.readouterr()
-    code = model_py.main(["--weights", str(run["best"]), "--feature-maps", str(photo), "--layer", "conv1",
-                          "--channels", "5", "--output", str(tmp_path / "maps.png")])
+    code = report.run(["--weights", str(run["best"]), "--feature-maps", str(photo), "--layer", "conv1",
+                       "--channels", "5", "--output", str(tmp_path / "maps.png")])
     assert code == 0 and capsys.readouterr().out.strip() == f"wrote {tmp_path / 'maps.png'}: 5 tiles"
     with Image.open(tmp_path / "maps.png") as written:
         assert written.format == "PNG" and written.width > 3 * visualize.TILE
 
 
 def test_feature_map_mistakes_are_one_line(run, tmp_path, capsys):
-    import model as model_py
+    import report
 
     photo = sorted((run["data"] / "val").rglob("*.jpg"))[0]
     for argv, words in (([str(photo), "--layer", "fc"], "not maps"), ([str(photo), "--layer", "inception9z"], "not a stage"),
                         ([str(tmp_path / "none.jpg")], "does not exist")):
-        code = model_py.main(["--weights", str(run["best"]), "--feature-maps", *argv, "--output", str(tmp_path / "x.png")])
+        code = report.run(["--weights", str(run["best"]), "--feature-maps", *argv, "--output", str(tmp_path / "x.png")])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and words in err, err
-    assert model_py.main(["--filters"]) == 2 and "--weights" in capsys.readouterr().err
+    assert report.run(["--filters"]) == 2 and "--weights" in capsys.readouterr().err
 
 
 def test_roughness_tells_smooth_kernels_from_noise():

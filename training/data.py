@@ -522,3 +522,71 @@ def make_loader(dataset, sampler, batch_size, workers, device):
         # The augmentation is seeded per sample by EpochSampler, so nothing else uses that seed.
         generator=torch.Generator(),
     )
+
+
+@dataclass
+class Loaders:
+    """The training loader (None for --eval-only) and its crop size, the val loader, and the number
+    of loader workers; progressive resizing replaces train (see with_crop)."""
+
+    train: Optional[DataLoader]
+    val: DataLoader
+    workers: int
+    crop: int
+
+
+def build_loaders(args, found, preprocessing, device, rank, world_size, log):
+    """The Loaders of train.py's options. The files are only listed and checked here
+    (images.unreadable); they are decoded when first loaded, into this machine's cache."""
+    samples = {"train": found.train, "val": found.val}
+    skipped = find_unreadable([p for p, _ in found.train + found.val])
+    if skipped and args.bad_images == "error":
+        raise unreadable_error(*skipped[0])
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
+        bad = {p for p, _ in skipped}
+        samples = {part: [s for s in items if s[0] not in bad] for part, items in samples.items()}
+    capacity = cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
+    workers = (args.workers if args.workers is not None
+               else images.default_workers(device.type, args.batch_size, capacity > 0))
+    auto_augment = None if args.auto_augment == "none" else args.auto_augment
+    total = max(len(samples["train"]) + len(samples["val"]), 1)
+    loaders = []
+    for part in ("train", "val"):
+        if part == "train" and args.eval_only:
+            loaders.append(None)
+            continue
+        train = part == "train"
+        images_cache, writer = machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
+                                                  max(workers, 1), device)
+        transform = (train_transform(args.image_size[0], auto_augment, args.random_erase) if train
+                     else EvalTransform(preprocessing))
+        dataset = ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
+        weights = balanced_draws(dataset.targets) if train and args.sampler == "balanced" else None
+        sampler = (EpochSampler(len(dataset), True, args.seed, rank, world_size, weights=weights) if train else
+                   EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
+        loaders.append(make_loader(dataset, sampler, args.batch_size, workers, device))
+    return Loaders(loaders[0], loaders[1], workers, args.image_size[0])
+
+
+def with_crop(loaders, size, args, device):
+    """Make loaders.train crop images to size: a new loader over the same images and order when the
+    size changes (loader workers hold a copy of the transform). The old loader is dropped with its
+    persistent workers, which nothing else may hold, or they would idle on for the whole run."""
+    if loaders.crop == size:
+        return
+    old = loaders.train
+    auto_augment = None if args.auto_augment == "none" else args.auto_augment
+    old.dataset.transform = train_transform(size, auto_augment, args.random_erase)
+    loaders.train = make_loader(old.dataset, old.sampler, args.batch_size, old.num_workers, device)
+    loaders.crop = size
+
+
+def newly_unreadable(bad_images, loaders, progress):
+    """The images found unreadable since the last look, from every machine's caches; added to progress."""
+    mine = [path for loader in loaders for path in loader.dataset.unreadable()]
+    found = sorted({p for part in distributed.all_gather(mine) for p in part} - set(progress.bad_images))
+    progress.bad_images.extend(found)
+    if found and bad_images == "error":  # found while validating
+        raise unreadable_error(found[0])
+    return found

@@ -145,3 +145,15 @@ def replan(plan, done, elapsed_s, sizes):
         return (f"plan: {'behind' if late else 'ahead of'} time ({elapsed_s / 60:.1f} of {plan.budget_s / 60:g} "
                 f"min used after {done} epochs, {each} now): {epochs} epochs in all")
     return f"plan: {epochs} epochs fit in {plan.budget_s / 60:g} min at {each}"
+
+
+def out_of_patience(args, progress):
+    """Why the run ends early (--patience), or None while it may go on."""
+    waited = progress.epoch - progress.best_epoch
+    if not args.patience or progress.best_epoch == 0 or waited < args.patience:
+        return None
+    planned = (f"; the {args.lr_scheduler} schedule was planned for {progress.plan.epochs} epochs"
+               if args.lr_scheduler != "none" and progress.epoch < progress.plan.epochs else "")
+    return (f"stopping early after epoch {progress.epoch}: val {args.best_metric} has not improved for "
+            f"{waited} epochs (--patience {args.patience}; best {progress.best_score:.3f} at epoch "
+            f"{progress.best_epoch}){planned}")

@@ -1,0 +1,59 @@
+"""The default recipe's training pieces: the loss (main + aux heads share it), the optimizer and
+the exponential moving average of the weights."""
+import functools
+
+import torch
+from torch import nn
+
+from training import data
+
+
+class ClassWeightedLoss(nn.CrossEntropyLoss):
+    """Cross-entropy with label smoothing and optional class weights, averaged over the images.
+    PyTorch's weighted mean divides by the batch's sum of weights instead, which undoes the weights
+    in every batch of one class: with 4 images a batch and a 10:1 imbalance, most batches."""
+
+    def __init__(self, weight=None, label_smoothing=0.0):
+        super().__init__(weight=weight, label_smoothing=label_smoothing,
+                         reduction="mean" if weight is None else "sum")
+
+    def forward(self, logits, targets):
+        loss = super().forward(logits, targets)
+        return loss if self.weight is None else loss / len(logits)
+
+
+def class_weights(args, train_loader, device):
+    """--class-weights balanced: images / (classes x the class's images) per class, None otherwise."""
+    if args.class_weights == "none" or train_loader is None:
+        return None
+    return data.inverse_frequency(train_loader.dataset.targets).to(device)
+
+
+def build_optimizer(args, params):
+    # fused: the whole update of every parameter in one kernel (CPU, CUDA and MPS); on this
+    # project's 2-core CPU an Adam step takes 8 ms instead of 33 ms with foreach=True
+    if args.opt == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay, fused=True)
+    opt_class = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
+    return opt_class(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
+def build_ema(args, model):
+    """The weights' exponential moving average (torch.optim.swa_utils), or None without --model-ema."""
+    if not args.model_ema:
+        return None
+    # device: AveragedModel creates its n_averaged counter on the CPU otherwise, and NCCL, which
+    # serves CUDA tensors only, then fails to broadcast it when the ranks are compared
+    return torch.optim.swa_utils.AveragedModel(
+        model, device=next(model.parameters()).device, use_buffers=True,
+        multi_avg_fn=functools.partial(ema_update, max_decay=args.model_ema_decay))
+
+
+def ema_update(averaged, current, num_averaged, max_decay):
+    """One EMA update with a decay that grows as (1 + n) / (10 + n) after n updates up to max_decay,
+    as TensorFlow's ExponentialMovingAverage does with num_updates: a fixed 0.999 would still hold
+    60% of the random initial weights after 500 steps (6 epochs of the flower photos)."""
+    n = int(num_averaged)
+    decay = min(max_decay, (1 + n) / (10 + n))
+    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(averaged, current, num_averaged)

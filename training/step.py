@@ -1,0 +1,94 @@
+"""The parts of a training step around the lesson's five lines (forward, loss, backward, step):
+micro-batches, DDP's gradient sync, the per-step vote across processes, and stopping cleanly."""
+import contextlib
+import math
+import signal
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from plumbing import distributed
+from plumbing.options import UserError
+from training import data
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked after every step, so a stop never tears a step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def check(self, device, diverged=False, unreadable=False):
+        """(diverged, stop requested, an unreadable image under --bad-images error), each anywhere:
+        every process acts at the same step."""
+        return distributed.any_process([diverged, self.signal is not None, unreadable], device)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: Optional[float]  # None with MixUp/CutMix: the targets are then mixtures, not classes
+    images_per_s: float
+    stopped: bool = False  # a stop was requested: the epoch ended early
+
+
+def train_mode(model, freeze_layers):
+    """Training mode, except that frozen layers (--freeze-layers) keep their BatchNorm statistics too."""
+    model.train()
+    if freeze_layers:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and not m.weight.requires_grad:
+                m.eval()
+
+
+@dataclass
+class Chunk:
+    """One micro-batch of a step: its images, (soft) targets and class labels, its share of the batch."""
+
+    images: object
+    targets: object
+    labels: object
+    share: float
+    last: bool
+
+
+def micro_batches(images, targets, labels, size):
+    """The step's chunks of at most size images (--micro-batch; 0: the whole batch as one chunk)."""
+    size = size if 0 < size < len(images) else len(images)
+    parts = list(zip(images.split(size), targets.split(size), labels.split(size)))
+    return [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1) for i, (x, y, hard) in enumerate(parts)]
+
+
+def gradient_sync(forward, chunk):
+    """DDP all-reduces gradients on a step's last chunk only: the chunks before it run under no_sync."""
+    no_sync = getattr(forward, "no_sync", None)
+    return contextlib.nullcontext() if chunk.last or no_sync is None else no_sync()
+
+
+class TrainingError(UserError):
+    """A run that cannot go on (the loss diverged, an output that cannot be written): the message says what to do."""
+
+    exit_code = 1
+
+
+def vote(stop, loader, device, step_loss, bad_images, where):
+    """One all-reduce per step tells every process about a diverged loss, a stop request, or an
+    unreadable image when --bad-images error asks to stop at the first. Raises for the last two;
+    returns whether to stop after this step."""
+    found = bad_images == "error" and loader.dataset.cache.found_bad
+    diverged, stopping, unreadable = stop.check(device, not math.isfinite(step_loss), found)
+    if unreadable:
+        raise (data.unreadable_error(loader.dataset.unreadable()[0]) if found else distributed.PeerFailed())
+    if diverged:
+        loss = step_loss if not math.isfinite(step_loss) else "nan or inf in another process"
+        raise TrainingError(f"the loss became {loss} at {where}: training diverged; lower --lr "
+                            "(best.pth was not touched)")
+    return stopping
