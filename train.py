@@ -209,11 +209,13 @@ def main(args):
     if placement.warning:
         log(placement.warning)
     resume, start, source = read_checkpoints(args)
-    found = load_data(args, placement.device, (resume or start or {}).get("split"), log)
+    preprocessing = evaluation_sizes(args, start)
+    # a run continues on its own split; fine-tuning from --weights splits the new data afresh
+    recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
+    found = load_data(args, placement.device, recorded_split, log)
     distributed.run_on_main(placement.device, prepare_output_dir, args)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
-    preprocessing = evaluation_sizes(args, start)
     loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
     first, last = args.image_size
     crops = f"{first}" if first == last else f"{first} to {last}"
@@ -458,6 +460,11 @@ def evaluation_sizes(args, start=None):
     recorded = start if args.eval_only and start is not None else {}
     crop = args.val_crop or recorded.get("val_crop") or recorded.get("image_size") or args.image_size[1] * 5 // 4
     resize = args.val_resize or (recorded.get("val_resize") if not args.val_crop else None) or crop
+    if crop > resize:  # Pillow would pad the crop with black, and best.pth would pass that on
+        source = ("given by --val-crop" if args.val_crop else f"recorded in {args.weights}" if recorded
+                  else "1.25 x the last --image-size")
+        raise UserError(f"--val-resize {resize} is smaller than the evaluation crop {crop} ({source}): the crop is "
+                        f"taken from the resized image; pass --val-crop {resize} or less, or a larger --val-resize")
     return Preprocessing(resize, crop)
 
 
@@ -530,7 +537,7 @@ def save_last(run, state, progress):
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.val_crop and args.val_resize and args.val_crop > args.val_resize:
+    if args.val_crop and args.val_resize and args.val_crop > args.val_resize:  # before minutes of loading
         parser.error(f"--val-crop {args.val_crop} is larger than --val-resize {args.val_resize}: "
                      "the crop is taken from the resized image")
     try:
