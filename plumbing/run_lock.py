@@ -132,8 +132,10 @@ class RunLock:
                     return self
                 time.sleep(0.02)  # another process is taking the stale lock over: its lock decides
         except OSError as e:
+            if not os.path.isdir(self.folder):
+                raise CannotLock(f"cannot lock {self.folder}: there is no such folder") from e
             raise CannotLock(f"cannot lock {self.folder}: writing {self.path} failed ({e.strerror or e}): "
-                             "the folder must exist and be writable") from e
+                             "the folder must be writable, with some free space") from e
         raise FolderInUse(f"{self.folder} keeps changing hands: other processes are starting in it; "
                           f"wait for them{' or ' + self.instead if self.instead else ''}")
 
