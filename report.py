@@ -108,8 +108,10 @@ def draw_top_losses(plt, predictions_path, count):
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
     from plumbing import options
+    from plumbing.run_lock import RunLock
 
     parser = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
                                                  "(confusion_matrix.csv) and worst-classified images "
@@ -118,5 +120,10 @@ if __name__ == "__main__":
     parser.add_argument("--top-losses", type=options.non_negative_int, default=16,
                         help="how many of the highest-loss val images top_losses.png shows (0: none)")
     args = parser.parse_args()
-    for path in plot(args.folder, args.top_losses):
-        print(f"wrote {path}")
+
+    def draw(args):
+        with RunLock(args.folder, purpose="report", instead=None):  # never beside a run writing there
+            for path in plot(args.folder, args.top_losses):
+                print(f"wrote {path}")
+
+    sys.exit(options.run_command(draw, args))
