@@ -239,32 +239,37 @@ def _new_holder(purpose):
                       pid_namespace=_pid_namespace("self"))
 
 
-def _create(path, holder):
+def _create(path, holder, over_dead=False):
     """Write holder to path unless path exists: True if this call wrote it. The text goes to a
-    temporary file first, which os.link puts in place only whole, and only if path is not there."""
+    temporary file first, which os.link puts in place only whole, and only if path is not there.
+    over_dead: path holds a dead holder's lock that this process alone may replace (see _take_over):
+    os.replace swaps it for ours at once, so that path is never missing for a newcomer to take."""
     data = holder.to_json().encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600: others may read who holds the folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in _NO_HARD_LINKS:
-                raise
-            return _create_in_place(path, data)
+        if over_dead:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise
+                return _create_in_place(path, data)
     finally:
         try:
             os.remove(tmp)
         except OSError:
             pass
-    _fsync_dir(os.path.dirname(path) or ".")
+    _fsync_dir(folder)
     return True
 
 
@@ -323,7 +328,7 @@ def _take_over(path, dead, mine):
     Of the processes that found the same dead holder only one may remove its lock, or a slow one
     would remove the fresh lock of a faster one: each must first create path.takeover-TOKEN (TOKEN:
     the dead holder's), which only one can. Whoever holds that claim and still finds the dead
-    holder's token in path removes it and puts its own lock there, unless a newcomer was quicker.
+    holder's token in path puts its own lock in its place.
     A claim whose taker died is itself taken over the same way.
     """
     claim = f"{path}.takeover-{dead.token}"
@@ -341,8 +346,7 @@ def _take_over(path, dead, mine):
             return False
         if current is None or current.token != dead.token:
             return False  # someone took it over before us
-        os.remove(path)
-        return _create(path, mine)
+        return _create(path, mine, over_dead=True)  # no one else removes the dead lock: we hold its claim
     finally:
         _remove_if_holds(claim, mine.token)
 
