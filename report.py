@@ -15,6 +15,7 @@ import sys
 from plumbing import options
 from plumbing.atomic import atomic_write
 from plumbing.options import UserError
+from plumbing.run_lock import RunLock
 
 MISSING = "plotting needs matplotlib, an optional dependency: pip install matplotlib"
 
@@ -169,8 +170,11 @@ def main(args):
         written, tiles = draw_network(args)
         print(f"wrote {written[0]}: {tiles} tiles")
         return 0
-    for path in plot(args.folder, args.top_losses):
-        print(f"wrote {path}")
+    if not os.path.isdir(args.folder):
+        raise ReportError(f"folder {args.folder} does not exist: pass the --output-dir of a run of train.py")
+    with RunLock(args.folder, purpose="report", instead=None):  # never beside a run writing there
+        for path in plot(args.folder, args.top_losses):
+            print(f"wrote {path}")
     return 0
 
 
