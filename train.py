@@ -27,8 +27,9 @@ from inference.images import Preprocessing
 from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet
 from plumbing import device as dev
 from plumbing import distributed, options
-from plumbing.atomic import atomic_write_text, remove_stale_temp_files
+from plumbing.atomic import remove_stale_temp_files
 from plumbing.options import UserError
+from plumbing.run_lock import RunLock, probe_writable
 from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
 from training.metrics import (
     BEST_METRICS,
@@ -201,7 +202,7 @@ class Training:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def main(args):
+def main(args, lock):
     started = clock()
     rank, world_size, local_rank = distributed.init()
     log = print if rank == 0 else silent
@@ -210,10 +211,10 @@ def main(args):
         log(placement.warning)
     resume, start, source = read_checkpoints(args)
     preprocessing = evaluation_sizes(args, start)
+    distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
     found = load_data(args, placement.device, recorded_split, log)
-    distributed.run_on_main(placement.device, prepare_output_dir, args)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
@@ -435,22 +436,27 @@ def download_if_missing(root, url, sha256, log):
         download.download_and_split(root, url, sha256, log)
 
 
-def prepare_output_dir(args):
-    """Create --output-dir, prove it writable, and clear the temporary files of a save cut short.
+def prepare_output_dir(args, lock):
+    """Create --output-dir, take its lock (one run per folder), prove it writable, and clear the
+    temporary files of a save cut short: only now, since before the lock they could be a live run's.
     A folder that holds another run is not written over without --overwrite (or --resume)."""
     folder = args.output_dir
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot write to output folder {folder} ({e.strerror or e}): "
+                            "pass --output-dir with a writable folder, or free some disk space") from e
+    lock.acquire()
     held = [f for f in ("best.pth", "last.pth") if os.path.exists(os.path.join(folder, f))]
     if held and not (args.resume or args.eval_only or args.overwrite):
         raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with --resume "
                         f"{os.path.join(folder, 'last.pth')}, write this one elsewhere with --output-dir, "
                         "or pass --overwrite to replace it")
     try:
-        os.makedirs(folder, exist_ok=True)
-        atomic_write_text(os.path.join(folder, ".write-test"), "ok")
-        os.remove(os.path.join(folder, ".write-test"))
+        probe_writable(folder)
     except OSError as e:
         raise TrainingError(f"cannot write to output folder {folder} ({e.strerror or e}): "
-                            "pass --output-dir with a writable folder, or free some disk space")
+                            "pass --output-dir with a writable folder, or free some disk space") from e
     remove_stale_temp_files(folder)
 
 
@@ -540,9 +546,13 @@ def run(argv=None):
     if args.val_crop and args.val_resize and args.val_crop > args.val_resize:  # before minutes of loading
         parser.error(f"--val-crop {args.val_crop} is larger than --val-resize {args.val_resize}: "
                      "the crop is taken from the resized image")
+    # one run per output folder: rank 0 takes the lock in prepare_output_dir, and it goes however
+    # the run ends (release does nothing where it was not taken)
+    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training")
     try:
-        return options.run_command(main, args)
+        return options.run_command(functools.partial(main, lock=lock), args)
     finally:
+        lock.release()
         distributed.close()
 
 

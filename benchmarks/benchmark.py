@@ -96,7 +96,7 @@ def train_project(root, size, steps, amp):
     from inference import images
     from model import GoogLeNet
     from plumbing import device as dev
-    from training import data
+    from training import data, recipe
 
     placement = dev.place("cpu", amp)
     cpu, amp_dtype = placement.device, placement.amp_dtype
@@ -108,7 +108,7 @@ def train_project(root, size, steps, amp):
     loader = data.make_loader(ds, sampler, BATCH, images.default_workers("cpu", BATCH, cached=True), cpu)
     model = GoogLeNet(num_classes=len(classes), aux_logits=True, init_weights=True)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = train.build_optimizer(train.get_args_parser().parse_args([]), model.parameters())
+    optimizer = recipe.build_optimizer(train.get_args_parser().parse_args([]), model.parameters())
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step(x, y):  # what train_one_epoch does for one batch
@@ -257,7 +257,7 @@ def main():
     if opts.run:
         import torch
 
-        from train import peak_rss_gib
+        from plumbing.device import peak_rss_gib
 
         part, config = opts.run.split("-")
         if part == "train":

@@ -22,7 +22,8 @@ import torch
 import train
 from inference import checkpoint
 from plumbing import atomic
-from training import metrics
+from plumbing.run_lock import RunLock
+from training import metrics, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,8 +185,9 @@ def test_unwritable_destination_raises_oserror_and_creates_nothing(tmp_path, whe
 
 def test_train_reports_unwritable_output_dir_as_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(train.TrainingError, match="cannot write to output folder .*--output-dir"):
-        train.prepare_output_dir(train.get_args_parser().parse_args(["--output-dir", str(tmp_path / "a_file" / "weights")]))
+    with pytest.raises(step.TrainingError, match="cannot write to output folder .*--output-dir"):
+        args = train.get_args_parser().parse_args(["--output-dir", str(tmp_path / "a_file" / "weights")])
+        train.prepare_output_dir(args, RunLock(args.output_dir))
     assert os.listdir(tmp_path) == ["a_file"]
 
 

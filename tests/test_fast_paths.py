@@ -11,7 +11,7 @@ from helpers import dataset_of
 from inference import images
 from model import GoogLeNet
 from plumbing import device as dev
-from training import data
+from training import data, recipe
 
 
 def photo_folder(root, count=3):
@@ -212,7 +212,7 @@ def test_fused_optimizer_steps_like_the_per_tensor_loop(opt):
     plain = [p.detach().clone().requires_grad_() for p in model.parameters()]
     fast = [p.detach().clone().requires_grad_() for p in model.parameters()]
     args = train.get_args_parser().parse_args(["--opt", opt, "--lr", "1e-3", "--weight-decay", "0.01"])
-    fused = train.build_optimizer(args, fast)
+    fused = recipe.build_optimizer(args, fast)
     assert fused.defaults["fused"]
     loop_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[opt]
     extra = {"momentum": args.momentum} if opt == "sgd" else {}

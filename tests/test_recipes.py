@@ -18,7 +18,7 @@ from inference import checkpoint as ckpt
 from inference import classify, images
 from model import GoogLeNet, logits_with_mirror
 from plumbing import device as dev
-from training import data, run_state, schedule
+from training import data, recipe, run_state, schedule, step
 
 CPU = torch.device("cpu")
 
@@ -244,11 +244,11 @@ def test_aux_heads_get_the_same_soft_targets(tree):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                dev.grad_scaler(CPU, None), None)
-    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), train.StopRequest())
+    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), step.StopRequest())
     record = ckpt.Record(["daisy", "roses", "tulips"], "paper", (32, 32), images.Preprocessing(32, 32), None, {})
     run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
     progress = run_state.Progress(plan=schedule.fixed_plan(1))
-    result = train.train_one_epoch(training, loader, run, progress)
+    result = train.train_one_epoch(training, data.Loaders(loader, loader, 0, 32), run, progress)
     assert result.accuracy is None and result.loss > 0 and not result.stopped
     assert progress.step == len(loader) and progress.seen == len(ds)
     assert len(seen) == 3 * len(loader)
@@ -298,7 +298,7 @@ def test_ema_weights_are_validated_and_saved_as_best(recipe_epoch):
 def test_ema_is_pytorchs_averaged_model_with_a_growing_decay():
     args = train.get_args_parser().parse_args(["--model-ema", "--model-ema-decay", "0.5"])
     model = torch.nn.Linear(2, 1)
-    ema = train.build_ema(args, model)
+    ema = recipe.build_ema(args, model)
     assert isinstance(ema, torch.optim.swa_utils.AveragedModel)
     expected = model.weight.detach().clone()
     ema.update_parameters(model)  # the first update copies
@@ -309,7 +309,7 @@ def test_ema_is_pytorchs_averaged_model_with_a_growing_decay():
         decay = min(0.5, (1 + n) / (10 + n))  # 1/10, 2/11, ... until it reaches --model-ema-decay
         expected = decay * expected + (1 - decay) * model.weight.detach()
         torch.testing.assert_close(ema.module.weight, expected)
-    assert train.build_ema(train.get_args_parser().parse_args(["--no-model-ema"]), model) is None
+    assert recipe.build_ema(train.get_args_parser().parse_args(["--no-model-ema"]), model) is None
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
