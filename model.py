@@ -273,16 +273,21 @@ def print_summary(model, image_size):
           "backward); a multiply-add counts as 2 FLOPs")
 
 
-def main(argv=None):
-    """python model.py: every stage's output shape, parameters and FLOPs (torch only)."""
+def get_args_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(description="Print GoogLeNet's stages: output shapes, parameters and FLOPs.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--num-classes", type=int, default=5, help="classes of the classifier")
-    parser.add_argument("--image-size", type=int, default=224, help="input height and width in pixels")
-    parser.add_argument("--variant", default="paper", choices=VARIANTS, help="the paper's layout or torchvision's")
-    parser.add_argument("--no-aux", action="store_true", help="without the auxiliary classifiers")
+    p = argparse.ArgumentParser(description="Print GoogLeNet's stages: output shapes, parameters and FLOPs.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--num-classes", type=int, default=5, help="classes of the classifier")
+    p.add_argument("--image-size", type=int, default=224, help="input height and width in pixels")
+    p.add_argument("--variant", default="paper", choices=VARIANTS, help="the paper's layout or torchvision's")
+    p.add_argument("--no-aux", action="store_true", help="without the auxiliary classifiers")
+    return p
+
+
+def main(argv=None):
+    """python model.py: every stage's output shape, parameters and FLOPs (torch only)."""
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.num_classes < 1:
         parser.error(f"--num-classes must be at least 1, got {args.num_classes}")
