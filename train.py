@@ -8,6 +8,7 @@ main() reads top to bottom: set-up, data, model, --eval-only, the training objec
 fit(), the epoch loop. What the run keeps fixed travels in Run, what moves in run_state.Progress.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -202,15 +203,22 @@ class Training:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def main(args, lock):
+def main(args, given, cleanup):
+    """The run, straight down. given: the options typed on the command line (--resume keeps the
+    others as the run had them); cleanup: what run() undoes however this ends."""
     started = clock()
     rank, world_size, local_rank = distributed.init()
+    cleanup.callback(distributed.close)
     log = print if rank == 0 else silent
+    resume, start, source = read_checkpoints(args)
+    if resume is not None:
+        args = run_state.resumed_args(args, given, resume, args.resume, world_size, log)
     placement = dev.place(args.device, args.amp, local_rank)
     if placement.warning:
         log(placement.warning)
-    resume, start, source = read_checkpoints(args)
     preprocessing = evaluation_sizes(args, start)
+    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
+    cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
     distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
@@ -228,7 +236,8 @@ def main(args, lock):
     torch.manual_seed(args.seed)
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
     run = Run(args, rank, world_size, placement,
-              ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split, vars(args)))
+              ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split,
+                          run_state.recorded_options(args)))
     criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
                                          args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
@@ -277,8 +286,7 @@ def fit(run, training, loaders, progress):
                 run.tensorboard.close()
             signum = training.stop.signal or signal.SIGTERM  # another process may have caught it
             log(f"\n{signal.Signals(signum).name}: stopped at epoch {epoch + 1}, step {progress.step}; saved "
-                f"{run.last_path}. Resume with:\n  python train.py "
-                + run_state.resume_command(args, get_args_parser().parse_args([]), run.last_path))
+                f"{run.last_path}. Resume with:\n  " + run_state.resume_command(run.last_path))
             return 128 + signum
         trained = clock()
         if run.world_size > 1:
@@ -540,20 +548,26 @@ def save_last(run, state, progress):
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
+def given_options(parser, argv):
+    """{option: value} of the options typed on the command line (argv), defaults left out."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.val_crop and args.val_resize and args.val_crop > args.val_resize:  # before minutes of loading
         parser.error(f"--val-crop {args.val_crop} is larger than --val-resize {args.val_resize}: "
                      "the crop is taken from the resized image")
-    # one run per output folder: rank 0 takes the lock in prepare_output_dir, and it goes however
-    # the run ends (release does nothing where it was not taken)
-    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training")
-    try:
-        return options.run_command(functools.partial(main, lock=lock), args)
-    finally:
-        lock.release()
-        distributed.close()
+    with contextlib.ExitStack() as cleanup:
+        return options.run_command(functools.partial(main, given=given_options(parser, argv), cleanup=cleanup), args)
 
 
 if __name__ == "__main__":

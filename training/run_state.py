@@ -1,5 +1,7 @@
 """What last.pth adds to a checkpoint so that --resume continues a run bit for bit: the training
 objects' state, where the run stands (Progress), and every process's random number generators."""
+import argparse
+import os
 import random
 import shlex
 from dataclasses import dataclass, field
@@ -100,20 +102,67 @@ def restore_training(resume, path, state, rank, plan):
                     best_epoch=resume["best_epoch"], bad_images=list(resume.get("bad_images", [])))
 
 
-def resume_command(args, defaults, last_path):
-    """train.py's arguments that continue this run: --resume and every option not at its default."""
-    parts = [f"--resume {shlex.quote(last_path)}"]  # quoted: paths may hold spaces
-    for key, value in vars(args).items():
-        if key in ("resume", "download", "data_url", "data_sha256") or value == getattr(defaults, key):
+# On --resume the options recorded in last.pth are the run's. These only change how it runs, not
+# what it computes, and may be given anew (each said in a line); any other option given with a
+# value other than the run's is refused, and these are not the run's to keep.
+HOW_IT_RUNS = ("workers", "device", "cache", "compile", "channels_last", "tensorboard", "save_every",
+               "bad_images", "output_dir", "class_indices")
+NOT_THE_RUNS = ("resume", "overwrite", "download", "data_url", "data_sha256", "eval_only", "tta")
+PATHS = ("data_path", "output_dir", "class_indices", "weights")  # recorded as typed, relative to the run's cwd
+
+
+class ResumeError(CheckpointError):
+    """An option given with --resume that would change what the run computes: the message names it."""
+
+
+def recorded_options(args):
+    """The options a checkpoint records: every one, and the folder relative paths were given from."""
+    return {**vars(args), "cwd": os.getcwd()}
+
+
+def resumed_args(args, given, resume, path, world_size, log):
+    """The options of the run saved in last.pth (resume), with those given on the command line
+    (given: the options typed, with their values) that only change how it runs; world_size must be
+    the run's, since each process's data order and random state were saved."""
+    recorded = dict(resume.get("args") or {})
+    cwd = recorded.pop("cwd", None)
+    for key in PATHS:  # a path given relative to the run's folder at the time, from wherever it is resumed
+        if cwd and isinstance(recorded.get(key), str) and recorded[key] not in ("", "imagenet"):
+            recorded[key] = os.path.normpath(os.path.join(cwd, recorded[key]))
+    if recorded.get("channels_last") in ("on", "off"):  # files from before --channels-last was a flag
+        recorded["channels_last"] = recorded["channels_last"] == "on"
+    merged = {**vars(args), **{k: v for k, v in recorded.items() if k in vars(args) and k not in NOT_THE_RUNS}}
+    merged["output_dir"] = os.path.dirname(path) or "."
+    saved_processes = len(resume.get("rng") or [None])
+    if world_size != saved_processes:
+        raise ResumeError(f"{path} was saved by a run of {saved_processes} process(es) and this one has "
+                          f"{world_size}: their data order differs; resume it with as many processes")
+    for key, value in given.items():
+        old = merged[key]
+        if key in PATHS and isinstance(value, str) and value not in ("", "imagenet"):
+            value = os.path.normpath(os.path.abspath(value))
+            old = os.path.normpath(os.path.abspath(old)) if isinstance(old, str) else old
+        if key in NOT_THE_RUNS or value == old:
             continue
         flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])  # flags that default to on have a --no- form
-        elif isinstance(value, tuple):  # --image-size FIRST:LAST
-            parts.append(f"{flag} {':'.join(str(v) for v in dict.fromkeys(value))}")
+        if key in HOW_IT_RUNS:
+            merged[key] = value
+            log(f"resume: {flag} {value} (the run had {'the default' if old is None else old})")
+        elif key == "epochs":
+            raise ResumeError(f"--epochs {value}: the run saved in {path} was planned for {old} epochs, which its "
+                              "learning-rate schedule follows; to train longer, start a new run from its weights: "
+                              f"python train.py --weights {os.path.join(os.path.dirname(path), 'best.pth')} "
+                              f"--epochs N --output-dir NEW_FOLDER")
         else:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(parts)
+            raise ResumeError(f"{flag} {value} differs from the run's {old}: --resume continues the run as it was "
+                              f"saved in {path}; leave {flag} out, or start a new run with it")
+    merged["resume"] = path
+    return argparse.Namespace(**merged)
+
+
+def resume_command(last_path):
+    """The command that continues a run: last.pth records everything else."""
+    return f"python train.py --resume {shlex.quote(last_path)}"  # quoted: paths may hold spaces
 
 
 def capture_rng_state():
