@@ -383,7 +383,8 @@ class EpochSampler(Sampler):
     """The sample order of one epoch, split over the processes of a distributed run.
 
     The order depends only on (seed, epoch), like DistributedSampler's. Training pads the order
-    with its first samples so every process runs the same number of steps; validation
+    with its first samples, repeated as often as needed (one image on four processes: four
+    copies), so every process runs the same number of steps; validation
     (pad=False) hands each image to exactly one process. ``skip`` leaves out the samples this
     process has already seen, to resume in the middle of an epoch.
     """
@@ -412,7 +413,9 @@ class EpochSampler(Sampler):
             keys = order
         pairs = list(zip(order, keys))
         if self.pad and self.size % self.world_size:
-            pairs += pairs[: self.world_size - self.size % self.world_size]
+            # cyclically: with fewer samples than processes, one pass of them cannot fill the gap
+            missing = self.world_size - self.size % self.world_size
+            pairs += [pairs[i % len(pairs)] for i in range(missing)]
         return pairs[self.rank :: self.world_size]
 
     @property
