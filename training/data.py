@@ -512,9 +512,9 @@ def machine_cache(count, capacity, writers_per_process, device):
             error = DataError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
                               "free some space there, or pass --cache off")
     distributed.fail_together(error, device)
-    path = distributed.from_machine_leader(made.path if made is not None else None)
+    path = distributed.from_machine_leader(made.path if made is not None else None, device)
     shared = made if made is not None else cache.SharedImageCache.attach(path)
-    distributed.barrier()  # every process has it open: its name can go
+    distributed.barrier(device)  # every process has it open: its name can go
     if made is not None:
         made.unlink()
     elif cache.FORKED_WORKERS:
