@@ -9,15 +9,17 @@ normalised; N is free), output ``logits`` (N x classes). The class names, the im
 normalisation travel in the file's metadata, so the .onnx file is all predict.py needs.
 
 --int8 is ONNX Runtime's static post-training quantization (QDQ format, per-channel int8 weights
-in 7 bits, uint8 activations), calibrated on training photos of the run, never its val photos. Before the
-file is written, the fp32 and INT8 models are evaluated on the run's val photos: it is refused when
-INT8 loses more than --max-accuracy-drop points.
+in 7 bits, uint8 activations), calibrated on training photos of the run spread evenly over its
+classes, never its val photos. Before the file is written, the fp32 and INT8 models are evaluated on
+the run's readable val photos: it is refused when INT8 loses more than --max-accuracy-drop points.
 """
 import argparse
 import json
 import os
+import random
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -60,7 +62,8 @@ def get_args_parser():
     p.add_argument("--int8", action="store_true",
                    help="quantize to INT8 (static, QDQ, per-channel weights), calibrated on training photos")
     p.add_argument("--calibration-images", type=options.positive_int, default=300,
-                   help="with --int8: how many training photos calibrate the activations' ranges")
+                   help="with --int8: how many training photos calibrate the activations' ranges (evenly over the "
+                        "classes; at most the run's training photos)")
     p.add_argument("--data-path", default=None,
                    help="with --int8: the run's data (default: the --data-path its checkpoint records)")
     p.add_argument("--max-accuracy-drop", type=options.non_negative_float, default=1.0,
@@ -117,37 +120,70 @@ def to_onnx(model, classes, preprocessing, variant, check_images=4, log=print):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Quantized:
-    """An INT8 file's bytes and what was measured before it was written."""
+    """An INT8 file's bytes and what was measured before it was written, in whole val photos:
+    those that could be read, and of them the ones each model classifies right."""
 
     blob: bytes
-    fp32_accuracy: float
-    int8_accuracy: float
-    agreement: float  # the share of val photos whose top class is the same in both
-    val_images: int
-    calibration_images: int
+    fp32_correct: int
+    int8_correct: int
+    agreeing: int  # val photos whose top class is the same in both
+    val_images: int  # the readable val photos, on which every figure here is counted
+    calibration_images: int  # the readable training photos that calibrated it
+
+    @property
+    def fp32_accuracy(self):
+        return self.fp32_correct / self.val_images
+
+    @property
+    def int8_accuracy(self):
+        return self.int8_correct / self.val_images
+
+    @property
+    def agreement(self):
+        return self.agreeing / self.val_images
+
+    def loses_more_than(self, points):
+        """Whether INT8's accuracy is more than `points` below fp32's. Compared in whole photos (and
+        the points as the decimal they were written as): 89 of 100 against 90 is a 1-point drop,
+        where the difference of the two accuracies in floats is 1.0000000000000009 points."""
+        return 100 * (self.fp32_correct - self.int8_correct) > Fraction(str(points)) * self.val_images
 
 
 class Calibration:
-    """onnxruntime.quantization's CalibrationDataReader: batches of preprocessed training photos."""
+    """onnxruntime.quantization's CalibrationDataReader: batches of preprocessed training photos.
+    A photo that cannot be decoded (a truncated JPEG, say, which training skips too) is left out
+    and kept in ``skipped`` with the reason."""
 
     def __init__(self, files, preprocessing, batch_size=16):
         self.files, self.preprocessing, self.batch_size = files, preprocessing, batch_size
         self.position = 0
+        self.skipped = {}  # path: why it could not be read
 
     def get_next(self):
-        if self.position >= len(self.files):
-            return None
-        chunk = self.files[self.position:self.position + self.batch_size]
-        self.position += len(chunk)
-        pixels = np.stack([images.resize_and_crop(images.load_image(f), self.preprocessing) for f in chunk])
-        return {"images": images.normalize(pixels, self.preprocessing)}
+        while self.position < len(self.files):
+            chunk = self.files[self.position:self.position + self.batch_size]
+            self.position += len(chunk)
+            pixels = []
+            for path in chunk:
+                prepared, error = classify.prepare(path, self.preprocessing)
+                if prepared is None:
+                    self.skipped[path] = error
+                else:
+                    pixels.append(prepared)
+            if pixels:
+                return {"images": images.normalize(np.stack(pixels), self.preprocessing)}
+        if len(self.skipped) == len(self.files):
+            path, error = next(iter(self.skipped.items()))
+            raise ExportError(f"none of the {len(self.files)} calibration photos could be read ({path}: {error}): "
+                              "replace the unreadable training photos, or pass --data-path with the run's data")
+        return None
 
     def rewind(self):
         self.position = 0
 
 
 def run_photos(loaded, data_path, log=print):
-    """(training photo paths, val (path, class) samples) of the run a checkpoint comes from."""
+    """(training (path, class) samples, val (path, class) samples, data folder) of the run a checkpoint comes from."""
     from training import data
 
     recorded = (loaded.get("args") or {}).get("data_path")
@@ -160,37 +196,74 @@ def run_photos(loaded, data_path, log=print):
     if found.classes != loaded.get("classes", found.classes):
         raise ExportError(f"{root} holds classes {found.classes}, the weights {loaded['classes']}: pass --data-path "
                           "with the run's data")
-    return [p for p, _ in found.train], found.val, root
+    return found.train, found.val, root
 
 
-def accuracy_on(model_bytes, classes, preprocessing, samples):
-    """(accuracy, top classes) of an ONNX model on (path, class) samples, through predict.py's path."""
+def calibration_choice(train_samples, count, seed=0):
+    """`count` of the (path, class) training samples, as evenly spread over the classes as their
+    sizes allow (a class with fewer photos gives all it has, the others make up the rest), drawn at
+    random within each class with a fixed seed: the same every time. The training photos are sorted
+    by class, so every n-th of them would leave out the last classes when count is large."""
+    if count > len(train_samples):
+        raise ExportError(f"--calibration-images {count}: the run has only {len(train_samples)} training photos; "
+                          f"pass --calibration-images {len(train_samples)} or fewer")
+    by_class = {}
+    for path, target in sorted(train_samples):
+        by_class.setdefault(target, []).append(path)
+    for target, files in by_class.items():
+        random.Random(f"calibration:{seed}:{target}").shuffle(files)
+    chosen, depth = [], 0
+    while len(chosen) < count:  # one photo of each class in turn
+        for target in sorted(by_class):
+            if depth < len(by_class[target]) and len(chosen) < count:
+                chosen.append((by_class[target][depth], target))
+        depth += 1
+    return chosen
+
+
+def top_classes(model_bytes, classes, preprocessing, files):
+    """(top class of each file, errors: '' for each readable file) of an ONNX model, through predict.py's path."""
     from inference.runtimes import OnnxModel
 
     classifier = classify.Classifier(OnnxModel(model_bytes), classes, preprocessing)
-    probabilities, errors = classify.predict(classifier, [p for p, _ in samples], batch_size=32, workers=1)
-    top = probabilities.argmax(1)
-    kept = [i for i, e in enumerate(errors) if not e]
-    return float(np.mean([top[i] == samples[i][1] for i in kept])), top
+    probabilities, errors = classify.predict(classifier, files, batch_size=32, workers=1)
+    return probabilities.argmax(1), errors
 
 
-def quantize(blob, classes, preprocessing, train_files, val_samples, calibration_images, log=print):
-    """INT8 bytes of an fp32 ONNX file, calibrated on calibration_images of train_files (an even
-    spread of them, the same every time), with fp32 and INT8 measured on val_samples."""
+def described(skipped):
+    """(path, why) pairs as one line's list."""
+    return "; ".join(f"{path} ({error})" for path, error in skipped)
+
+
+def quantize(blob, classes, preprocessing, calibration_samples, val_samples, log=print):
+    """INT8 bytes of an fp32 ONNX file, calibrated on calibration_samples (training (path, class)
+    samples, see calibration_choice), with fp32 and INT8 measured on the readable val_samples."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    step = max(1, len(train_files) // calibration_images)
-    chosen = train_files[::step][:calibration_images]
-    log(f"INT8: calibrating on {len(chosen)} training photos, evaluating on {len(val_samples)} val photos")
+    files = [p for p, _ in val_samples]
+    fp32_top, errors = top_classes(blob, classes, preprocessing, files)
+    readable = [i for i, error in enumerate(errors) if not error]
+    unread = [(files[i], error) for i, error in enumerate(errors) if error]
+    if not readable:  # an accuracy of nothing is no check: the file would go out unmeasured
+        raise ExportError(f"none of the {len(files)} val photos could be read ({unread[0][0]}: {unread[0][1]}), "
+                          "so the INT8 file's accuracy cannot be checked: it was not written; replace the "
+                          "unreadable photos, or pass --data-path with the run's data")
+    if unread:
+        log(f"INT8: left out {len(unread)} unreadable val photo(s): " + described(unread))
+    per_class = [sum(1 for _, k in calibration_samples if k == c) for c in range(len(classes))]
+    spread = (f"{min(per_class)}" if min(per_class) == max(per_class) else f"{min(per_class)} to {max(per_class)}")
+    log(f"INT8: calibrating on {len(calibration_samples)} training photos ({spread} of each of the {len(classes)} "
+        f"classes), evaluating on {len(readable)} val photos")
+    reader = Calibration([p for p, _ in calibration_samples], preprocessing)
     with tempfile.TemporaryDirectory(prefix="googlenet-int8-") as folder:
         fp32, ready, int8 = (os.path.join(folder, n) for n in ("fp32.onnx", "ready.onnx", "int8.onnx"))
         with open(fp32, "wb") as f:
             f.write(blob)
         quant_pre_process(fp32, ready)  # shapes and constant folding, as ONNX Runtime recommends first
-        quantize_static(ready, int8, Calibration(chosen, preprocessing), quant_format=QuantFormat.QDQ,
+        quantize_static(ready, int8, reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         # 7-bit weights: CPUs without VNNI multiply uint8 by int8 in int16 sums that
@@ -198,10 +271,15 @@ def quantize(blob, classes, preprocessing, train_files, val_samples, calibration
                         reduce_range=True)
         with open(int8, "rb") as f:
             int8_blob = f.read()
-    fp32_accuracy, fp32_top = accuracy_on(blob, classes, preprocessing, val_samples)
-    int8_accuracy, int8_top = accuracy_on(int8_blob, classes, preprocessing, val_samples)
-    return Quantized(int8_blob, fp32_accuracy, int8_accuracy, float(np.mean(fp32_top == int8_top)),
-                     len(val_samples), len(chosen))
+    if reader.skipped:
+        log(f"INT8: skipped {len(reader.skipped)} unreadable calibration photo(s): "
+            + described(reader.skipped.items()))
+    int8_top, _ = top_classes(int8_blob, classes, preprocessing, files)
+    labels = [k for _, k in val_samples]
+    return Quantized(int8_blob, sum(int(fp32_top[i] == labels[i]) for i in readable),
+                     sum(int(int8_top[i] == labels[i]) for i in readable),
+                     sum(int(fp32_top[i] == int8_top[i]) for i in readable), len(readable),
+                     len(calibration_samples) - len(reader.skipped))
 
 
 def with_metadata(blob, extra):
@@ -225,15 +303,17 @@ def main(args):
     if not args.int8:
         export(model, classes, preprocessing, variant, args.output, args.check_images)
     else:
-        train_files, val_samples, root = run_photos(ckpt.load_checkpoint(args.weights), args.data_path)
+        train_samples, val_samples, root = run_photos(ckpt.load_checkpoint(args.weights), args.data_path)
+        chosen = calibration_choice(train_samples, args.calibration_images)  # before the minutes of work
         blob, _ = to_onnx(model, classes, preprocessing, variant, args.check_images)
-        result = quantize(blob, classes, preprocessing, train_files, val_samples, args.calibration_images)
-        change = 100 * (result.int8_accuracy - result.fp32_accuracy)  # not -drop: that prints -0.0 for no change
-        drop = -change
+        result = quantize(blob, classes, preprocessing, chosen, val_samples)
+        # whole photos: +0.0, never -0.0, when nothing changed
+        change = 100 * (result.int8_correct - result.fp32_correct) / result.val_images
         print(f"val accuracy on {result.val_images} photos: fp32 {result.fp32_accuracy:.4f}, INT8 "
-              f"{result.int8_accuracy:.4f} ({change:+.1f} points); the same top class for {100 * result.agreement:.1f}%")
-        if drop > args.max_accuracy_drop:
-            raise ExportError(f"INT8 loses {drop:.1f} points of val accuracy (more than --max-accuracy-drop "
+              f"{result.int8_accuracy:.4f} ({change:+.1f} points); the same top class for "
+              f"{100 * result.agreement:.1f}%")
+        if result.loses_more_than(args.max_accuracy_drop):
+            raise ExportError(f"INT8 loses {-change:.1f} points of val accuracy (more than --max-accuracy-drop "
                               f"{args.max_accuracy_drop:g}): {args.output} was not written; calibrate on more photos "
                               "(--calibration-images) or keep the fp32 export")
         blob = with_metadata(result.blob, {

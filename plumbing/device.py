@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
+from plumbing import distributed
 from plumbing.options import UserError
 
 
@@ -37,14 +39,31 @@ def place(device="auto", amp="auto", local_rank=None):
 def pick_device(name="auto", local_rank=None):
     """'auto' is cuda when available, else cpu; also cpu, cuda, cuda:N and mps.
 
-    Under torchrun each process takes the GPU of its LOCAL_RANK.
+    Under torchrun each process takes the GPU of its LOCAL_RANK: with several processes an
+    explicit cuda:N is refused (every process would take that one GPU), and so is a device whose
+    tensors the process group cannot carry (--device cpu where NCCL was chosen for the GPUs).
     """
+    device = _named_device(name, local_rank)
+    served = distributed.served_device_types()
+    if served is not None and device.type not in served:
+        raise DeviceError(f"--device {name} under torchrun: the processes' collectives ({dist.get_backend()}) carry "
+                          f"{' and '.join(sorted(served))} tensors only; use --device auto"
+                          + (", or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+                             if device.type == "cpu" else ""))
+    return device
+
+
+def _named_device(name, local_rank):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
         device = torch.device(name)
+        processes = int(os.environ.get("WORLD_SIZE", 1))
+        if device.index is not None and local_rank is not None and processes > 1:
+            raise DeviceError(f"--device {name} with {processes} processes (torchrun): each process takes the GPU "
+                              "of its LOCAL_RANK; pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
         if device.index is None and local_rank is not None:
             device = torch.device("cuda", local_rank)
         if device.index is not None and device.index >= torch.cuda.device_count():

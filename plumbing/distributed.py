@@ -5,6 +5,11 @@ failure that can happen in one process only (rank 0 writing a file, say) goes th
 ``run_on_main`` / ``fail_together``: every process learns of it at the same point and ends at
 once, and only the process that failed prints its error. Without that, the others would wait at
 their next collective until the process group's timeout (10-30 minutes with NCCL).
+
+NCCL, the backend on GPU machines, takes only tensors on the process's own GPU, and its object
+collectives use the current CUDA device (init sets it to LOCAL_RANK's GPU before the group exists;
+device.pick_device keeps the run on that GPU). Every tensor handed to a collective here passes
+``on_run_device``, so a tensor off the run's device is caught on any machine, gloo included.
 """
 import os
 
@@ -27,6 +32,49 @@ class OutOfSync(UserError):
     """The processes' weights differ: the distributed run is broken."""
 
     exit_code = 1
+
+
+class WrongDevice(AssertionError):
+    """A bug: a collective handed a tensor that is not on the run's device, or an object collective
+    about to run on another GPU than the run's. NCCL serves CUDA tensors only, each process on its
+    own GPU; gloo, which the tests and CPU runs use, takes tensors of any device, so without this
+    check such a bug would show only on GPU machines."""
+
+
+def run_device(device):
+    """The run's torch.device, with its GPU's index ('cuda' alone means the current GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def on_run_device(tensor, device):
+    """tensor, checked to be on the run's device: the one check of every tensor that a collective
+    here is handed."""
+    expected = run_device(device)
+    if tensor.device != expected:
+        raise WrongDevice(f"a collective was handed a tensor on {tensor.device}, not on the run's device {expected}")
+    return tensor
+
+
+def check_current_gpu(device):
+    """Object collectives (all_gather_object) put their bytes on the current CUDA device: under
+    NCCL it must be the run's GPU (torch.cuda.set_device), else two processes would share one."""
+    if device is None or torch.device(device).type != "cuda":
+        return
+    expected, current = run_device(device), torch.cuda.current_device()
+    if current != expected.index:
+        raise WrongDevice(f"the current CUDA device is cuda:{current}, not the run's device {expected}: "
+                          "torch.cuda.set_device must come first")
+
+
+def served_device_types():
+    """The device types whose tensors the process group's collectives take ({'cuda'} for NCCL,
+    {'cpu', 'cuda'} for gloo), or None without a process group."""
+    if not is_distributed():
+        return None
+    return {part.split(":")[0] for part in dist.get_backend_config().split(",")}
 
 
 def init():
@@ -56,7 +104,7 @@ def all_reduce_sum(values, device):
     if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(on_run_device(t, device))
     return t.tolist()
 
 
@@ -100,29 +148,33 @@ def local_rank_and_size():
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def from_machine_leader(obj):
+def from_machine_leader(obj, device=None):
     """The obj of this machine's first process (local rank 0), on every process of the machine.
     torchrun numbers a machine's processes with consecutive ranks, local rank 0 first."""
     if not is_distributed():
         return obj
-    return all_gather(obj)[dist.get_rank() - local_rank_and_size()[0]]
+    return all_gather(obj, device)[dist.get_rank() - local_rank_and_size()[0]]
 
 
-def barrier():
+def barrier(device=None):
+    """Wait for every process (NCCL's barrier runs on the current CUDA device: checked as all_gather does)."""
     if is_distributed():
+        check_current_gpu(device)
         dist.barrier()
 
 
-def all_gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every process ([obj] without a process group)."""
+def all_gather(obj, device=None):
+    """[obj of rank 0, obj of rank 1, ...] on every process ([obj] without a process group). With
+    the run's device given, checks first that it is the current CUDA device, which NCCL uses."""
     if not is_distributed():
         return [obj]
+    check_current_gpu(device)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
 
 
-def check_in_sync(model, ema=None):
+def check_in_sync(model, ema=None, device=None):
     """After each epoch's training, every process must hold rank 0's model.
 
     DDP keeps the parameters identical (same start, same all-reduced gradients), and this checks
@@ -132,14 +184,22 @@ def check_in_sync(model, ema=None):
     training forward, so after the last step each process holds those of its own last batch. They
     are copied from rank 0 here (and those averaged into the EMA), so validation runs the model
     that rank 0 saves, on every process.
+
+    device: the run's (default: that of the model's parameters). Every tensor goes through the
+    collectives there, as NCCL requires: a buffer kept elsewhere (AveragedModel's n_averaged is
+    made on the CPU unless it is given a device) travels through a copy on the run's device.
     """
+    device = run_device(device if device is not None else next(model.parameters()).device)
     mine = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
     reference = mine.clone()
-    dist.broadcast(reference, src=0)
+    dist.broadcast(on_run_device(reference, device), src=0)
     diff = (mine - reference).abs().max().reshape(1)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # every process learns the verdict: none hangs
+    dist.all_reduce(on_run_device(diff, device), op=dist.ReduceOp.MAX)  # every process learns the verdict
     for buffer in list(model.buffers()) + (list(ema.buffers()) if ema is not None else []):
-        dist.broadcast(buffer, src=0)
+        shipped = buffer if buffer.device == device else buffer.to(device)
+        dist.broadcast(on_run_device(shipped, device), src=0)
+        if shipped is not buffer:
+            buffer.copy_(shipped)
     if diff.item() != 0:
         raise OutOfSync(f"the processes' weights diverged (largest difference from rank 0: "
                         f"{diff.item():.3g}): the distributed run is broken; rerun with one process")

@@ -67,9 +67,10 @@ def ddp_run(tmp_path_factory):
 
 
 def torchrun(argv, log_dir=None, timeout=480):
-    """2 gloo processes on this CPU, launched as README shows; with log_dir, each rank's stdout and
+    """2 gloo processes on this CPU, GPUs hidden, launched as README shows; with log_dir, each rank's stdout and
     stderr go to their own files there instead of being merged into the launcher's."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # CUDA_VISIBLE_DEVICES="": the CPU path, on any machine (with one GPU, rank 1 would ask for cuda:1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback, whatever the host name resolves to
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -2,15 +2,28 @@
 predict.py running the .onnx file. Skipped with a reason where onnx/onnxruntime are not installed."""
 import json
 import os
+import shutil
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 import export
 import predict
 import train
-from helpers import FP32, REPO, assert_clean_error, call, make_tree, run_script, train_argv
+from helpers import (
+    FP32,
+    REPO,
+    assert_clean_error,
+    call,
+    make_tree,
+    run_script,
+    train_argv,
+    write_corrupt,
+    write_truncated_jpeg,
+)
 from inference import checkpoint as ckpt
 from inference import classify, images, runtimes
 
@@ -166,7 +179,15 @@ def test_int8_is_static_qdq_with_per_channel_weights_and_says_how_it_was_made(ex
     assert os.path.getsize(int8["path"]) < 0.5 * os.path.getsize(exported["onnx"])  # int8 weights
 
 
-def test_int8_calibrates_on_training_photos_only(exported, monkeypatch):
+@pytest.fixture
+def fp32_exported(exported, monkeypatch):
+    """export.to_onnx gives the module's fp32 file at once: these tests are about what comes after."""
+    blob = exported["onnx"].read_bytes()
+    monkeypatch.setattr(export, "to_onnx", lambda *args, **kwargs: (blob, 0.0))
+    return blob
+
+
+def test_int8_calibrates_on_training_photos_only(exported, fp32_exported, monkeypatch):
     seen = []
     real = export.Calibration.get_next
 
@@ -177,10 +198,73 @@ def test_int8_calibrates_on_training_photos_only(exported, monkeypatch):
         return batch
 
     monkeypatch.setattr(export.Calibration, "get_next", spy)
-    code, _, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 5,
+    code, _, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 8,
                                  "--max-accuracy-drop", 100, "--output", exported["root"] / "spy.onnx"])
     assert code == 0, err
-    assert len(seen) == 5 and all("/train/" in f for f in seen)
+    assert len(seen) == 8 and all("/train/" in f for f in seen)
+    # evenly over the classes: every 12 // 8-th photo, sorted by class, left the tulips out
+    assert Counter(os.path.basename(os.path.dirname(f)) for f in seen) == {"daisy": 3, "roses": 3, "tulips": 2}
+
+
+def test_more_calibration_photos_than_the_run_has_is_one_error_at_start(exported, tmp_path):
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 13,
+                                      "--output", out])
+    assert_clean_error(code, err, "--calibration-images 13: the run has only 12 training photos")
+    assert "ONNX Runtime against PyTorch" not in stdout and not out.exists()  # before any export
+
+
+def test_int8_skips_calibration_photos_it_cannot_decode(exported, fp32_exported, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(exported["data"], data)
+    truncated = write_truncated_jpeg(data / "train" / "tulips" / "tulips_99.jpg")  # training skips it too
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = call(export, ["--weights", exported["best"], "--int8", "--data-path", data,
+                                      "--calibration-images", 13, "--max-accuracy-drop", 100, "--output", out])
+    assert code == 0 and "Traceback" not in err, err
+    (line,) = [text for text in stdout.splitlines() if "unreadable" in text]
+    assert line.startswith(f"INT8: skipped 1 unreadable calibration photo(s): {truncated} (OSError: image file is "
+                           "truncated"), line
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["calibration"] == f"12 training photos of {data}"
+
+
+def test_int8_is_refused_when_no_val_photo_can_be_read(exported, fp32_exported, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(exported["data"], data)
+    for photo in (data / "val").rglob("*.jpg"):
+        write_corrupt(photo)
+    out = tmp_path / "int8.onnx"
+    code, _, err = call(export, ["--weights", exported["best"], "--int8", "--data-path", data,
+                                 "--calibration-images", 4, "--output", out])
+    assert_clean_error(code, err, "none of the 6 val photos could be read", "accuracy cannot be checked",
+                       "was not written")
+    assert not out.exists()
+
+
+def test_int8_that_loses_exactly_the_allowed_points_is_written(exported, fp32_exported, tmp_path, monkeypatch):
+    """100 readable val photos (of 102), fp32 right on 90, INT8 on 89: a drop of exactly 1 point,
+    which --max-accuracy-drop 1 allows (in floats, 100 * (0.89 - 0.90) is -1.0000000000000009)."""
+    data = make_tree(tmp_path / "data", n_train=4, n_val=34)
+    calls = []
+
+    def predicted(classifier, files, batch_size=32, workers=1, tta=False):
+        calls.append(1)
+        truth = true_classes(files)
+        top = truth.copy()
+        wrong = slice(2, 12 if len(calls) == 1 else 13)  # the first two cannot be read
+        top[wrong] = (truth[wrong] + 1) % 3
+        return np.eye(3)[top], ["OSError: cannot identify image file"] * 2 + [""] * (len(files) - 2)
+
+    monkeypatch.setattr(classify, "predict", predicted)
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = call(export, ["--weights", exported["best"], "--int8", "--data-path", data,
+                                      "--calibration-images", 6, "--max-accuracy-drop", 1, "--output", out])
+    assert code == 0, err
+    assert "val accuracy on 100 photos: fp32 0.9000, INT8 0.8900 (-1.0 points)" in stdout
+    assert "INT8: left out 2 unreadable val photo(s)" in stdout
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert (meta["fp32_val_accuracy"], meta["int8_val_accuracy"], meta["val_images"]) == ("0.9000", "0.8900", "100")
 
 
 def test_predict_runs_the_int8_file_and_mostly_agrees_with_fp32(exported, int8):
@@ -192,20 +276,24 @@ def test_predict_runs_the_int8_file_and_mostly_agrees_with_fp32(exported, int8):
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.5 and abs(a - b).max() < 0.5
 
 
-def test_int8_that_loses_too_much_accuracy_is_refused(exported, tmp_path, monkeypatch):
-    real = export.accuracy_on
+def true_classes(files):
+    """The class index of each val photo of a make_tree tree, from its folder's name."""
+    return np.array([["daisy", "roses", "tulips"].index(os.path.basename(os.path.dirname(f))) for f in files])
+
+
+def test_int8_that_loses_too_much_accuracy_is_refused(exported, fp32_exported, tmp_path, monkeypatch):
     calls = []
 
-    def worse_int8(blob, *args):
-        calls.append(1)
-        accuracy, top = real(blob, *args)
-        return (accuracy if len(calls) == 1 else accuracy - 0.2), top  # the second call measures INT8
+    def worse_int8(blob, classes, preprocessing, files):
+        calls.append(1)  # fp32 right on every photo, then INT8 wrong on every one
+        truth = true_classes(files)
+        return (truth if len(calls) == 1 else (truth + 1) % 3), [""] * len(files)
 
-    monkeypatch.setattr(export, "accuracy_on", worse_int8)
+    monkeypatch.setattr(export, "top_classes", worse_int8)
     out = tmp_path / "bad.onnx"
     code, stdout, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 4,
                                       "--output", out])
-    assert_clean_error(code, err, "INT8 loses 20.0 points", "--max-accuracy-drop 1", "was not written")
+    assert_clean_error(code, err, "INT8 loses 100.0 points", "--max-accuracy-drop 1", "was not written")
     assert not out.exists()
 
 

@@ -195,12 +195,24 @@ def test_cuda_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert dev.pick_device("auto") == torch.device("cuda")
+    assert dev.pick_device("cuda:1") == torch.device("cuda", 1)  # asked for by name, one process
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dev.pick_device("cuda:1", local_rank=0) == torch.device("cuda", 1)  # torchrun of one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert dev.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK
-    assert dev.pick_device("cuda:0", local_rank=1) == torch.device("cuda", 0)  # asked for by name
-    assert chosen == [torch.device("cuda"), torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert dev.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda"), torch.device("cuda", 1), torch.device("cuda", 1), torch.device("cuda", 1),
+                      torch.device("cuda", 1)]
+    # by name with several processes: every process would take GPU 0
+    with pytest.raises(dev.DeviceError, match=r"^--device cuda:0 with 2 processes \(torchrun\): each process takes "
+                                              "the GPU of its LOCAL_RANK; pass --device cuda"):
+        dev.pick_device("cuda:0", local_rank=1)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(dev.DeviceError, match="2 GPU"):
         dev.pick_device("cuda:2")
+    assert len(chosen) == 5
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw", "sgd"])

@@ -383,7 +383,8 @@ class EpochSampler(Sampler):
     """The sample order of one epoch, split over the processes of a distributed run.
 
     The order depends only on (seed, epoch), like DistributedSampler's. Training pads the order
-    with its first samples so every process runs the same number of steps; validation
+    with its first samples, repeated as often as needed (one image on four processes: four
+    copies), so every process runs the same number of steps; validation
     (pad=False) hands each image to exactly one process. ``skip`` leaves out the samples this
     process has already seen, to resume in the middle of an epoch.
     """
@@ -412,7 +413,9 @@ class EpochSampler(Sampler):
             keys = order
         pairs = list(zip(order, keys))
         if self.pad and self.size % self.world_size:
-            pairs += pairs[: self.world_size - self.size % self.world_size]
+            # cyclically: with fewer samples than processes, one pass of them cannot fill the gap
+            missing = self.world_size - self.size % self.world_size
+            pairs += [pairs[i % len(pairs)] for i in range(missing)]
         return pairs[self.rank :: self.world_size]
 
     @property
@@ -458,26 +461,40 @@ def available_memory_bytes():
         return 0
 
 
+def cache_in_shared_folder():
+    """Whether this machine's cache is a file in cache.shared_folder() (/dev/shm): so it is for the
+    processes of a torchrun on this machine, and where loader workers are spawned; a single process
+    whose workers are forked keeps it in anonymous memory, which /dev/shm's size does not limit."""
+    _, local_size = distributed.local_rank_and_size()
+    return not (local_size == 1 and cache.FORKED_WORKERS)
+
+
 def cache_capacity(mode, paths, log=print):
     """Bytes of decoded pixels to keep in the machine's one cache (0: none). 'auto' caches when
     the images fit in half the free memory (counted once per machine, however many processes
-    share it), 'on' insists, 'off' never does. A quarter more than the estimate is kept in reserve:
-    an unused reserve takes no memory."""
+    share it; for a cache in /dev/shm, half of what is free there if that is less), 'on' insists,
+    'off' never does. A quarter more than the estimate is kept in reserve: an unused reserve takes
+    no memory."""
     if mode == "off":
         return 0
     need = estimate_decoded_bytes(paths)
-    free = min(available_memory_bytes(), cache.free_bytes(cache.shared_folder()))
+    free, where = available_memory_bytes(), "in memory"
+    if cache_in_shared_folder():
+        folder = cache.shared_folder()
+        in_folder = cache.free_bytes(folder)
+        if in_folder < free:
+            free, where = in_folder, f"in {folder}, where this machine's processes share it"
     fits = need <= free // 2
     gib = 2 ** 30
     if fits:
         log(f"cache: keeping decoded images in memory as they are first loaded: about {need / gib:.2f} GiB "
-            f"of {free / gib:.1f} GiB available")
+            f"of {free / gib:.1f} GiB available {where}")
     elif mode == "on":
         raise DataError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
-                        "(the cache may take at most half): use --cache auto or --cache off")
+                        f"{where} (the cache may take at most half): use --cache auto or --cache off")
     else:
         log(f"cache: decoded images need about {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
-            "available: streaming from disk instead")
+            f"available {where}: streaming from disk instead")
     return min(need + need // 4, free // 2) if fits else 0
 
 
@@ -485,7 +502,7 @@ def machine_cache(count, capacity, writers_per_process, device):
     """This machine's SharedImageCache for `count` images, made by its first process and opened by
     the others, and this process's first writer number in it."""
     local_rank, local_size = distributed.local_rank_and_size()
-    if local_size == 1 and cache.FORKED_WORKERS:  # this process alone, and the loader workers it forks
+    if not cache_in_shared_folder():  # this process alone, and the loader workers it forks
         return cache.SharedImageCache.create(count, capacity, writers_per_process), 0
     made, error = None, None
     if local_rank == 0:
@@ -495,9 +512,9 @@ def machine_cache(count, capacity, writers_per_process, device):
             error = DataError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
                               "free some space there, or pass --cache off")
     distributed.fail_together(error, device)
-    path = distributed.from_machine_leader(made.path if made is not None else None)
+    path = distributed.from_machine_leader(made.path if made is not None else None, device)
     shared = made if made is not None else cache.SharedImageCache.attach(path)
-    distributed.barrier()  # every process has it open: its name can go
+    distributed.barrier(device)  # every process has it open: its name can go
     if made is not None:
         made.unlink()
     elif cache.FORKED_WORKERS:
