@@ -143,7 +143,8 @@ def classify(args, classifier, files, rows):
     todo = [f for f in files if f not in done]
     if rows and (done or rows.torn):
         torn = "; its last row had been cut short and that photo is classified again" if rows.torn else ""
-        print(f"{len(done):,} of {len(files):,} photos are in {args.output} already, {len(todo):,} to go{torn}")
+        print(f"{len(done):,} of {len(files):,} photos are in {args.output} already (delete it to start over), "
+              f"{len(todo):,} to go{torn}")
     sorter = PhotoSorter(args.sort_into) if args.sort_into else None
     to_json = bool(args.output) and rows is None
     table = len(files) <= TABLE_ROWS or not (args.output or sorter)  # without either, the table is the result
