@@ -250,8 +250,8 @@ def stopped_at(args, rows, sorter, done, classified, total):
 def run(argv=None):
     try:
         return options.run_command(main, get_args_parser().parse_args(argv))
-    except KeyboardInterrupt:  # before the photos (loading the model): nothing done yet
-        print("interrupted: no photo classified yet", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the photos' loop (loading the model, say), which says what it kept
+        print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
 
 

@@ -222,6 +222,8 @@ class CsvOutput:
                     raise PredictionError(f"--output {self.path} holds {_describe(header, self.header)}, so this "
                                           f"run cannot continue it: pass another --output, or delete {self.path} "
                                           "to start again")
+                if end_of_rows == size and not _ends_with_newline(f, size):
+                    end_of_rows = None  # a header alone, without its newline: the first row would join it
                 for line, (row, end) in enumerate(rows, start=2):
                     torn = end == size and not _ends_with_newline(f, size)
                     if torn:
@@ -241,7 +243,9 @@ class CsvOutput:
                                   f"--output, or delete {self.path} to start again") from e
         except OSError as e:
             raise PredictionError(f"cannot read --output {self.path} ({e.strerror}): pass another --output") from e
-        if end_of_rows < size:
+        if end_of_rows is None:
+            atomic_write_text(self.path, _csv_text([self.header]))
+        elif end_of_rows < size:
             try:
                 os.truncate(self.path, end_of_rows)
             except OSError as e:
