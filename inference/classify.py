@@ -1,9 +1,13 @@
 """Classifying image files with a trained model, the same way for .pth weights (PyTorch) and .onnx
 files (ONNX Runtime or OpenVINO, never importing torch): one preprocessing, one softmax."""
 import csv
+import errno
+import filecmp
 import io
+import itertools
 import json
 import os
+import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from inference import images
-from plumbing.atomic import atomic_write_text
+from plumbing.atomic import SaveError, atomic_write, atomic_write_text
 from plumbing.options import UserError
 
 
@@ -113,45 +117,248 @@ def predict(classifier, files, batch_size=32, workers=1, tta=False):
     """(probabilities N x classes, errors) with errors[i] = '' for every readable file; unreadable
     files get a row of zeros. workers threads decode the next two batches while the model runs
     (Pillow decodes without the GIL); 0 decodes in this thread."""
-    crop = classifier.preprocessing.crop
     probabilities, errors = [], []
-    for prepared in _prepared_batches(files, classifier.preprocessing, batch_size, workers):
-        pixels = np.stack([p if p is not None else np.zeros((crop, crop, 3), np.uint8) for p, _ in prepared])
-        probabilities.append(classifier.probabilities(pixels, tta))
-        errors.extend(e for _, e in prepared)
+    for _, batch_probabilities, batch_errors in predict_batches(classifier, files, batch_size, workers, tta):
+        probabilities.append(batch_probabilities)
+        errors.extend(batch_errors)
     return np.concatenate(probabilities), errors
+
+
+def predict_batches(classifier, files, batch_size=32, workers=1, tta=False):
+    """predict() a batch at a time, in order: (files of the batch, their probabilities, their errors),
+    so that a caller can write each batch before the next one is classified."""
+    crop = classifier.preprocessing.crop
+    for batch, prepared in _prepared_batches(files, classifier.preprocessing, batch_size, workers):
+        pixels = np.stack([p if p is not None else np.zeros((crop, crop, 3), np.uint8) for p, _ in prepared])
+        yield batch, classifier.probabilities(pixels, tta), [e for _, e in prepared]
 
 
 def _prepared_batches(files, preprocessing, batch_size, workers):
     batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     if workers == 0:
         for batch in batches:
-            yield [prepare(f, preprocessing) for f in batch]
+            yield batch, [prepare(f, preprocessing) for f in batch]
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        ahead = deque()
-        for batch in batches:
-            ahead.append([pool.submit(prepare, f, preprocessing) for f in batch])
-            if len(ahead) > 2:
-                yield [f.result() for f in ahead.popleft()]
-        while ahead:
-            yield [f.result() for f in ahead.popleft()]
+        try:
+            ahead = deque()
+            for batch in batches:
+                ahead.append((batch, [pool.submit(prepare, f, preprocessing) for f in batch]))
+                if len(ahead) > 2:
+                    batch, futures = ahead.popleft()
+                    yield batch, [f.result() for f in futures]
+            while ahead:
+                batch, futures = ahead.popleft()
+                yield batch, [f.result() for f in futures]
+        finally:  # a caller that stops early (Ctrl-C) does not wait for two more batches to be decoded
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def decided_class(classes, probabilities):
+    """The class predict.py gives a photo: in its table, its CSV and JSON rows and the folder that
+    --sort-into puts it in. Today the most likely class; the one place where a photo the model is not
+    sure about can be given an "unknown" class instead."""
+    return classes[int(np.argmax(probabilities))]
+
+
+def csv_header(classes):
+    return ["file", "class", "probability"] + list(classes)
+
+
+def csv_rows(files, classes, probabilities):
+    for f, p in zip(files, np.asarray(probabilities).tolist(), strict=True):
+        yield [f, decided_class(classes, p), f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
+
+
+def _csv_text(rows):
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
 
 
 def write_output(path, files, classes, probabilities):
-    rows = [(f, p) for f, p in zip(files, probabilities.tolist())]
+    """The whole table at once, as .json or .csv (CsvOutput writes a .csv a batch at a time)."""
     if path.lower().endswith(".json"):
-        text = json.dumps([{"file": f, "class": classes[max(range(len(p)), key=p.__getitem__)],
-                            "probability": max(p), "probabilities": dict(zip(classes, p))}
-                           for f, p in rows], indent=2) + "\n"
+        text = json.dumps([{"file": f, "class": decided_class(classes, p), "probability": max(p),
+                            "probabilities": dict(zip(classes, p, strict=True))}
+                           for f, p in zip(files, probabilities.tolist(), strict=True)], indent=2) + "\n"
     elif path.lower().endswith(".csv"):
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["file", "class", "probability"] + classes)
-        for f, p in rows:
-            best = max(range(len(p)), key=p.__getitem__)
-            writer.writerow([f, classes[best], f"{p[best]:.6f}"] + [f"{v:.6f}" for v in p])
-        text = out.getvalue()
+        text = _csv_text([csv_header(classes), *csv_rows(files, classes, probabilities)])
     else:
         raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
     atomic_write_text(path, text)
+
+
+CONTINUE_HINT = "free some disk space and run the same command again: it continues after the rows already written"
+
+
+class CsvOutput:
+    """A predictions .csv that grows a batch at a time, each batch flushed: a run stopped at any moment
+    leaves every row written before, and a run with the same file skips the photos it already holds.
+
+    done: {file: class} of the rows already in the file when it was opened; torn: whether its last row
+    had been cut short (a kill mid-write) and was cut off, so that its photo is classified again."""
+
+    def __init__(self, path, classes):
+        self.path, self.header = path, csv_header(classes)
+        self.done, self.torn, self.written = {}, False, 0
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            self._read_existing()
+        else:  # the header appears whole or not at all: a full disk leaves no file behind
+            atomic_write_text(path, _csv_text([self.header]))
+        try:
+            self.file = open(path, "a", encoding="utf-8", newline="")
+        except OSError as e:
+            raise SaveError(path, e, "pass another --output") from e
+
+    def _read_existing(self):
+        end_of_rows = 0
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                rows = _rows_with_ends(f)
+                header, end_of_rows = next(rows)
+                if header != self.header:
+                    raise PredictionError(f"--output {self.path} holds {_describe(header, self.header)}, so this "
+                                          f"run cannot continue it: pass another --output, or delete {self.path} "
+                                          "to start again")
+                if end_of_rows == size and not _ends_with_newline(f, size):
+                    end_of_rows = None  # a header alone, without its newline: the first row would join it
+                for line, (row, end) in enumerate(rows, start=2):
+                    torn = end == size and not _ends_with_newline(f, size)
+                    if torn:
+                        self.torn = True
+                        break
+                    if not row:
+                        end_of_rows = end
+                        continue
+                    if len(row) != len(self.header):
+                        raise PredictionError(f"line {line} of --output {self.path} is not a row of predictions "
+                                              f"({len(row)} columns, not {len(self.header)}): pass another "
+                                              f"--output, or delete {self.path} to start again")
+                    self.done[row[0]] = row[1]
+                    end_of_rows = end
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise PredictionError(f"--output {self.path} is not a predictions table ({e}): pass another "
+                                  f"--output, or delete {self.path} to start again") from e
+        except OSError as e:
+            raise PredictionError(f"cannot read --output {self.path} ({e.strerror}): pass another --output") from e
+        if end_of_rows is None:
+            atomic_write_text(self.path, _csv_text([self.header]))
+        elif end_of_rows < size:
+            try:
+                os.truncate(self.path, end_of_rows)
+            except OSError as e:
+                raise SaveError(self.path, e, "pass another --output") from e
+
+    def append(self, files, classes, probabilities):
+        """Write the rows of one batch and flush them to the file."""
+        text = _csv_text(csv_rows(files, classes, probabilities))
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as e:
+            raise SaveError(self.path, e, CONTINUE_HINT) from e
+        self.written += len(files)
+
+    def close(self):
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError:
+            pass  # append() reported a failed write already; this only hurries the rows to the disk
+        finally:
+            self.file.close()
+
+
+def _rows_with_ends(f):
+    """(row, byte offset after it) of a binary CSV file, rows that span lines (a quoted newline) whole."""
+    end = 0
+
+    def lines():
+        nonlocal end
+        for raw in f:
+            end += len(raw)
+            yield raw.decode("utf-8")
+
+    for row in csv.reader(lines()):
+        yield row, end
+
+
+def _ends_with_newline(f, size):
+    f.seek(size - 1)
+    last = f.read(1)
+    f.seek(size)
+    return last == b"\n"
+
+
+def _describe(header, expected):
+    def short(names):
+        return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+    if header[:3] == expected[:3]:
+        return f"the classes {short(header[3:])}, not this model's {short(expected[3:])}"
+    return f"the columns {short(header)}, not {short(expected[:3])} and one per class"
+
+
+class PhotoSorter:
+    """--sort-into: each photo goes into root/<class>/ as a hard link where the file system allows it,
+    else as a copy; the photos themselves are never moved or changed. A name taken by another photo
+    gets a suffix (a_2.jpg); a photo already there (the same file, or the same bytes) is not added
+    again, so a second run over the same photos adds only the new ones."""
+
+    def __init__(self, root):
+        self.root = root
+        self.linked = self.copied = self.already = 0
+
+    def place(self, photo, class_name):
+        """Sort one photo; '' when it is in its class folder, else why not (the photo could not be read)."""
+        folder = os.path.join(self.root, _folder_name(class_name))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise SaveError(folder, e, "pass another --sort-into") from e
+        stem, extension = os.path.splitext(os.path.basename(photo))
+        for n in itertools.count(1):
+            target = os.path.join(folder, f"{stem}{extension}" if n == 1 else f"{stem}_{n}{extension}")
+            if os.path.lexists(target):
+                if _same_photo(photo, target):
+                    self.already += 1
+                    return ""
+                continue
+            try:
+                os.link(photo, target)
+            except FileExistsError:
+                continue
+            except OSError as e:  # another file system (EXDEV), or one without hard links: a copy instead
+                if e.errno == errno.ENOENT and not os.path.exists(photo):
+                    return f"it is gone ({e.strerror})"
+                return self._copy(photo, target)
+            self.linked += 1
+            return ""
+
+    def _copy(self, photo, target):
+        try:
+            source = open(photo, "rb")
+        except OSError as e:
+            return f"cannot read it to copy it ({e.strerror})"
+        with source:  # whole or not at all: a copy cut short by a stop never looks like a sorted photo
+            atomic_write(target, lambda out: shutil.copyfileobj(source, out), "free some disk space, or pass "
+                         "another --sort-into (on the photos' own file system, hard links take no space)")
+        shutil.copystat(photo, target)
+        self.copied += 1
+        return ""
+
+
+def _folder_name(class_name):
+    name = class_name.replace(os.sep, "_")
+    if os.altsep:
+        name = name.replace(os.altsep, "_")
+    return name if name.strip(".") else f"_{name}"
+
+
+def _same_photo(photo, target):
+    try:
+        return os.path.samefile(photo, target) or (os.path.isfile(target) and filecmp.cmp(photo, target, shallow=False))
+    except OSError:
+        return False
