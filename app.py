@@ -9,10 +9,10 @@ It classifies through predict.py's code (the same loader, preprocessing and soft
 shows predict.py's numbers). What people upload is not always a photo: every file the loader cannot
 use gets a message on the page and one line in the server's log, and the server goes on serving.
 
-What the page stores lives in one folder of its own (Gradio's temporary folder, GRADIO_TEMP_DIR): an
-upload larger than --max-upload-mb is refused while it arrives, an upload is deleted once answered,
-what Gradio keeps (the heat maps sent, uploads never asked about) goes after a few minutes, and the
-folder is removed when the page stops (Ctrl-C or a terminate).
+What the page stores lives in one folder of its own (holding Gradio's temporary folder,
+GRADIO_TEMP_DIR): an upload larger than --max-upload-mb is refused while it arrives, an upload is
+deleted once answered, what Gradio keeps (the heat maps sent, uploads never asked about) goes after
+a few minutes, and the folder is removed when the page stops (Ctrl-C or a terminate).
 """
 import argparse
 import base64
@@ -135,6 +135,9 @@ def upload_path(payload, folder):
     raise Upload(f"Nothing was uploaded: drop, paste or pick {FORMATS}.")
 
 
+HEAT_MAP = "where-it-looked.webp"
+
+
 class Uploads:
     """Deletes each upload once it is answered, and answers it again once it is gone.
 
@@ -143,13 +146,13 @@ class Uploads:
     people sending the same photo at once (the first answer deletes the file the second was to read).
     Both events of the page call the same function, so Gradio runs them one at a time."""
 
-    def __init__(self, page, folder):
-        self.page, self.folder = page, folder
+    def __init__(self, page, pasted):
+        self.page, self.pasted = page, pasted
         self.answers = collections.OrderedDict()
 
     def answer(self, path, name, classify):
         examples = set().union(*(getattr(block, "keep_in_cache", ()) for block in self.page.blocks.values()))
-        pasted = os.path.dirname(path) == self.folder
+        pasted = path == self.pasted
         upload = path in self.answers or (path in self.page.upload_file_set and path not in examples)
         try:
             if path in self.answers:
@@ -179,22 +182,41 @@ class Uploads:
         # so they would stay in memory for good
         for files in self.page.temp_file_sets:
             files.discard(path)
-        try:
+        if pasted:
             os.remove(path)
-            if not pasted:
-                os.rmdir(os.path.dirname(path))  # the upload's own folder, named after its hash
-        except OSError:  # gone already, or the folder holds the same bytes under another name
-            pass
+            return
+        import anyio.from_thread
+
+        # in the server's event loop, between two of its steps: its upload route makes the folder of
+        # an upload and moves the file in within one step, so another upload of the same bytes
+        # cannot lose its folder halfway (it did, from this worker thread, under 20 clients)
+        anyio.from_thread.run_sync(remove_upload, path)
 
 
-def build_page(demo, examples=None, folder=None):
+def remove_upload(path):
+    try:
+        os.remove(path)
+        os.rmdir(os.path.dirname(path))  # the upload's own folder, named after its hash
+    except OSError:  # gone already, or the folder holds the same bytes under another name
+        pass
+
+
+def build_page(demo, folder, examples=None):
+    """The page; folder: where app.py writes files of its own (outside Gradio's temporary folder)."""
     import gradio as gr
 
     def answer(payload):
         name = "the upload"
         try:
             path, name = upload_path(payload, folder)
-            return uploads.answer(path, name, demo.classify)
+            top, heat, note = uploads.answer(path, name, demo.classify)
+            if heat is not None:
+                # handed to Gradio as a file: it copies a file into its cache whole (a new name, then
+                # a rename), where it would rewrite the picture of the same photo in place, under a
+                # browser still downloading it
+                heat.save(os.path.join(folder, HEAT_MAP))
+                heat = os.path.join(folder, HEAT_MAP)
+            return top, heat, note
         except Upload as e:
             # what someone sent is not a bug: one line in the log, no traceback
             print(f"refused {name}: {e}", file=sys.stderr, flush=True)
@@ -216,7 +238,7 @@ def build_page(demo, examples=None, folder=None):
         photo.upload(answer, inputs=photo, outputs=[label, heat, note], preprocess=False, api_visibility="private")
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=photo)
-    uploads = Uploads(page, folder)
+    uploads = Uploads(page, os.path.join(folder, "pasted-image"))
     return page
 
 
@@ -237,10 +259,11 @@ def main(args):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     folder = os.path.realpath(tempfile.mkdtemp(prefix="googlenet-app-"))
     try:
-        # everything the page stores goes here (uploads, examples, heat maps, pasted images): Gradio
-        # reads the variable when it is imported, so it is set before
-        os.environ["GRADIO_TEMP_DIR"] = folder
-        page = build_page(Demo(classifier, args.cam_layer), examples, folder)
+        # everything the page stores goes here: Gradio's uploads, examples and heat maps sent (it
+        # reads the variable when it is imported, so it is set before), and app.py's own files
+        os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")
+        os.mkdir(os.path.join(folder, "page"))
+        page = build_page(Demo(classifier, args.cam_layer), os.path.join(folder, "page"), examples)
         print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}; "
               f"uploads up to {args.max_upload_mb} MB, kept in {folder} until answered", flush=True)
         try:
