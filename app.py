@@ -274,6 +274,8 @@ def main(args):
                                                            show_error=False, quiet=True)
         except OSError as e:
             raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port") from None
+        except KeyboardInterrupt:  # stopped while it was starting (once started, Gradio ends it the same way)
+            page.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

@@ -214,9 +214,11 @@ def test_bad_uploads_are_one_log_line_and_answered_uploads_are_deleted(page, tra
         assert "cannot be read as an image" in message
         assert "/" not in message and str(folder) not in message, message  # no server path: the upload's name
     assert page.classify(save_image(tmp_path / "garden.jpg", (40, 200, 60), seed=99))[0]["label"]
+    assert page.classify(trained["data"] / "val" / "daisy" / "daisy_01.jpg")[0]["label"]  # an example's bytes
     assert "Traceback" not in "".join(page.output)
     lines = page.output[logged:]
     assert [line.split(":")[0] for line in lines] == ["refused notes.jpg", "refused half.jpg"], lines
+    assert kept <= set(files_in(folder))  # the examples stay for the next visitor
     left = [path for path in files_in(folder) if path not in kept]
     assert {path.name for path in left} <= {"where-it-looked.webp"}, left  # the garden's heat map, sent
 
