@@ -7,13 +7,22 @@ network looked), served by Gradio on this machine.
 
 It classifies through predict.py's code (the same loader, preprocessing and softmax, so the page
 shows predict.py's numbers). What people upload is not always a photo: every file the loader cannot
-use gets a message on the page, and the server goes on serving.
+use gets a message on the page and one line in the server's log, and the server goes on serving.
+
+What the page stores lives in one folder of its own (holding Gradio's temporary folder,
+GRADIO_TEMP_DIR): an upload larger than --max-upload-mb is refused while it arrives, an upload is
+deleted once answered, what Gradio keeps (the heat maps sent, uploads never asked about) goes after
+a few minutes, and the folder is removed when the page stops (Ctrl-C or a terminate).
 """
 import argparse
 import base64
+import collections
+import importlib.util
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -26,6 +35,12 @@ from plumbing.options import UserError
 MISSING = "the demo page needs gradio, an optional dependency: pip install gradio"
 TOP = 5  # classes shown
 FORMATS = "a JPEG, PNG, WebP, GIF, BMP or TIFF photo"
+# Gradio's delete_cache (every, older than; seconds): what the page stored and no answer deleted (a
+# heat map, which the browser fetches once the answer is shown; an upload nobody asked about) goes
+# within 1-3 minutes. An upload still waiting in the queue after 2 minutes goes too (its sender is
+# asked to send it again): the price of a bound on the disk that does not depend on the queue.
+DELETE_CACHE = (60, 120)
+RECENT_ANSWERS = 32
 
 
 def get_args_parser():
@@ -38,10 +53,14 @@ def get_args_parser():
     p.add_argument("--examples", default=None, metavar="DIR", help="a folder of photos offered as examples")
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every network interface)")
     p.add_argument("--port", type=options.positive_int, default=7860, help="the port to serve on")
+    p.add_argument("--max-upload-mb", type=options.positive_int, default=20, metavar="MB",
+                   help="the largest upload the server accepts (1 MB = 2^20 bytes); a larger one is refused "
+                        "while it arrives, and the page says so")
     p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS,
                    help="the layer whose output the heat map weighs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (.pth weights)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="mixed precision, as in train.py")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision, as in train.py")
     return p
 
 
@@ -49,20 +68,21 @@ class Upload(UserError):
     """An upload that is not a usable photo: the page shows the message."""
 
 
-def read_upload(path):
+def read_upload(path, name):
     """The upright RGB photo of an uploaded file, through the project's one loader; an Upload error
-    that says what is wrong for anything else. Pillow's decompression-bomb limit (89 megapixels)
-    is a hard limit here: a file that claims more is refused before it is decoded."""
+    that says what is wrong for anything else, naming the file by name (the uploader's own file
+    name: the server's paths are not the browser's business). Pillow's decompression-bomb limit
+    (89 megapixels) is a hard limit here: a file that claims more is refused before it is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return images.load_image(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Upload(f"This image is too large to be a photo ({e}). Upload one of at most "
-                     f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.")
+                     f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.") from None
     except Exception as e:  # any failure of the decoder means the same to the person uploading
-        detail = str(e).split(":")[0] if str(e) else type(e).__name__
-        raise Upload(f"This file cannot be read as an image ({detail}). Upload {FORMATS}.")
+        detail = str(e).replace(path, name).split(":")[0] if str(e) else type(e).__name__
+        raise Upload(f"This file cannot be read as an image ({detail}). Upload {FORMATS}.") from None
 
 
 class Demo:
@@ -71,9 +91,9 @@ class Demo:
     def __init__(self, classifier, cam_layer):
         self.classifier, self.cam_layer = classifier, cam_layer
 
-    def classify(self, path):
+    def classify(self, path, name="the upload"):
         """({class: probability} of the top classes, the Grad-CAM picture or None, a note)."""
-        pixels = images.resize_and_crop(read_upload(path), self.classifier.preprocessing)
+        pixels = images.resize_and_crop(read_upload(path, name), self.classifier.preprocessing)
         probabilities = self.classifier.probabilities(pixels[None])[0]
         order = np.argsort(-probabilities, kind="stable")
         top = {self.classifier.classes[k]: float(probabilities[k]) for k in order[:TOP]}
@@ -86,7 +106,8 @@ class Demo:
         except visualize.CamError as e:  # captum missing: the classes still come, the page says why
             return top, None, f"No heat map: {e}."
         caption = f"{self.classifier.classes[best]} {probabilities[best]:.2f} ({self.cam_layer})"
-        return top, visualize.overlay(pixels, heat, caption), f"Grad-CAM of {self.classifier.classes[best]} at {self.cam_layer}."
+        note = f"Grad-CAM of {self.classifier.classes[best]} at {self.cam_layer}."
+        return top, visualize.overlay(pixels, heat, caption), note
 
     def heat_map(self, pixels, target):
         import torch
@@ -98,32 +119,110 @@ class Demo:
 
 
 def upload_path(payload, folder):
-    """The file behind Gradio's upload payload (a pasted or webcam image may come as a data: URL)."""
+    """(the file behind Gradio's upload payload, the name messages call it by). Gradio names an upload
+    after the sender's file; a pasted or webcam image may come as a data: URL instead."""
     if payload is None:
         raise Upload(f"Drop, paste or pick {FORMATS} first.")
-    if isinstance(payload, str):
-        return payload
-    if payload.get("path"):
-        return payload["path"]
+    path = payload if isinstance(payload, str) else payload.get("path")
+    if path:
+        return path, os.path.basename(path)
     url = payload.get("url") or ""
     if url.startswith("data:") and "," in url:
         path = os.path.join(folder, "pasted-image")
         with open(path, "wb") as f:
             f.write(base64.b64decode(url.split(",", 1)[1]))
-        return path
+        return path, "the pasted image"
     raise Upload(f"Nothing was uploaded: drop, paste or pick {FORMATS}.")
 
 
-def build_page(demo, examples=None, folder=None):
+HEAT_MAP = "where-it-looked.webp"
+
+
+class Uploads:
+    """Deletes each upload once it is answered, and answers it again once it is gone.
+
+    Gradio stores an upload under the hash of its bytes and its file name, so one path is one photo:
+    the last answers are kept by path, for the button pressed after the automatic answer and for two
+    people sending the same photo at once (the first answer deletes the file the second was to read).
+    Both events of the page call the same function, so Gradio runs them one at a time."""
+
+    def __init__(self, page, pasted):
+        self.page, self.pasted = page, pasted
+        self.answers = collections.OrderedDict()
+
+    def answer(self, path, name, classify):
+        examples = set().union(*(getattr(block, "keep_in_cache", ()) for block in self.page.blocks.values()))
+        pasted = path == self.pasted
+        upload = path in self.answers or (path in self.page.upload_file_set and path not in examples)
+        try:
+            if path in self.answers:
+                self.answers.move_to_end(path)
+                outcome = self.answers[path]
+            elif not os.path.exists(path):
+                outcome = Upload(f"This photo ({name}) is no longer on the server (an upload is deleted once "
+                                 "it is answered): drop, paste or pick it again.")
+            else:
+                try:
+                    outcome = classify(path, name)
+                except Upload as e:
+                    outcome = e
+                if upload:
+                    self.answers[path] = outcome
+                    if len(self.answers) > RECENT_ANSWERS:
+                        self.answers.popitem(last=False)
+        finally:
+            if upload or pasted:
+                self.delete(path, pasted)
+        if isinstance(outcome, Upload):
+            raise outcome
+        return outcome
+
+    def delete(self, path, pasted):
+        # Gradio's notes of the file go too: its delete_cache skips a file that is already gone,
+        # so they would stay in memory for good
+        for files in self.page.temp_file_sets:
+            files.discard(path)
+        if pasted:
+            os.remove(path)
+            return
+        import anyio.from_thread
+
+        # in the server's event loop, between two of its steps: its upload route makes the folder of
+        # an upload and moves the file in within one step, so another upload of the same bytes
+        # cannot lose its folder halfway (it did, from this worker thread, under 20 clients)
+        anyio.from_thread.run_sync(remove_upload, path)
+
+
+def remove_upload(path):
+    try:
+        os.remove(path)
+        os.rmdir(os.path.dirname(path))  # the upload's own folder, named after its hash
+    except OSError:  # gone already, or the folder holds the same bytes under another name
+        pass
+
+
+def build_page(demo, folder, examples=None):
+    """The page; folder: where app.py writes files of its own (outside Gradio's temporary folder)."""
     import gradio as gr
 
     def answer(payload):
+        name = "the upload"
         try:
-            return demo.classify(upload_path(payload, folder))
+            path, name = upload_path(payload, folder)
+            top, heat, note = uploads.answer(path, name, demo.classify)
+            if heat is not None:
+                # handed to Gradio as a file: it copies a file into its cache whole (a new name, then
+                # a rename), where it would rewrite the picture of the same photo in place, under a
+                # browser still downloading it
+                heat.save(os.path.join(folder, HEAT_MAP))
+                heat = os.path.join(folder, HEAT_MAP)
+            return top, heat, note
         except Upload as e:
-            raise gr.Error(str(e), duration=None)
+            # what someone sent is not a bug: one line in the log, no traceback
+            print(f"refused {name}: {e}", file=sys.stderr, flush=True)
+            raise gr.Error(str(e), duration=None, print_exception=False) from None
 
-    with gr.Blocks(title="GoogLeNet flower classifier") as page:
+    with gr.Blocks(title="GoogLeNet flower classifier", delete_cache=DELETE_CACHE) as page:
         gr.Markdown(f"## GoogLeNet: {', '.join(demo.classifier.classes)}\n"
                     "Drop, paste or pick a photo; the answer appears on the right.")
         with gr.Row():
@@ -139,13 +238,12 @@ def build_page(demo, examples=None, folder=None):
         photo.upload(answer, inputs=photo, outputs=[label, heat, note], preprocess=False, api_visibility="private")
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=photo)
+    uploads = Uploads(page, os.path.join(folder, "pasted-image"))
     return page
 
 
 def main(args):
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:
         raise UserError(MISSING)
     examples = None
     if args.examples:
@@ -156,20 +254,30 @@ def main(args):
             raise UserError(f"--examples {args.examples} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
     classifier = classify.load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                          warn=lambda line: print(line, file=sys.stderr))
-    import tempfile
-
     # Gradio closes its server on Ctrl-C: a terminate (a service manager's stop) ends the same way,
     # so the folder below is removed either way
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with tempfile.TemporaryDirectory(prefix="googlenet-app-") as folder:  # pasted images are written here
-        page = build_page(Demo(classifier, args.cam_layer), examples, folder)
-        print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}",
-              flush=True)
+    folder = os.path.realpath(tempfile.mkdtemp(prefix="googlenet-app-"))
+    try:
+        # everything the page stores goes here: Gradio's uploads, examples and heat maps sent (it
+        # reads the variable when it is imported, so it is set before), and app.py's own files
+        os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")
+        os.mkdir(os.path.join(folder, "page"))
+        page = build_page(Demo(classifier, args.cam_layer), os.path.join(folder, "page"), examples)
+        print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}; "
+              f"uploads up to {args.max_upload_mb} MB, kept in {folder} until answered", flush=True)
         try:
+            # show_error=False: the message of a bug (which may name a server path) stays in the log;
+            # the browser still gets every message raised for it (gr.Error)
             page.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                           show_error=True, quiet=True)
+                                                           max_file_size=args.max_upload_mb * 2 ** 20,
+                                                           show_error=False, quiet=True)
         except OSError as e:
-            raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port")
+            raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port") from None
+        except KeyboardInterrupt:  # stopped while it was starting (once started, Gradio ends it the same way)
+            page.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -1,8 +1,10 @@
 """app.py: the demo page, served on a free local port by a real process and called the way people
 call it: through gradio_client (the probabilities equal predict.py's; what is not a photo gets a
 message and the next good request still works; many requests leave the memory flat) and through a
-real headless Chromium driven by Playwright (upload a photo, see the class). Offline."""
+real headless Chromium driven by Playwright (upload a photo, see the class). What the page stores
+(uploads, over the limit or not) does not outlive the answer or the page. Offline."""
 import os
+import re
 import shutil
 import socket
 import struct
@@ -12,12 +14,13 @@ import tempfile
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, call, script_env, train_small_run
+from helpers import REPO, call, save_image, script_env, train_small_run, write_truncated_jpeg
 from inference import classify
 
 pytest.importorskip("gradio", reason="the demo page needs gradio (requirements-dev.txt)")
@@ -39,7 +42,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *map(str, args), "--port", str(self.port)],
-                                     cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
         self.output = []
         threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
         deadline = time.monotonic() + 180
@@ -56,6 +60,13 @@ class Server:
 
     def classify(self, path):
         return self.client.predict(gradio_client.handle_file(str(path)), api_name="/classify")
+
+    @property
+    def folder(self):
+        """The page's own temporary folder, which its first line names."""
+        found = re.search(r"kept in (\S+) until answered", "".join(self.output))
+        assert found, "".join(self.output)
+        return Path(found.group(1))
 
     def rss_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -88,7 +99,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(trained):
-    server = Server("--weights", trained["best"], "--examples", trained["data"] / "val", "--device", "cpu", "--amp", "off")
+    server = Server("--weights", trained["best"], "--examples", trained["data"] / "val", "--device", "cpu",
+                    "--amp", "off")
     yield server
     server.stop()
 
@@ -102,7 +114,8 @@ def test_the_page_gives_predict_pys_probabilities_and_a_heat_map(page, trained):
     label, heat, note = page.classify(photo)
     classifier = classify.load_classifier(str(trained["best"]), device="cpu", amp="off")
     expected, _ = classify.predict(classifier, [str(photo)], 1, 0)
-    assert confidences(label) == pytest.approx(dict(zip(classifier.classes, expected[0].tolist())), abs=1e-6)
+    expected_confidences = dict(zip(classifier.classes, expected[0].tolist(), strict=True))
+    assert confidences(label) == pytest.approx(expected_confidences, abs=1e-6)
     assert label["label"] == classifier.classes[int(expected[0].argmax())]
     with Image.open(heat) as picture:
         assert picture.width > 2 * classifier.preprocessing.crop  # the photo and its overlay, side by side
@@ -125,7 +138,8 @@ def test_what_is_not_a_photo_gets_a_message_and_the_page_goes_on(page, trained, 
     (tmp_path / "notes.jpg").write_text("a shopping list, not a photo")
     whole = good.read_bytes()
     (tmp_path / "half.jpg").write_bytes(whole[: len(whole) // 2])
-    refused = {tmp_path / "notes.jpg": "cannot be read as an image", tmp_path / "half.jpg": "cannot be read as an image",
+    refused = {tmp_path / "notes.jpg": "cannot be read as an image",
+               tmp_path / "half.jpg": "cannot be read as an image",
                bomb_png(tmp_path / "bomb.png"): "too large to be a photo"}
     for path, words in refused.items():
         with pytest.raises(gradio_client.exceptions.AppError, match=words):
@@ -181,6 +195,71 @@ def test_an_onnx_page_says_the_heat_map_needs_the_pth(trained, tmp_path):
         assert heat is None and "needs PyTorch weights" in note and label["label"]
     finally:
         server.stop()
+
+
+def files_in(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def test_bad_uploads_are_one_log_line_and_answered_uploads_are_deleted(page, trained, tmp_path):
+    folder = page.folder
+    kept = set(files_in(folder))  # the examples, and heat maps sent to earlier tests
+    (tmp_path / "notes.jpg").write_text("a shopping list, not a photo")
+    write_truncated_jpeg(tmp_path / "half.jpg")
+    logged = len(page.output)
+    for name in ("notes.jpg", "half.jpg"):
+        with pytest.raises(gradio_client.exceptions.AppError) as refused:
+            page.classify(tmp_path / name)
+        message = str(refused.value)
+        assert "cannot be read as an image" in message
+        assert "/" not in message and str(folder) not in message, message  # no server path: the upload's name
+    assert page.classify(save_image(tmp_path / "garden.jpg", (40, 200, 60), seed=99))[0]["label"]
+    assert page.classify(trained["data"] / "val" / "daisy" / "daisy_01.jpg")[0]["label"]  # an example's bytes
+    assert "Traceback" not in "".join(page.output)
+    lines = page.output[logged:]
+    assert [line.split(":")[0] for line in lines] == ["refused notes.jpg", "refused half.jpg"], lines
+    assert kept <= set(files_in(folder))  # the examples stay for the next visitor
+    left = [path for path in files_in(folder) if path not in kept]
+    assert {path.name for path in left} <= {"where-it-looked.webp"}, left  # the garden's heat map, sent
+
+
+def test_an_answered_upload_is_answered_again_once_its_file_is_gone(page, trained):
+    import httpx
+
+    photo = trained["data"] / "train" / "roses" / "roses_03.jpg"
+    with open(photo, "rb") as f:
+        stored = httpx.post(page.url + "gradio_api/upload", files={"files": ("rose.jpg", f)}).json()[0]
+    payload = {"data": [{"path": stored, "meta": {"_type": "gradio.FileData"}}]}  # what the browser sends
+    answers = []
+    for _ in range(2):  # the automatic answer on upload, then the button
+        event = httpx.post(page.url + "gradio_api/call/classify", json=payload)
+        stream = httpx.get(page.url + f"gradio_api/call/classify/{event.json()['event_id']}", timeout=120).text
+        assert "event: complete" in stream, stream
+        answers.append(stream.split("data:", 1)[1].split('"path"')[0])
+        assert not os.path.exists(stored)
+    assert answers[0] == answers[1] and '"label"' in answers[0]
+
+
+def test_the_upload_limit_is_the_servers_and_a_terminated_page_leaves_nothing(trained, tmp_path):
+    import httpx
+
+    server = Server("--weights", trained["best"], "--max-upload-mb", 1, "--device", "cpu", "--amp", "off")
+    try:
+        folder = server.folder
+        big = tmp_path / "big.jpg"
+        big.write_bytes(np.random.default_rng(0).integers(0, 256, 2 * 2 ** 20, dtype=np.uint8).tobytes())
+        with open(big, "rb") as f:  # what a client that ignores the page's limit sends
+            refused = httpx.post(server.url + "gradio_api/upload", files={"files": ("big.jpg", f)})
+        assert refused.status_code == 413 and "maximum allowed size of 1048576 bytes" in refused.text, refused.text
+        assert files_in(folder) == []  # refused while it arrived: nothing stored
+        with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):
+            server.classify(big)  # the page tells its clients the limit (the browser says "1.0 MB")
+        assert server.classify(trained["data"] / "val" / "roses" / "roses_00.jpg")[0]["label"]
+        assert folder.is_dir()
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0 and not folder.exists(), "".join(server.output)
+    assert "Traceback" not in "".join(server.output)
 
 
 def test_app_mistakes_are_one_line(tmp_path):
