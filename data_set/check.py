@@ -282,15 +282,16 @@ def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m data_set.check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", metavar="DIR", help=f"the data: {data.LAYOUTS}")
-    p.add_argument("--threshold", type=hamming_threshold, default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", metavar="BITS", type=hamming_threshold, default=DEFAULT_THRESHOLD,
                    help="near copies: the most bits in which two photos' 64-bit perceptual hashes may differ "
                         "(0: only the same hash)")
     p.add_argument("--output", metavar="FILE.csv", default=None,
                    help="also write every group, one row per file (group, kind, file, class, part, distance)")
-    p.add_argument("--workers", type=options.positive_int, default=2, help="threads that read and hash the photos")
-    p.add_argument("--val-ratio", type=options.open_fraction, default=0.1,
+    p.add_argument("--workers", metavar="N", type=options.positive_int, default=2,
+                   help="threads that read, decode and hash the photos")
+    p.add_argument("--val-ratio", metavar="R", type=options.open_fraction, default=0.1,
                    help="for a folder of class folders: the share of each class train.py holds out for val")
-    p.add_argument("--split-seed", type=options.seed, default=0,
+    p.add_argument("--split-seed", metavar="N", type=options.seed, default=0,
                    help="for a folder of class folders: the seed of train.py's split")
     return p
 
