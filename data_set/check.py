@@ -99,6 +99,8 @@ def search_plan(count, threshold):
     in at least one band (pigeonhole), so no pair is missed. More bands mean fewer lookups but
     fuller buckets; this takes the split with the least work, estimated with the keys spread
     uniformly and a lookup (a binary search) costing LOOKUP_COST checked candidates."""
+    count = max(count, 2)  # with no pair to find, every plan costs nothing: take the one for two
+
     def work(bands):
         radius = threshold // bands
         return sum(count * sum(math.comb(width, r) for r in range(radius + 1)) * (LOOKUP_COST + count / 2 ** width)
@@ -112,8 +114,10 @@ def near_pairs(hashes, threshold, block=1 << 22):
     threshold bits of each other. The candidates are the pairs that share a band key up to the
     radius of search_plan; they are checked in blocks of at most about block pairs."""
     h = np.asarray(hashes, dtype=np.uint64)
-    bands, radius = search_plan(len(h), threshold)
     found = [np.empty((0, 3), dtype=np.int64)]
+    if len(h) < 2:
+        return found[0][:, 0], found[0][:, 1], found[0][:, 2]
+    bands, radius = search_plan(len(h), threshold)
     for lo, width in _band_widths(bands):
         keys = (h >> np.uint64(lo)) & np.uint64((1 << width) - 1)
         order = np.argsort(keys, kind="stable")

@@ -179,6 +179,14 @@ def test_unreadable_files_are_listed_and_the_run_still_succeeds(tmp_path, capsys
     assert re.search(r"^  roses/broken\.jpg \(.+\)$", out, re.M)
 
 
+def test_a_folder_where_nothing_decodes_still_gets_its_report(tmp_path, capsys):
+    write_corrupt(tmp_path / "photos" / "daisy" / "broken.jpg")
+    code, out, err = run_check(capsys, tmp_path / "photos")
+    assert code == 0, err
+    assert "unreadable: 1 file(s):" in out and "image sizes: no photo could be decoded" in out
+    assert "leakage: 0 of 0 val photos" in out
+
+
 @pytest.mark.parametrize("layout", ["missing", "no class folders"])
 def test_one_line_errors(tmp_path, capsys, layout):
     root = tmp_path / "photos"
@@ -219,6 +227,11 @@ def test_band_search_finds_exactly_the_pairs_that_comparing_all_pairs_finds(coun
             zip(upper[0][close].tolist(), upper[1][close].tolist(), strict=True))
         assert (distance == everything[i, j]).all() and (i < j).all()
     assert any(radius > 0 for _, radius in plans) or count < 1000
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_band_search_with_fewer_than_two_hashes(count):
+    assert all(len(a) == 0 for a in check.near_pairs(np.arange(count, dtype=np.uint64), 8))
 
 
 def test_every_option_is_in_docs_options_md():
