@@ -1,0 +1,423 @@
+"""Find duplicate photos in a data set: exact copies (the same bytes) and near copies (the same
+picture resized, recompressed or lightly edited), and whether they leak from train into val or
+carry conflicting labels.
+
+    python -m data_set.check DIR                       # the report
+    python -m data_set.check DIR --output groups.csv   # and every group, file by file
+
+DIR is what train.py's --data-path takes: a folder of class folders (DIR/<class>/<images>), split
+here exactly as train.py splits it (--val-ratio, --split-seed), or a split made beforehand
+(DIR/train/<class>/, DIR/val/<class>/). Each file is read once: the files whose size another file
+shares have their bytes hashed (BLAKE2b), and every file is decoded at a reduced scale for its
+perceptual hash (near_hash). Near pairs are found with a multi-index search over bands of the
+hashes, not by comparing every pair.
+"""
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from inference import images
+from plumbing import options
+from plumbing.atomic import atomic_write_text
+from training import data
+
+# Measured on the 2,939 flower photos (data_set/README.md): pairs within 8 bits are 14 times the
+# same picture (recompressed, resized, cropped a little, recoloured) and twice two different photos
+# of a dandelion; 10 bits adds 12 pairs, 11 of them different photos. A copy resized to 50% or
+# saved again at JPEG quality 60 is within 6 bits of its original.
+DEFAULT_THRESHOLD = 8
+# JPEGs are decoded at the smallest DCT scale that keeps 64 px on each side: twice the thumbnail
+# the hash is computed on, so the thumbnail is still resampled from real pixels. The hash of a
+# photo decoded whole is within 2 bits of this one for 97% of the flower photos (at most 6).
+HASH_DECODE_SIDE = 64
+MAX_THRESHOLD = 32  # two unrelated photos differ in about 32 of the 64 bits
+CHUNK = 32  # files per task of the thread pool: one future per file would cost more than a small file's hash
+LISTED = 10  # groups shown per kind of problem; --output lists them all
+CSV_FIELDS = ["group", "kind", "file", "class", "part", "distance"]
+
+_THUMB = 32
+_DCT_ROWS = np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(_THUMB) + 1) / (2 * _THUMB))  # DCT-II, 8 x 32
+_BIT_VALUES = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
+
+
+class CheckError(data.DataError):
+    """A data folder or an option the check cannot work with."""
+
+
+def near_hash(image):
+    """The 64-bit perceptual hash (pHash) of a PIL image, as an int: the signs, relative to their
+    median, of the 8 x 8 lowest frequencies of the DCT of a 32 x 32 greyscale thumbnail (what the
+    imagehash package's phash computes). The same picture resized, recompressed or decoded at a
+    reduced scale gives a hash a few bits away (hash_distance); different photos are about 32 bits
+    apart. Any size and mode of image works; the cost is the thumbnail's (about 0.2 ms)."""
+    grey = np.asarray(image.convert("L").resize((_THUMB, _THUMB), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = _DCT_ROWS @ grey @ _DCT_ROWS.T
+    return int(_BIT_VALUES[low.ravel() > np.median(low)].sum())
+
+
+def hash_distance(a, b):
+    """The number of bits in which two near_hash values differ."""
+    return (a ^ b).bit_count()
+
+
+# ---------------------------------------------------------------------------------------------
+# Near pairs: a multi-index search over bands of the hashes
+# ---------------------------------------------------------------------------------------------
+def _band_widths(bands):
+    edges = [round(64 * i / bands) for i in range(bands + 1)]
+    return [(lo, hi - lo) for lo, hi in itertools.pairwise(edges)]
+
+
+def _flips(width, radius):
+    """Every width-bit mask with at most radius bits set."""
+    return [sum(1 << b for b in bits) for r in range(radius + 1) for bits in itertools.combinations(range(width), r)]
+
+
+# Measured with 117,336 distinct hashes (the flower photos' quarters, turned and mirrored) at
+# threshold 8: a lookup took about 8 times as long as checking one candidate pair.
+LOOKUP_COST = 8
+
+
+def search_plan(count, threshold):
+    """(bands, radius): split the 64 bits into bands and look up, in each band, every key within
+    radius bits of a hash's own. Two hashes within threshold bits are within threshold // bands bits
+    in at least one band (pigeonhole), so no pair is missed. More bands mean fewer lookups but
+    fuller buckets; this takes the split with the least work, estimated with the keys spread
+    uniformly and a lookup (a binary search) costing LOOKUP_COST checked candidates."""
+    count = max(count, 2)  # with no pair to find, every plan costs nothing: take the one for two
+
+    def work(bands):
+        radius = threshold // bands
+        return sum(count * sum(math.comb(width, r) for r in range(radius + 1)) * (LOOKUP_COST + count / 2 ** width)
+                   for _, width in _band_widths(bands))
+    bands = min(range(1, min(threshold + 1, 64) + 1), key=work)
+    return bands, threshold // bands
+
+
+def near_pairs(hashes, threshold, block=1 << 22):
+    """(i, j, distance) arrays, i < j, of every pair of hashes (distinct uint64 values) within
+    threshold bits of each other. The candidates are the pairs that share a band key up to the
+    radius of search_plan; they are checked in blocks of at most about block pairs."""
+    h = np.asarray(hashes, dtype=np.uint64)
+    found = [np.empty((0, 3), dtype=np.int64)]
+    if len(h) < 2:
+        return found[0][:, 0], found[0][:, 1], found[0][:, 2]
+    bands, radius = search_plan(len(h), threshold)
+    for lo, width in _band_widths(bands):
+        keys = (h >> np.uint64(lo)) & np.uint64((1 << width) - 1)
+        order = np.argsort(keys, kind="stable")
+        bucket_keys, starts, sizes = np.unique(keys[order], return_index=True, return_counts=True)
+        for flip in _flips(width, radius):
+            probe = keys ^ np.uint64(flip)
+            at = np.minimum(np.searchsorted(bucket_keys, probe), len(bucket_keys) - 1)
+            hit = np.flatnonzero(bucket_keys[at] == probe)
+            counts = sizes[at[hit]]
+            ends = np.cumsum(counts)
+            cuts = np.searchsorted(ends, np.arange(block, int(ends[-1]) if len(ends) else 0, block))
+            for part in np.split(np.arange(len(hit)), cuts):
+                queries, n = hit[part], counts[part]
+                first = np.repeat(starts[at[queries]] - (np.cumsum(n) - n), n)
+                i = np.repeat(queries, n)
+                j = order[first + np.arange(int(n.sum()))]
+                ahead = i < j
+                i, j = i[ahead], j[ahead]
+                distance = np.bitwise_count(h[i] ^ h[j]).astype(np.int64)
+                close = distance <= threshold
+                found.append(np.stack([i[close], j[close], distance[close]], axis=1))
+    pairs = np.unique(np.concatenate(found), axis=0)  # a pair close in several bands is found in each
+    return pairs[:, 0], pairs[:, 1], pairs[:, 2]
+
+
+def _component_labels(count, pairs):
+    """For each of range(count), the smallest index of its connected component in the graph of these edges."""
+    parent = list(range(count))
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [root(x) for x in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and hashing the files
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Photo:
+    """One image file of the data and what hashing it found."""
+
+    path: str
+    label: int  # class index
+    part: str  # "train" or "val"
+    size: int = -1  # bytes
+    digest: Optional[bytes] = None  # BLAKE2b of the bytes, only when another file has the same size
+    near: Optional[int] = None  # near_hash; None when the file could not be decoded
+    width: int = 0
+    height: int = 0
+    error: Optional[str] = None  # why it could not be read or decoded
+
+
+def _hash_photo(photo, with_digest):
+    try:
+        with open(photo.path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        photo.error = f"{type(e).__name__}: {e.strerror or e}"
+        return
+    if with_digest:
+        photo.digest = hashlib.blake2b(raw, digest_size=16).digest()
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            photo.width, photo.height = img.size
+        photo.near = near_hash(images.load_image(io.BytesIO(raw), min_side=HASH_DECODE_SIDE))
+    except Exception as e:  # Pillow raises many kinds for a bad file; any of them means the same here
+        photo.error = images.unreadable(photo.path) or f"{type(e).__name__}: {e}"
+
+
+def _hash_chunk(chunk):
+    for photo, with_digest in chunk:
+        _hash_photo(photo, with_digest)
+    return len(chunk)
+
+
+def hash_photos(photos, workers=2, progress=True):
+    """Fill in each photo's size, digest, near hash and pixel size, on workers threads (Pillow
+    releases the GIL while it decodes). Files are grouped by size first, so only the files whose
+    size another file shares have their bytes hashed; every file is read once."""
+    for photo in photos:
+        try:
+            photo.size = os.stat(photo.path).st_size
+        except OSError as e:
+            photo.error = f"{type(e).__name__}: {e.strerror or e}"
+    sizes = Counter(p.size for p in photos if p.error is None)
+    tasks = [(p, sizes[p.size] > 1) for p in photos if p.error is None]
+    chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(tasks), desc="hashing", unit="photo", file=sys.stderr, disable=not progress) as bar:
+        for done in pool.map(_hash_chunk, chunks):
+            bar.update(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """Photos that are one picture: identical bytes (exact) or within the threshold (near).
+    distances: each photo's bits from the first photo's near hash (0 for an exact group)."""
+
+    kind: str
+    photos: list
+    distances: list
+
+    @property
+    def crosses_split(self):
+        return len({p.part for p in self.photos}) > 1
+
+    @property
+    def spans_classes(self):
+        return len({p.label for p in self.photos}) > 1
+
+
+def exact_groups(photos):
+    by_digest = {}
+    for p in photos:
+        if p.digest is not None:
+            by_digest.setdefault(p.digest, []).append(p)
+    groups = [Group("exact", sorted(g, key=lambda p: p.path), [0] * len(g)) for g in by_digest.values() if len(g) > 1]
+    return sorted(groups, key=lambda g: g.photos[0].path)
+
+
+def near_groups(photos, threshold):
+    """Groups of photos whose near hashes link within threshold bits, directly or through others,
+    holding at least two different files (byte-identical copies alone are an exact group); exact
+    copies of a member are members too."""
+    decoded = [p for p in photos if p.near is not None]
+    if not decoded:
+        return []
+    # Files with the same hash are one node of the search: the pairs are found among distinct hashes.
+    distinct, node = np.unique(np.array([p.near for p in decoded], dtype=np.uint64), return_inverse=True)
+    i, j, _ = near_pairs(distinct, threshold)
+    label = _component_labels(len(distinct), zip(i.tolist(), j.tolist(), strict=True))
+    members = {}
+    for photo, n in zip(decoded, node.tolist(), strict=True):
+        members.setdefault(label[n], []).append(photo)
+    groups = []
+    for group in members.values():
+        if len({p.digest or p.path for p in group}) > 1:  # a file without a digest has a size of its own
+            group.sort(key=lambda p: p.path)
+            groups.append(Group("near", group, [hash_distance(p.near, group[0].near) for p in group]))
+    return sorted(groups, key=lambda g: g.photos[0].path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+def hamming_threshold(text):
+    value = options.non_negative_int(text)
+    if value > MAX_THRESHOLD:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THRESHOLD} bits (unrelated photos differ in "
+                                         f"about 32), got {text}")
+    return value
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(prog="python -m data_set.check", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", metavar="DIR", help=f"the data: {data.LAYOUTS}")
+    p.add_argument("--threshold", metavar="BITS", type=hamming_threshold, default=DEFAULT_THRESHOLD,
+                   help="near copies: the most bits in which two photos' 64-bit perceptual hashes may differ "
+                        "(0: only the same hash)")
+    p.add_argument("--output", metavar="FILE.csv", default=None,
+                   help="also write every group, one row per file (group, kind, file, class, part, distance)")
+    p.add_argument("--workers", metavar="N", type=options.positive_int, default=2,
+                   help="threads that read, decode and hash the photos")
+    p.add_argument("--val-ratio", metavar="R", type=options.open_fraction, default=0.1,
+                   help="for a folder of class folders: the share of each class train.py holds out for val")
+    p.add_argument("--split-seed", metavar="N", type=options.seed, default=0,
+                   help="for a folder of class folders: the seed of train.py's split")
+    return p
+
+
+def find_photos(root, val_ratio=0.1, split_seed=0):
+    """(classes, photos, how): the photos of root with the class and part train.py gives them, and a
+    line saying which layout and split that is."""
+    if not os.path.isdir(root):
+        raise CheckError(f"data folder {root} does not exist: DIR is {data.LAYOUTS}")
+    data.find_classes(root)  # a folder without folders: its own line, not train.py's --data-path hint
+    found = data.find_data(root, val_ratio, split_seed, log=lambda line: None)
+    photos = ([Photo(path, label, "train") for path, label in found.train]
+              + [Photo(path, label, "val") for path, label in found.val])
+    how = (f"a folder of class folders, split as train.py splits it (val ratio {val_ratio}, split seed {split_seed})"
+           if found.split else "a split (train/ and val/)")
+    return found.classes, photos, how
+
+
+def check(args, log=print):
+    """Hash the photos of args.data and group the copies: (classes, photos, exact groups, near groups)."""
+    if args.output and not args.output.lower().endswith(".csv"):
+        raise CheckError(f"--output {args.output}: the file name must end in .csv")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise CheckError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
+    classes, photos, how = find_photos(args.data, args.val_ratio, args.split_seed)
+    log(f"data: {args.data}: {how}")
+    start = time.perf_counter()
+    hash_photos(photos, args.workers)
+    hashed = time.perf_counter()
+    exact, near = exact_groups(photos), near_groups(photos, args.threshold)
+    searched = time.perf_counter()
+    decoded = sum(p.near is not None for p in photos)
+    bands, radius = search_plan(len({p.near for p in photos if p.near is not None}), args.threshold)
+    log(f"hashed {len(photos):,} photos in {hashed - start:.1f} s ({1e3 * (hashed - start) / len(photos):.2f} ms "
+        f"a photo, {args.workers} thread(s)); compared {decoded:,} hashes in {searched - hashed:.2f} s "
+        f"({bands} band(s), radius {radius})")
+    return classes, photos, exact, near
+
+
+def _count_table(classes, photos, log):
+    counts = Counter((p.label, p.part) for p in photos)
+    rows = [(name, counts[i, "train"], counts[i, "val"]) for i, name in enumerate(classes)]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len("class"), *(len(name) for name, _, _ in rows))
+    log(f"{'class':<{width}}  {'train':>7}  {'val':>7}  {'total':>7}")
+    for name, train, val in rows:
+        log(f"{name:<{width}}  {train:>7,}  {val:>7,}  {train + val:>7,}")
+
+
+def _sizes_line(photos):
+    decoded = [p for p in photos if p.near is not None]
+    if not decoded:
+        return "image sizes: no photo could be decoded"
+    common = Counter((p.width, p.height) for p in decoded).most_common(3)
+    short = [min(p.width, p.height) for p in decoded]
+    return ("image sizes: most common " + ", ".join(f"{w}x{h} ({n:,})" for (w, h), n in common)
+            + f"; shorter side {min(short)}-{max(short)} px (median {statistics.median(short):g})")
+
+
+def _summary(kind, groups, what):
+    files = sum(len(g.photos) for g in groups)
+    return (f"{kind} ({what}): {len(groups):,} group(s) of {files:,} files: "
+            f"{sum(g.crosses_split for g in groups):,} cross train/val, {sum(g.spans_classes for g in groups):,} "
+            f"span classes, {sum(not g.crosses_split and not g.spans_classes for g in groups):,} "
+            "stay in one class and one part")
+
+
+def report(root, classes, photos, groups, threshold, log=print):
+    """The report's lines after the hashing: counts, sizes, unreadable files, the groups and what they mean."""
+    _count_table(classes, photos, log)
+    log(_sizes_line(photos))
+    bad = [p for p in photos if p.error is not None]
+    log(f"unreadable: {len(bad):,} file(s)" + (":" if bad else ""))
+    for p in bad[:LISTED]:
+        log(f"  {os.path.relpath(p.path, root)} ({p.error})")
+    if len(bad) > LISTED:
+        log(f"  ... and {len(bad) - LISTED:,} more")
+    exact = [g for g in groups if g.kind == "exact"]
+    near = [g for g in groups if g.kind == "near"]
+    log(_summary("exact copies", exact, "identical bytes"))
+    log(_summary("near copies", near, f"perceptual hashes within {threshold} bits, not all identical"))
+    val = sum(p.part == "val" for p in photos)
+    leaked = {id(p) for g in groups if g.crosses_split for p in g.photos if p.part == "val"}
+    log(f"leakage: {len(leaked):,} of {val:,} val photos ({100 * len(leaked) / max(val, 1):.1f}%) have an exact "
+        "or near copy in train")
+    ids = {id(g): k for k, g in enumerate(groups, 1)}
+    for title, chosen in (("crossing train/val", [g for g in groups if g.crosses_split]),
+                          ("conflicting labels (one picture in several classes)",
+                           [g for g in groups if g.spans_classes])):
+        log(f"{title}: {len(chosen):,} group(s)" + (":" if chosen else ""))
+        for g in chosen[:LISTED]:
+            log(f"  group {ids[id(g)]} ({g.kind}): " + ", ".join(
+                f"{os.path.relpath(p.path, root)} ({classes[p.label]}, {p.part}"
+                + (f", {d} bits" if g.kind == "near" and k else "") + ")"
+                for k, (p, d) in enumerate(zip(g.photos, g.distances, strict=True))))
+        if len(chosen) > LISTED:
+            log(f"  ... and {len(chosen) - LISTED:,} more: --output FILE.csv lists every group")
+
+
+def write_groups_csv(path, classes, groups):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for k, g in enumerate(groups, 1):
+        for p, d in zip(g.photos, g.distances, strict=True):
+            writer.writerow([k, g.kind, p.path, classes[p.label], p.part, d])
+    atomic_write_text(path, out.getvalue())
+
+
+def main(args):
+    classes, photos, exact, near = check(args)
+    groups = exact + near
+    report(args.data, classes, photos, groups, args.threshold)
+    if args.output:
+        write_groups_csv(args.output, classes, groups)
+        print(f"{len(groups):,} group(s) written to {args.output}")
+    return 0
+
+
+def run(argv=None):
+    return options.run_command(main, get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())
