@@ -290,9 +290,9 @@ def fit(run, training, loaders, progress):
             return 128 + signum
         trained = clock()
         if run.world_size > 1:
-            distributed.check_in_sync(state.model, state.ema)
+            distributed.check_in_sync(state.model, state.ema, run.device)
         val = evaluation.evaluate(validated, loaders.val, training.criterion, run)
-        found = data.newly_unreadable(run.args.bad_images, (loaders.train, loaders.val), progress)
+        found = data.newly_unreadable(run.args.bad_images, run.device, (loaders.train, loaders.val), progress)
         if found:
             log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
                 + "; ".join(found))
@@ -544,7 +544,7 @@ def open_tensorboard(output_dir, next_step):
 def save_last(run, state, progress):
     """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
     progress.plan.elapsed_s = run.elapsed()
-    rngs = distributed.all_gather(run_state.capture_rng_state())
+    rngs = distributed.all_gather(run_state.capture_rng_state(), run.device)
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 

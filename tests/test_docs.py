@@ -10,7 +10,7 @@ import pytest
 import train
 from helpers import REPO
 
-SCRIPTS = ("train.py", "predict.py", "export.py", "report.py", "model.py", "app.py", "data_set/split_data.py",
+SCRIPTS = ("train.py", "predict.py", "export.py", "report.py", "model.py", "app.py", "data_set/split_data.py", "data_set/check.py",
            "benchmarks/benchmark.py", "benchmarks/time_to_accuracy.py", "benchmarks/formats.py",
            "benchmarks/startup.py")
 

@@ -599,10 +599,10 @@ def with_crop(loaders, size, args, device):
     loaders.crop = size
 
 
-def newly_unreadable(bad_images, loaders, progress):
+def newly_unreadable(bad_images, device, loaders, progress):
     """The images found unreadable since the last look, from every machine's caches; added to progress."""
     mine = [path for loader in loaders for path in loader.dataset.unreadable()]
-    found = sorted({p for part in distributed.all_gather(mine) for p in part} - set(progress.bad_images))
+    found = sorted({p for part in distributed.all_gather(mine, device) for p in part} - set(progress.bad_images))
     progress.bad_images.extend(found)
     if found and bad_images == "error":  # found while validating
         raise unreadable_error(found[0])

@@ -62,7 +62,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False):
     counts = distributed.all_reduce_sum(confusion.flatten().tolist() + [loss_sum], device)
     confusion = torch.tensor(counts[:-1], dtype=torch.int64).view(num_classes, num_classes)
     if per_image:
-        rows = sorted(r for part in distributed.all_gather(rows) for r in part)
+        rows = sorted(r for part in distributed.all_gather(rows, device) for r in part)
     return Evaluation(counts[-1] / max(int(confusion.sum()), 1), summary_scores(confusion), confusion,
                       rows if per_image else None)
 
