@@ -47,7 +47,7 @@ def require_onnx():
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ExportError(MISSING)
+        raise ExportError(MISSING) from None
 
 
 def get_args_parser():

@@ -25,7 +25,8 @@ class ReportError(UserError):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix (confusion_matrix.csv) "
+    p = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
+                                            "(confusion_matrix.csv) "
                                             "and worst-classified images (predictions.csv) to PNG files beside them; "
                                             "or, with --weights, a layer's feature maps or conv1's filters.",
                                 formatter_class=options.HelpFormatter)
@@ -35,11 +36,13 @@ def get_args_parser():
     p.add_argument("--weights", default=None, help="a checkpoint from train.py, for --feature-maps and --filters")
     p.add_argument("--feature-maps", default=None, metavar="PHOTO",
                    help="draw the first --channels output maps of --layer for this photo")
-    p.add_argument("--layer", default="inception3a", help="the stage whose maps --feature-maps draws (conv1 ... inception5b)")
+    p.add_argument("--layer", default="inception3a",
+                   help="the stage whose maps --feature-maps draws (conv1 ... inception5b)")
     p.add_argument("--channels", type=options.positive_int, default=16, help="how many of the layer's channels to draw")
     p.add_argument("--filters", action="store_true", help="draw conv1's 7x7 kernels as colour tiles")
     p.add_argument("--output", default=None,
-                   help="the PNG of --feature-maps or --filters (default: feature_maps_<layer>.png or conv1_filters.png)")
+                   help="the PNG of --feature-maps or --filters "
+                        "(default: feature_maps_<layer>.png or conv1_filters.png)")
     return p
 
 

@@ -68,14 +68,18 @@ def get_args_parser():
     p.add_argument("--micro-batch", type=options.non_negative_int, default=0,
                    help="split each step into chunks of this many images, accumulating gradients "
                         "(same result without BatchNorm, less memory; 0: the whole batch at once)")
-    p.add_argument("--lr", type=options.positive_float, default=1e-3, help="learning rate, applied as given in every process")
+    p.add_argument("--lr", type=options.positive_float, default=1e-3,
+                   help="learning rate, applied as given in every process")
     p.add_argument("--opt", default="adamw", choices=["adam", "adamw", "sgd"], help="optimizer")
     p.add_argument("--momentum", type=options.below_one, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=options.non_negative_float, default=0.05, help="L2 penalty (decoupled for adamw)")
+    p.add_argument("--weight-decay", type=options.non_negative_float, default=0.05,
+                   help="L2 penalty (decoupled for adamw)")
     p.add_argument("--lr-scheduler", default="cosine", choices=["none", "cosine", "step"],
                    help="learning-rate schedule over the epochs, stepped once per epoch")
-    p.add_argument("--warmup-epochs", type=options.non_negative_int, default=3, help="linear warm-up before the schedule")
-    p.add_argument("--lr-step-size", type=options.positive_int, default=10, help="epochs between decays of the step schedule")
+    p.add_argument("--warmup-epochs", type=options.non_negative_int, default=3,
+                   help="linear warm-up before the schedule")
+    p.add_argument("--lr-step-size", type=options.positive_int, default=10,
+                   help="epochs between decays of the step schedule")
     p.add_argument("--lr-gamma", type=options.positive_float, default=0.1, help="decay factor of the step schedule")
     p.add_argument("--label-smoothing", type=options.below_one, default=0.1, help="cross-entropy label smoothing")
     p.add_argument("--class-weights", default="none", choices=["none", "balanced"],
@@ -84,7 +88,8 @@ def get_args_parser():
     p.add_argument("--sampler", default="shuffle", choices=["shuffle", "balanced"],
                    help="the order of each epoch: every training image once (shuffle), or as many draws "
                         "as images with every class equally likely (balanced; seeded per epoch)")
-    p.add_argument("--aux-weight", type=options.non_negative_float, default=0.3, help="weight of each auxiliary classifier's loss")
+    p.add_argument("--aux-weight", type=options.non_negative_float, default=0.3,
+                   help="weight of each auxiliary classifier's loss")
     p.add_argument("--variant", default=None, choices=VARIANTS,
                    help="network layout: the paper's, or torchvision's with BatchNorm, which trains "
                         "faster from scratch (default: torchvision, or that of --weights)")
@@ -101,7 +106,8 @@ def get_args_parser():
                    help="augmentation policy applied after the crop and flip")
     p.add_argument("--random-erase", type=options.probability, default=0.1,
                    help="probability of erasing a random rectangle of each training image")
-    p.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0, help="MixUp's Beta(alpha, alpha) (0: off)")
+    p.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0,
+                   help="MixUp's Beta(alpha, alpha) (0: off)")
     p.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
                    help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
     p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
@@ -229,7 +235,8 @@ def main(args, given, cleanup):
     first, last = args.image_size
     crops = f"{first}" if first == last else f"{first} to {last}"
     log(f"data: {len(found.classes)} classes {found.classes}; "
-        + ("" if args.eval_only else f"{len(loaders.train.dataset)} train, ") + f"{len(loaders.val.dataset)} val images "
+        + ("" if args.eval_only else f"{len(loaders.train.dataset)} train, ")
+        + f"{len(loaders.val.dataset)} val images "
         + ("(" if args.eval_only else f"({crops} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
         f"device {placement.device}, {placement.precision}; {loaders.workers} loader workers; {world_size} process(es)")
 
@@ -244,7 +251,8 @@ def main(args, given, cleanup):
     if args.eval_only:
         return evaluation.evaluate_only(run, forward, criterion, loaders.val, start)
 
-    plan = schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget else schedule.fixed_plan(args.epochs or 25)
+    plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
+            else schedule.fixed_plan(args.epochs or 25))
     training = build_training(args, run, model, forward, criterion, plan)
     progress = run_state.Progress(plan=plan)
     if resume is not None:
@@ -418,7 +426,7 @@ def read_checkpoints(args):
                                                         check_hash=True, weights_only=True)
     except Exception as e:
         raise ckpt.CheckpointError(f"cannot download the ImageNet weights ({str(e)[:120]}): check the "
-                                   f"network, or download {IMAGENET_URL} and pass --weights FILE")
+                                   f"network, or download {IMAGENET_URL} and pass --weights FILE") from e
     return None, {"model": state_dict, "variant": "torchvision"}, IMAGENET_URL
 
 
@@ -526,14 +534,15 @@ def write_class_indices(args, classes):
             ckpt.write_class_indices(args.class_indices, classes)
         except OSError as e:
             raise TrainingError(f"cannot write the class index file {args.class_indices} "
-                                f"({e.strerror or e}): pass --class-indices with a writable path")
+                                f"({e.strerror or e}): pass --class-indices with a writable path") from e
 
 
 def open_tensorboard(output_dir, next_step):
     try:
         return TensorBoardLog(os.path.join(output_dir, "tensorboard"), next_step)
     except ImportError:
-        raise TrainingError("--tensorboard needs tensorboard, an optional dependency: pip install tensorboard")
+        raise TrainingError(
+            "--tensorboard needs tensorboard, an optional dependency: pip install tensorboard") from None
 
 
 # ---------------------------------------------------------------------------------------------

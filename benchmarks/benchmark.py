@@ -28,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from inference import classify
+from inference import classify  # noqa: E402
 from plumbing import options  # noqa: E402
 
 BATCH = 32
@@ -180,7 +180,8 @@ def predict_project(root, size, config, onnx_file):
         placement = dev.place("cpu", "off" if config == "fp32" else "bf16")
         model = GoogLeNet(num_classes=len(classes), aux_logits=False, init_weights=True)
         model = model.to(memory_format=torch.channels_last).eval()
-        classifier = classify.Classifier(classify.TorchLogits(model, placement), classes, images.Preprocessing(size, size))
+        classifier = classify.Classifier(classify.TorchLogits(model, placement), classes,
+                                         images.Preprocessing(size, size))
     args = predict.get_args_parser().parse_args(files[:1])
     workers = images.default_workers("cpu", args.batch_size, items=len(files))
     start = time.perf_counter()
@@ -237,8 +238,10 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="folder of class folders (or of train/<class>/), e.g. ../shared/flower_photos")
     p.add_argument("--rounds", type=options.positive_int, default=2, help="alternations of the configurations")
-    p.add_argument("--train-steps", type=options.positive_int, default=6, help="timed training steps of batch 32 per run")
-    p.add_argument("--predict-images", type=options.positive_int, default=256, help="images classified per prediction run")
+    p.add_argument("--train-steps", type=options.positive_int, default=6,
+                   help="timed training steps of batch 32 per run")
+    p.add_argument("--predict-images", type=options.positive_int, default=256,
+                   help="images classified per prediction run")
     p.add_argument("--image-size", type=options.image_size, default=224, help="training crop and prediction size")
     p.add_argument("--skip", nargs="+", default=[], metavar="PART_OR_CONFIG",
                    choices=["train", "predict", "seed", "fp32", "bf16", "onnx"],
@@ -308,7 +311,8 @@ def main():
         cells = [f"{c} {median[(part, c)]:.2f} ({max(x['peak_rss_mib'] for x in results[(part, c)])})" for c in done]
         print(f"{part:<8} " + " | ".join(cells))
         ratios = [f"{a}/{b} {median[(part, a)] / median[(part, b)]:.2f}x"
-                  for a, b in (("fp32", "seed"), ("bf16", "fp32"), ("onnx", "fp32")) if (part, a) in median and (part, b) in median]
+                  for a, b in (("fp32", "seed"), ("bf16", "fp32"), ("onnx", "fp32"))
+                  if (part, a) in median and (part, b) in median]
         print(f"{'':<8} " + "  ".join(ratios))
 
 

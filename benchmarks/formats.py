@@ -24,11 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from benchmark import cpu_description  # noqa: E402
-
-from inference import (
-    classify,
-    images,  # noqa: E402
-)
+from inference import classify, images  # noqa: E402
 from plumbing import options  # noqa: E402
 
 WARMUP = 2

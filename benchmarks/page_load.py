@@ -38,7 +38,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from benchmark import cpu_description  # noqa: E402
-
 from plumbing import options  # noqa: E402
 
 # the kinds each client sends, in turn (each client starts at another place in the cycle)

@@ -22,7 +22,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from benchmark import cpu_description  # noqa: E402
-
 from plumbing import options  # noqa: E402
 
 
@@ -31,8 +30,10 @@ def get_args_parser():
     p.add_argument("--source", required=True, help="a folder of class folders of photos to link to")
     p.add_argument("--photos", type=options.positive_int, nargs="+", default=[3000, 30000], help="folder sizes to time")
     p.add_argument("--work", default="/tmp/googlenet-startup", help="where the linked folders are made")
-    p.add_argument("--cache", nargs="+", default=["off", "auto"], choices=["off", "auto", "on"], help="--cache modes to time")
-    p.add_argument("--processes", type=options.positive_int, default=1, help="train.py processes (torchrun when more than 1)")
+    p.add_argument("--cache", nargs="+", default=["off", "auto"], choices=["off", "auto", "on"],
+                   help="--cache modes to time")
+    p.add_argument("--processes", type=options.positive_int, default=1,
+                   help="train.py processes (torchrun when more than 1)")
     p.add_argument("--epochs", type=options.positive_int, default=None,
                    help="run this many epochs instead of stopping after the first step")
     p.add_argument("--image-size", type=options.image_size, default=128, help="train.py's --image-size")
@@ -90,7 +91,8 @@ def time_run(folder, cache, opts):
                 if opts.processes > 1 else [sys.executable])
     start = time.perf_counter()
     proc = subprocess.Popen([*launcher, os.path.join(ROOT, "train.py"), *train_args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
     os.set_blocking(proc.stdout.fileno(), False)
     text, data_s, step_s, peak = "", None, None, 0
     while proc.poll() is None:
@@ -116,7 +118,8 @@ def main(argv=None):
     opts = get_args_parser().parse_args(argv)
     print(f"{cpu_description()}; {opts.processes} process(es); --image-size {opts.image_size}"
           + (f"; {opts.epochs} epoch(s)" if opts.epochs else "; stopped after the first step"))
-    print("| photos | --cache | to the data line (s) | to the first step (s) | peak memory, all processes (GiB) | cache line |")
+    print("| photos | --cache | to the data line (s) | to the first step (s) "
+          "| peak memory, all processes (GiB) | cache line |")
     print("| --- | --- | --- | --- | --- | --- |")
     for count in opts.photos:
         folder = linked_folder(opts.source, count, opts.work)

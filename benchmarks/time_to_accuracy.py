@@ -19,7 +19,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from benchmark import cpu_description  # noqa: E402
-
 from plumbing import options  # noqa: E402
 
 EPOCH_LINE = re.compile(r"\[epoch (\d+)\] .*val_accuracy: ([\d.]+)")
@@ -32,7 +31,10 @@ def get_args_parser():
     return p
 
 
-def time_run(train_args, out=sys.stdout, script=os.path.join(ROOT, "train.py")):
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def time_run(train_args, out=sys.stdout, script=TRAIN):
     """Run train.py with train_args; returns (exit code, [(epoch, minutes, accuracy)], total minutes)."""
     cmd = [sys.executable, script, *train_args]
     start = time.perf_counter()
@@ -60,7 +62,8 @@ def report(epochs, total, marks, out=sys.stdout):
     print(f"\nwhole run: {total:.1f} min, {len(epochs)} epochs", file=out)
     for mark in marks:
         reached = next(((e, m) for e, m, a in epochs if a >= mark), None)
-        print(f"val accuracy >= {mark:.2f}: " + (f"{reached[1]:.1f} min (epoch {reached[0]})" if reached else "not reached"),
+        print(f"val accuracy >= {mark:.2f}: "
+              + (f"{reached[1]:.1f} min (epoch {reached[0]})" if reached else "not reached"),
               file=out)
     if epochs:
         best = max(epochs, key=lambda x: x[2])

@@ -72,9 +72,9 @@ def read_class_indices(path):
         return [data[str(i)] for i in range(len(data))]
     except FileNotFoundError:
         raise CheckpointError(f"class index file {path} does not exist: pass --class-indices, or use a "
-                              "checkpoint written by train.py, which holds its class names")
+                              "checkpoint written by train.py, which holds its class names") from None
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is not a class index file like {{\"0\": \"daisy\", ...}}")
+        raise CheckpointError(f"{path} is not a class index file like {{\"0\": \"daisy\", ...}}") from None
 
 
 def load_checkpoint(path, option="--weights"):
@@ -86,7 +86,7 @@ def load_checkpoint(path, option="--weights"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         raise CheckpointError(f"{path} is not a readable PyTorch weights file (damaged, or another format): "
-                              "pass a best.pth or last.pth written by train.py, or a saved state dict")
+                              "pass a best.pth or last.pth written by train.py, or a saved state dict") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

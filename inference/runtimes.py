@@ -32,7 +32,7 @@ class OnnxModel:
         try:
             import onnxruntime
         except ImportError:
-            raise OnnxError(MISSING)
+            raise OnnxError(MISSING) from None
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -40,7 +40,7 @@ class OnnxModel:
             self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise OnnxError(f"{source if isinstance(source, str) else 'the model'} is not a readable ONNX "
-                            f"model ({str(e).splitlines()[0][:120]}): export it again with export.py")
+                            f"model ({str(e).splitlines()[0][:120]}): export it again with export.py") from e
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.input_name = self.session.get_inputs()[0].name
 
@@ -56,7 +56,7 @@ class OpenVinoModel:
         try:
             import openvino
         except ImportError:
-            raise OnnxError(OPENVINO_MISSING)
+            raise OnnxError(OPENVINO_MISSING) from None
         core = openvino.Core()
         try:
             network = core.read_model(path)
@@ -66,7 +66,7 @@ class OpenVinoModel:
             self.compiled = core.compile_model(network, "CPU", config)
         except Exception as e:
             raise OnnxError(f"{path} is not a model OpenVINO can read ({str(e).splitlines()[0][:120]}): "
-                            "export it again with export.py, or use --runtime onnxruntime")
+                            "export it again with export.py, or use --runtime onnxruntime") from e
         # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"]
         framework = network.get_rt_info()["framework"] if network.has_rt_info(["framework"]) else {}
         self.metadata = {key: value.astype(str) for key, value in framework.items()}
@@ -86,5 +86,6 @@ def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto"):
         preprocessing = Preprocessing(int(meta["val_resize"]), int(meta["val_crop"]),
                                       tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])))
     except (KeyError, ValueError):
-        raise OnnxError(f"{path} has no class names and preprocessing in its metadata: export it with export.py")
+        raise OnnxError(
+            f"{path} has no class names and preprocessing in its metadata: export it with export.py") from None
     return model, classes, preprocessing

@@ -42,7 +42,7 @@ def grad_cam(model, images, targets, layer="inception5b"):
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
-        raise CamError(MISSING)
+        raise CamError(MISSING) from None
     with torch.enable_grad():
         maps = LayerGradCam(model, getattr(model, layer)).attribute(images, target=targets, relu_attributions=True)
         maps = LayerAttribution.interpolate(maps, tuple(images.shape[-2:]), interpolate_mode="bilinear")
@@ -83,7 +83,7 @@ def write_cams(model, files, preprocessing, classes, probabilities, out_dir, cla
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise CamError(f"cannot create {out_dir} ({e.strerror or e}): pass --cam with a writable folder")
+        raise CamError(f"cannot create {out_dir} ({e.strerror or e}): pass --cam with a writable folder") from e
     written = []
     for start in range(0, len(files), batch_size):
         chunk = [(i, f) for i, f in enumerate(files[start:start + batch_size], start)]
@@ -98,7 +98,7 @@ def write_cams(model, files, preprocessing, classes, probabilities, out_dir, cla
                 name = os.path.join(out_dir, f"{i:05d}_{os.path.basename(name)}")
             picture = overlay(image, h, f"{classes[k]} {p:.2f} ({layer})")
             written.append(name)
-            atomic_write(written[-1], lambda f: picture.save(f, format="PNG"))
+            atomic_write(written[-1], lambda f, picture=picture: picture.save(f, format="PNG"))
     return written
 
 
@@ -191,7 +191,8 @@ def roughness(kernels):
     a trained first layer learns. kernels: N x C x H x W; returns the mean over the N kernels."""
     k = kernels.detach().float()
     k = k - k.mean(dim=(2, 3), keepdim=True)
-    steps = (k[..., 1:, :] - k[..., :-1, :]).pow(2).mean(dim=(1, 2, 3)) + (k[..., 1:] - k[..., :-1]).pow(2).mean(dim=(1, 2, 3))
+    steps = ((k[..., 1:, :] - k[..., :-1, :]).pow(2).mean(dim=(1, 2, 3))
+             + (k[..., 1:] - k[..., :-1]).pow(2).mean(dim=(1, 2, 3)))
     return float((steps / 2 / k.pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-20)).sqrt().mean())
 
 

@@ -248,7 +248,7 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
                 shutil.copy2(path, target)
             except OSError as e:
                 raise DataError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
-                                "or pass --dest with another folder")
+                                "or pass --dest with another folder") from e
     counts = {name: (sum(1 for _, k in train if k == i), sum(1 for _, k in val if k == i))
               for i, name in enumerate(classes)}
     _log_table(counts, log)

@@ -47,7 +47,7 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
             src = urllib.request.urlopen(url, timeout=60)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot download {url} ({e}): check the network, or pass --data-url "
-                            "with a mirror or a local copy of flower_photos.tgz")
+                            "with a mirror or a local copy of flower_photos.tgz") from e
         total = int(src.headers.get("Content-Length") or 0) or None
     try:
         os.makedirs(dest_dir, exist_ok=True)
@@ -55,7 +55,7 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
     except OSError as e:
         raise DataError(f"cannot fetch and unpack the flower photos into {dest_dir} ({e.strerror or e}): check "
                         "the network and the free disk space (they need about 0.5 GB), or pass --data-path "
-                        "with another folder")
+                        "with another folder") from e
 
 
 def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
@@ -90,14 +90,15 @@ def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
                 for member in tar.getmembers():
                     parts = member.name.replace("\\", "/").split("/")
                     if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
-                        raise DataError(f"{archive} holds an unsafe entry {member.name!r}: it is not the flower archive")
+                        raise DataError(f"{archive} holds an unsafe entry {member.name!r}: "
+                                        "it is not the flower archive")
                 tar.extractall(staging)
         if not os.path.isdir(os.path.join(staging, "flower_photos")):
             raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
         os.rename(os.path.join(staging, "flower_photos"), extracted)
     except (tarfile.TarError, EOFError, zlib.error) as e:  # a damaged archive, or an entry that would escape
         raise DataError(f"cannot extract {archive} ({type(e).__name__}: {e}): it is damaged or not the flower "
-                        "photos archive; delete it and download again, or pass another --data-url")
+                        "photos archive; delete it and download again, or pass another --data-url") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # only what this function made
     return extracted

@@ -58,7 +58,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False):
         if per_image:
             log_p = torch.log_softmax(logits.float(), dim=1)
             losses = -log_p.gather(1, targets[:, None])[:, 0]
-            rows += [(i, p, l) for i, p, l in zip(kept, log_p.exp().tolist(), losses.tolist())]
+            rows += list(zip(kept, log_p.exp().tolist(), losses.tolist()))
     counts = distributed.all_reduce_sum(confusion.flatten().tolist() + [loss_sum], device)
     confusion = torch.tensor(counts[:-1], dtype=torch.int64).view(num_classes, num_classes)
     if per_image:
@@ -84,7 +84,7 @@ def evaluate_only(run, model, criterion, val_loader, start):
         write_confusion_csv(path, classes, result.confusion)
         samples = val_loader.dataset.samples
         write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
-                              [(samples[i][0], samples[i][1], p, l) for i, p, l in result.rows])
+                              [(samples[i][0], samples[i][1], p, loss) for i, p, loss in result.rows])
         print(f"confusion matrix and per-image predictions written to {path} and "
               f"{os.path.join(args.output_dir, 'predictions.csv')}")
     return 0

@@ -134,13 +134,15 @@ class TensorBoardLog:
 
 def report_epoch(run, epoch, lr, result, val, seconds):
     """The epoch's summary line, its metrics.csv row and its TensorBoard scalars."""
-    other = "" if run.args.best_metric == "accuracy" else f"val_{run.args.best_metric}: {val.scores[run.args.best_metric]:.3f}  "
+    metric = run.args.best_metric
+    other = "" if metric == "accuracy" else f"val_{metric}: {val.scores[metric]:.3f}  "
     print(f"[epoch {epoch}] train_loss: {result.loss:.3f}  "
           + (f"train_accuracy: {result.accuracy:.3f}  " if result.accuracy is not None else "")
           + f"val_loss: {val.loss:.3f}  val_accuracy: {val.accuracy:.3f}  {other}{result.images_per_s:.1f} img/s  "
           f"{seconds:.0f} s")
     append_metrics(os.path.join(run.args.output_dir, "metrics.csv"), epoch,
-                   dict(lr=lr, train_loss=result.loss, train_accuracy="" if result.accuracy is None else result.accuracy,
+                   dict(lr=lr, train_loss=result.loss,
+                        train_accuracy="" if result.accuracy is None else result.accuracy,
                         val_loss=val.loss, val_accuracy=val.accuracy,
                         val_balanced_accuracy=val.scores["balanced_accuracy"], val_macro_f1=val.scores["macro_f1"],
                         images_per_s=result.images_per_s, seconds=seconds))
