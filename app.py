@@ -5,9 +5,11 @@ network looked), served by Gradio on this machine.
     python app.py --weights googlenet.onnx --examples photos/ --port 8080
     python app.py --host 0.0.0.0                    # reachable from other machines
 
-It classifies through predict.py's code (the same loader, preprocessing and softmax, so the page
-shows predict.py's numbers). What people upload is not always a photo: every file the loader cannot
-use gets a message on the page and one line in the server's log, and the server goes on serving.
+It classifies through predict.py's code (the same loader, preprocessing and calibrated softmax, so
+the page shows predict.py's numbers), and says "not sure", with its best guesses, where predict.py
+answers "unknown": below the weights' threshold, or --min-confidence. What people upload is not
+always a photo: every file the loader cannot use gets a message on the page and one line in the
+server's log, and the server goes on serving.
 
 What the page stores lives in one folder of its own (holding Gradio's temporary folder,
 GRADIO_TEMP_DIR): an upload larger than --max-upload-mb is refused while it arrives, an upload is
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from inference import classify, images, visualize
+from inference.calibration import UNKNOWN
 from plumbing import options
 from plumbing.options import UserError
 
@@ -58,6 +61,9 @@ def get_args_parser():
                         "while it arrives, and the page says so")
     p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS,
                    help="the layer whose output the heat map weighs")
+    p.add_argument("--min-confidence", type=options.probability, default=None, metavar="P",
+                   help="say \"not sure\" (with the best guesses) for a photo whose top probability is below P "
+                        "(default: the threshold the weights record; 0: always name a class)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (.pth weights)")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py")
@@ -92,21 +98,29 @@ class Demo:
         self.classifier, self.cam_layer = classifier, cam_layer
 
     def classify(self, path, name="the upload"):
-        """({class: probability} of the top classes, the Grad-CAM picture or None, a note)."""
+        """({class: probability} of the top classes, the Grad-CAM picture or None, a note). A photo the
+        model is not sure about (classify.decided_class: "unknown") gets a note that says so first."""
         pixels = images.resize_and_crop(read_upload(path, name), self.classifier.preprocessing)
         probabilities = self.classifier.probabilities(pixels[None])[0]
         order = np.argsort(-probabilities, kind="stable")
-        top = {self.classifier.classes[k]: float(probabilities[k]) for k in order[:TOP]}
+        classes = self.classifier.classes
+        top = {classes[k]: float(probabilities[k]) for k in order[:TOP]}
+        doubt = ""
+        if classify.decided_class(classes, probabilities, self.classifier.min_confidence) == UNKNOWN:
+            guesses = ", ".join(f"{classes[k]} {probabilities[k]:.2f}" for k in order[:3])
+            doubt = (f"**Not sure**: no class reaches the probability of {self.classifier.min_confidence:.2f} "
+                     f"this page asks for. Best guesses: {guesses}. ")
         if self.classifier.torch_model is None:
-            return top, None, ("The heat map needs PyTorch weights: start the page with the .pth file "
-                               "this .onnx file was exported from.")
+            return top, None, doubt + ("The heat map needs PyTorch weights: start the page with the .pth file "
+                                       "this .onnx file was exported from.")
         best = int(order[0])
         try:
             heat = self.heat_map(pixels, best)
         except visualize.CamError as e:  # captum missing: the classes still come, the page says why
-            return top, None, f"No heat map: {e}."
-        caption = f"{self.classifier.classes[best]} {probabilities[best]:.2f} ({self.cam_layer})"
-        note = f"Grad-CAM of {self.classifier.classes[best]} at {self.cam_layer}."
+            return top, None, doubt + f"No heat map: {e}."
+        guess = "?" if doubt else ""
+        caption = f"{classes[best]}{guess} {probabilities[best]:.2f} ({self.cam_layer})"
+        note = doubt + f"Grad-CAM of {'the best guess ' if doubt else ''}{classes[best]} at {self.cam_layer}."
         return top, visualize.overlay(pixels, heat, caption), note
 
     def heat_map(self, pixels, target):
@@ -254,6 +268,7 @@ def main(args):
             raise UserError(f"--examples {args.examples} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
     classifier = classify.load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                          warn=lambda line: print(line, file=sys.stderr))
+    classifier.calibration = classifier.calibration.with_min_confidence(args.min_confidence)
     # Gradio closes its server on Ctrl-C: a terminate (a service manager's stop) ends the same way,
     # so the folder below is removed either way
     signal.signal(signal.SIGTERM, signal.default_int_handler)

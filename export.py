@@ -5,8 +5,9 @@
     python predict.py tulip.jpg --weights googlenet.onnx      # runs in ONNX Runtime
 
 The graph is the eval-mode network without the aux heads: input ``images`` (N x 3 x H x W, float32,
-normalised; N is free), output ``logits`` (N x classes). The class names, the image sizes and the
-normalisation travel in the file's metadata, so the .onnx file is all predict.py needs.
+normalised; N is free), output ``logits`` (N x classes). The class names, the image sizes, the
+normalisation, the temperature that calibrates the probabilities and the "not sure" threshold
+travel in the file's metadata, so the .onnx file is all predict.py needs.
 
 --int8 is ONNX Runtime's static post-training quantization (QDQ format, per-channel int8 weights
 in 7 bits, uint8 activations), calibrated on training photos of the run spread evenly over its
@@ -24,8 +25,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from inference import calibration, classify, images
 from inference import checkpoint as ckpt
-from inference import classify, images
 from inference.runtimes import OnnxModel
 from plumbing import options
 from plumbing.atomic import atomic_write
@@ -71,16 +72,17 @@ def get_args_parser():
     return p
 
 
-def export(model, classes, preprocessing, variant, output, check_images=4, log=print):
+def export(model, classes, preprocessing, variant, output, check_images=4, log=print, calibrated=None):
     """Write model (eval, no aux heads, CPU) to output as ONNX with its metadata; returns the largest
     probability difference ONNX Runtime showed against PyTorch. The file is written only if it checks out."""
-    blob, worst = to_onnx(model, classes, preprocessing, variant, check_images, log)
+    blob, worst = to_onnx(model, classes, preprocessing, variant, check_images, log, calibrated)
     atomic_write(output, lambda f: f.write(blob), hint="pass --output with a writable path, or free some disk space")
     return worst
 
 
-def to_onnx(model, classes, preprocessing, variant, check_images=4, log=print):
-    """(the fp32 ONNX file's bytes, the largest probability difference against PyTorch), checked."""
+def to_onnx(model, classes, preprocessing, variant, check_images=4, log=print, calibrated=None):
+    """(the fp32 ONNX file's bytes, the largest probability difference against PyTorch), checked.
+    calibrated: the weights' calibration.Calibration (temperature, threshold), into the metadata."""
     import onnx
 
     crop = preprocessing.crop
@@ -92,7 +94,7 @@ def to_onnx(model, classes, preprocessing, variant, check_images=4, log=print):
     proto = program.model_proto
     metadata = {"classes": json.dumps(classes), "variant": variant, "val_resize": str(preprocessing.resize),
                 "val_crop": str(crop), "mean": json.dumps(list(preprocessing.mean)),
-                "std": json.dumps(list(preprocessing.std))}
+                "std": json.dumps(list(preprocessing.std)), **(calibrated or calibration.Calibration()).metadata()}
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
@@ -296,16 +298,19 @@ def main(args):
     require_onnx()
     if not args.output.lower().endswith(".onnx"):
         raise ExportError(f"--output {args.output}: the file name must end in .onnx")
-    model, classes, preprocessing = ckpt.load_model(args.weights, args.class_indices, torch.device("cpu"))
+    loaded = ckpt.load_checkpoint(args.weights)
+    model, classes, preprocessing = ckpt.load_model(args.weights, args.class_indices, torch.device("cpu"), loaded)
+    calibrated = calibration.of_checkpoint(loaded)
     variant = model.variant
-    print(f"exporting {args.weights} ({variant} variant, {len(classes)} classes, {preprocessing.crop} px) "
+    print(f"exporting {args.weights} ({variant} variant, {len(classes)} classes, {preprocessing.crop} px, "
+          f"temperature {calibrated.temperature:.4g}, \"not sure\" below {calibrated.min_confidence:.4g}) "
           f"to ONNX opset {OPSET}" + (", then INT8" if args.int8 else ""))
     if not args.int8:
-        export(model, classes, preprocessing, variant, args.output, args.check_images)
+        export(model, classes, preprocessing, variant, args.output, args.check_images, calibrated=calibrated)
     else:
-        train_samples, val_samples, root = run_photos(ckpt.load_checkpoint(args.weights), args.data_path)
+        train_samples, val_samples, root = run_photos(loaded, args.data_path)
         chosen = calibration_choice(train_samples, args.calibration_images)  # before the minutes of work
-        blob, _ = to_onnx(model, classes, preprocessing, variant, args.check_images)
+        blob, _ = to_onnx(model, classes, preprocessing, variant, args.check_images, calibrated=calibrated)
         result = quantize(blob, classes, preprocessing, chosen, val_samples)
         # whole photos: +0.0, never -0.0, when nothing changed
         change = 100 * (result.int8_correct - result.fp32_correct) / result.val_images

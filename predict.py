@@ -7,7 +7,10 @@
 
 A .pth checkpoint runs in PyTorch; a .onnx file from export.py (fp32 or INT8) runs in ONNX Runtime
 (or OpenVINO with --runtime openvino) and never imports torch, which takes seconds to import. Both see
-the same pixels: images.py's decoding and preprocessing, and the same softmax here.
+the same pixels: images.py's decoding and preprocessing, and the same softmax here, of the logits
+divided by the temperature the weights record (calibrated probabilities). A photo whose top
+probability is below the weights' "not sure" threshold (or --min-confidence) is answered "unknown",
+with its best guesses.
 """
 import argparse
 import os
@@ -19,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from inference import images, visualize
+from inference.calibration import UNKNOWN
 from inference.classify import (
     CsvOutput,
     PhotoSorter,
@@ -65,6 +69,9 @@ def get_args_parser():
     p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
                    help="what runs a .onnx file (openvino: an optional dependency, faster for INT8 files on CPUs)")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
+    p.add_argument("--min-confidence", type=options.probability, default=None, metavar="P",
+                   help="answer \"unknown\" for a photo whose top probability is below P (default: the threshold "
+                        "the weights record, which answers 95%% of their val photos; 0: always name a class)")
     p.add_argument("--cam", default=None, metavar="OUT_DIR",
                    help="also write a Grad-CAM heat map of each image to this folder (needs captum)")
     p.add_argument("--cam-class", default=None,
@@ -115,6 +122,7 @@ def main(args):
                               "export it with export.py, or leave --runtime out")
     classifier = load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                  warn=lambda line: print(line, file=sys.stderr), runtime=args.runtime)
+    classifier.calibration = classifier.calibration.with_min_confidence(args.min_confidence)
     rows = CsvOutput(args.output, classifier.classes) if args.output and args.output.lower().endswith(".csv") else None
     try:
         return classify(args, classifier, files, rows)
@@ -138,7 +146,7 @@ def outside_sorted_folder(files, sort_into):
 
 def classify(args, classifier, files, rows):
     """Classify the photos a batch at a time, writing and sorting each batch as it comes; the exit code."""
-    classes = classifier.classes
+    classes, threshold = classifier.classes, classifier.min_confidence
     done = {f: rows.done[f] for f in files if f in rows.done} if rows else {}
     todo = [f for f in files if f not in done]
     if rows and (done or rows.torn):
@@ -170,12 +178,12 @@ def classify(args, classifier, files, rows):
                 good = [i for i, e in enumerate(batch_errors) if not e]
                 good_files, good_probabilities = [batch[i] for i in good], probabilities[good]
                 if sorter:
-                    errors.extend(sort_error(sorter, f, decided_class(classes, p))
+                    errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold))
                                   for f, p in zip(good_files, good_probabilities, strict=True))
                 if rows:
-                    rows.append(good_files, classes, good_probabilities)
+                    rows.append(good_files, classes, good_probabilities, threshold)
                 if streamed_table and good_files:
-                    print_table(good_files, classes, good_probabilities, width=max(map(len, todo)),
+                    print_table(good_files, classes, good_probabilities, threshold, width=max(map(len, todo)),
                                 header=not table_started)
                     table_started = True
                 if (table and not streamed_table) or to_json or args.cam:
@@ -197,17 +205,19 @@ def classify(args, classifier, files, rows):
 
     probabilities = np.concatenate(kept_probabilities) if kept_probabilities else np.zeros((0, len(classes)))
     if len(files) == 1 and kept_files:
+        if decided_class(classes, probabilities[0], threshold) == UNKNOWN:
+            print(f"{UNKNOWN} (not sure): best guesses, the top probability below {threshold:.4f}:")
         top = np.argsort(-probabilities[0], kind="stable")[: args.topk or len(classes)]
         width = max(len(c) for c in classes)
         for k in top.tolist():
             print(f"{classes[k]:<{width}}  {probabilities[0, k]:.4f}")
     elif table and kept_files:
-        print_table(kept_files, classes, probabilities, width=max(map(len, kept_files)))
+        print_table(kept_files, classes, probabilities, threshold, width=max(map(len, kept_files)))
     if rows:
         if rows.written or done:
             print(f"predictions written to {args.output}")
     elif to_json and kept_files:
-        write_output(args.output, kept_files, classes, probabilities)
+        write_output(args.output, kept_files, classes, probabilities, threshold)
         print(f"predictions written to {args.output}")
     if sorter:
         print(f"{sorter.linked + sorter.copied + sorter.already:,} photos sorted into {args.sort_into}/<class>/ "
@@ -226,11 +236,11 @@ def sort_error(sorter, photo, class_name):
     return f"cannot sort {photo} into {os.path.join(sorter.root, class_name)}: {problem}" if problem else ""
 
 
-def print_table(files, classes, probabilities, width, header=True):
+def print_table(files, classes, probabilities, min_confidence, width, header=True):
     if header:
         print(f"{'file':<{width}}  {'class':<12} probability")
     for f, p in zip(files, probabilities, strict=True):
-        print(f"{f:<{width}}  {decided_class(classes, p):<12} {p.max():.4f}")
+        print(f"{f:<{width}}  {decided_class(classes, p, min_confidence):<12} {p.max():.4f}")
 
 
 def stopped_at(args, rows, sorter, done, classified, total):

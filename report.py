@@ -1,11 +1,13 @@
 """Draw what a run learned and what its network sees, as PNG files.
 
-    python report.py weights                     # curves, confusion matrix, top losses of a run's folder
+    python report.py weights                     # curves, confusion matrix, top losses, reliability of a run's folder
     python report.py --weights weights/best.pth --feature-maps tulip.jpg --layer inception3a
     python report.py --weights weights/best.pth --filters       # conv1's 64 kernels
 
 The run's files come from train.py (metrics.csv each epoch; confusion_matrix.csv and predictions.csv
-from --eval-only); the pictures of the network come from inference/visualize.py.
+from --eval-only, whose probabilities are calibrated with the weights' temperature: the reliability
+diagram and the accuracy against coverage are drawn from them); the pictures of the network come
+from inference/visualize.py.
 """
 import argparse
 import csv
@@ -26,9 +28,9 @@ class ReportError(UserError):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
-                                            "(confusion_matrix.csv) "
-                                            "and worst-classified images (predictions.csv) to PNG files beside them; "
-                                            "or, with --weights, a layer's feature maps or conv1's filters.",
+                                            "(confusion_matrix.csv), worst-classified images, reliability diagram "
+                                            "and accuracy against coverage (predictions.csv) to PNG files beside "
+                                            "them; or, with --weights, a layer's feature maps or conv1's filters.",
                                 formatter_class=options.HelpFormatter)
     p.add_argument("folder", nargs="?", default="weights", help="the run's --output-dir")
     p.add_argument("--top-losses", type=options.non_negative_int, default=16,
@@ -111,6 +113,13 @@ def plot(folder, top_losses=16):
     if os.path.exists(predictions_path) and top_losses:
         written.append(os.path.join(folder, "top_losses.png"))
         save_png(draw_top_losses(plt, predictions_path, top_losses), written[-1])
+    if os.path.exists(predictions_path):
+        probabilities, labels = read_predictions(predictions_path)
+        if len(labels):
+            written.append(os.path.join(folder, "reliability.png"))
+            save_png(draw_reliability(plt, probabilities, labels), written[-1])
+            written.append(os.path.join(folder, "risk_coverage.png"))
+            save_png(draw_risk_coverage(plt, probabilities, labels), written[-1])
     if not written:
         raise ReportError(f"{folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
                          "train (python train.py) or evaluate (python train.py --eval-only) first")
@@ -141,6 +150,68 @@ def draw_top_losses(plt, predictions_path, count):
         ax.set_title(f"true {row['true_class']}\npredicted {row['predicted_class']} {probability:.2f}\n"
                      f"loss {float(row['loss']):.2f}", fontsize=9)
     fig.suptitle(f"the {len(rows)} validation images with the highest loss")
+    fig.tight_layout()
+    return fig
+
+
+def read_predictions(path):
+    """(probabilities N x classes, true class indices N) of a predictions.csv."""
+    import numpy as np
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
+        rows = list(reader)
+    try:
+        probabilities = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]).reshape(len(rows), len(classes))
+        labels = np.array([classes.index(r["true_class"]) for r in rows], dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ReportError(f"{path} is not a predictions.csv of train.py --eval-only ({type(e).__name__}: {e}): "
+                          "run --eval-only again") from None
+    return probabilities, labels
+
+
+def draw_reliability(plt, probabilities, labels):
+    """The reliability diagram: per bin of the top probability, the accuracy of its images against
+    their mean top probability (on the diagonal when calibrated), and how many images each bin holds."""
+    from inference import calibration
+
+    bins = calibration.ECE_BINS
+    table = calibration.reliability_table(probabilities, labels, bins)
+    ece = calibration.expected_calibration_error(probabilities, labels, bins)
+    width = 1 / bins
+    lefts = [b * width for b in range(bins)]
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=(3, 1), sharex=True)
+    ax.bar(lefts, [a if n else 0 for n, _, a in table], width=width, align="edge", edgecolor="black",
+           color="tab:blue", label="accuracy of the bin")
+    ax.bar(lefts, [c - a if n else 0 for n, c, a in table], bottom=[a if n else 0 for n, _, a in table],
+           width=width, align="edge", color="tab:red", alpha=0.3, hatch="//", label="gap to its mean probability")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability: ECE {ece:.4f} ({bins} bins, {len(labels)} images)")
+    ax.legend(loc="upper left")
+    ax_count.bar(lefts, [n for n, _, _ in table], width=width, align="edge", color="gray", edgecolor="black")
+    ax_count.set(xlabel="top probability (calibrated)", ylabel="images")
+    for a in (ax, ax_count):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def draw_risk_coverage(plt, probabilities, labels):
+    """Accuracy of the answered images against the share answered, the most confident first."""
+    from inference import calibration
+
+    coverage, accuracy = calibration.risk_coverage_curve(probabilities, labels)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(coverage, accuracy, "-", color="tab:blue")
+    for c, threshold, _, a in calibration.risk_coverage(probabilities, labels):
+        ax.plot([c], [a], "o", color="tab:orange")
+        ax.annotate(f"{threshold:.2f}", (c, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set(xlabel="coverage (share of images answered, the most confident first)",
+           ylabel="accuracy of the answered", xlim=(0, 1.02),
+           title="accuracy against coverage (labels: the threshold)")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -9,6 +9,7 @@ fit(), the epoch loop. What the run keeps fixed travels in Run, what moves in ru
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import math
@@ -132,7 +133,13 @@ def get_args_parser():
                    help="start from these weights: a checkpoint, a state dict, or 'imagenet' for "
                         "torchvision's ImageNet GoogLeNet (downloaded with torch.hub)")
     p.add_argument("--freeze-layers", action="store_true", help="train only the classifier heads")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate --weights on the val folder")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only evaluate --weights on every image of --data-path's class folders (or of its val/ "
+                        "folder), classes matched by name; in the folder the weights were trained on, on its val "
+                        "images only")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --eval-only: fit the temperature and the \"not sure\" threshold on the images "
+                        "scored (in fp32) and store them in --weights (training does this on its val images)")
     p.add_argument("--tta", action="store_true",
                    help="with --eval-only: average the logits of each image and its mirror image")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
@@ -228,7 +235,8 @@ def main(args, given, cleanup):
     distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
-    found = load_data(args, placement.device, recorded_split, log)
+    evaluation.check_calibrate(args, start)
+    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"))
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
@@ -325,6 +333,7 @@ def fit(run, training, loaders, progress):
         save_last(run, state, progress)
     if run.tensorboard:
         run.tensorboard.close()
+    evaluation.calibrate_best(run, copy.deepcopy(validated), loaders.val, training.criterion, log)
     if run.world_size > 1:
         log(f"ranks in sync: the {run.world_size} processes held identical weights after every epoch")
     took = f"; {run.elapsed() / 60:.1f} of {plan.budget_s / 60:g} min" if plan.budget_s else ""
@@ -430,16 +439,17 @@ def read_checkpoints(args):
     return None, {"model": state_dict, "variant": "torchvision"}, IMAGENET_URL
 
 
-def load_data(args, device, recorded_split, log):
+def load_data(args, device, recorded_split, log, weights_classes=None):
     """The classes and samples of --data-path (downloaded first with --download); a recorded split
-    (resume, --eval-only) is used as it was."""
+    (resume) is used as it was. --eval-only scores a test set: evaluation.find_test_data."""
     if args.download:
         distributed.run_on_main(device, download_if_missing, args.data_path, args.data_url, args.data_sha256, log)
     hint = ("run `python train.py --download` to fetch and split the flower photos"
             if os.path.normpath(args.data_path) == os.path.normpath(DEFAULT_DATA) else None)
-    found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, args.eval_only,
-                           hint, log)
-    if not args.eval_only and len(found.classes) < 2:
+    if args.eval_only:
+        return evaluation.find_test_data(args.data_path, weights_classes, recorded_split, log, hint)
+    found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, missing_hint=hint, log=log)
+    if len(found.classes) < 2:
         only = found.classes[0]
         raise data.DataError(f"{args.data_path} has one class folder ({only}): a classifier needs two or "
                              f"more; if {only} holds the class folders, pass --data-path "

@@ -3,8 +3,11 @@
 A checkpoint is a dict with the weights under "model" and what predict.py needs to use them
 ("classes", "variant", "image_size", "val_resize", "val_crop", "mean", "std"), the run's "split"
 and "args"; last.pth adds the state to continue ("optimizer", "scheduler", "scaler", "model_ema",
-the Progress fields and every process's "rng"). A plain state dict (the classic ``googleNet.pth``)
-loads too; its classes then come from class_indices.json.
+the Progress fields and every process's "rng"). best.pth gets, once training ends, the "temperature"
+that calibrates its probabilities, the "min_confidence" below which a photo is answered "unknown"
+and the "calibration" figures of that fit (inference/calibration.py; none: T = 1, no threshold).
+A plain state dict (the classic ``googleNet.pth``) loads too; its classes then come from
+class_indices.json.
 """
 import json
 import os
@@ -158,10 +161,10 @@ def check_classes(path, trained_on, classes, what):
                               "use data with the same class folders")
 
 
-def load_model(weights, class_indices, device):
+def load_model(weights, class_indices, device, loaded=None):
     """The eval-mode GoogLeNet without aux heads, on device in channels_last, for prediction and
-    export: (model, classes, Preprocessing)."""
-    loaded = load_checkpoint(weights)
+    export: (model, classes, Preprocessing). loaded: the checkpoint of weights, if read already."""
+    loaded = load_checkpoint(weights) if loaded is None else loaded
     state_dict = clean_state_dict(loaded["model"])
     classes = loaded.get("classes") or read_class_indices(class_indices)
     variant = loaded.get("variant") or guess_variant(state_dict)

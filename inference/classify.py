@@ -1,5 +1,7 @@
 """Classifying image files with a trained model, the same way for .pth weights (PyTorch) and .onnx
-files (ONNX Runtime or OpenVINO, never importing torch): one preprocessing, one softmax."""
+files (ONNX Runtime or OpenVINO, never importing torch): one preprocessing, one softmax with the
+weights' temperature, one rule for the class a photo is given (decided_class: "unknown" below the
+weights' "not sure" threshold)."""
 import csv
 import errno
 import filecmp
@@ -15,7 +17,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from inference import images
+from inference import calibration, images
+from inference.calibration import UNKNOWN, Calibration
 from plumbing.atomic import SaveError, atomic_write, atomic_write_text
 from plumbing.options import UserError
 
@@ -28,28 +31,32 @@ class PredictionError(UserError):
 class Classifier:
     """A trained model ready to classify: logits_of maps normalised float32 images N x 3 x H x W to
     logits N x classes (numpy both). torch_model is the PyTorch module of .pth weights (for
-    Grad-CAM), None for a .onnx file."""
+    Grad-CAM), None for a .onnx file. calibration: the weights' temperature and threshold."""
 
     logits_of: Callable
     classes: list
     preprocessing: images.Preprocessing
     device_type: str = "cpu"
     torch_model: Optional[object] = None
+    calibration: Calibration = Calibration()
 
     def probabilities(self, pixels, tta=False):
-        """Class probabilities N x classes of uint8 N x H x W x 3 images, preprocessed already;
-        with tta, of the mean logits of each image and its mirror."""
+        """Calibrated class probabilities N x classes (softmax of the logits / the temperature) of
+        uint8 N x H x W x 3 images, preprocessed already; with tta, of the mean logits of each image
+        and its mirror."""
         batch = images.normalize(pixels, self.preprocessing)
         logits = self.logits_of(batch)
         if tta:
             logits = (logits + self.logits_of(np.ascontiguousarray(batch[..., ::-1]))) / 2
-        return softmax(logits)
+        return softmax(logits, self.calibration.temperature)
+
+    @property
+    def min_confidence(self):
+        return self.calibration.min_confidence
 
 
-def softmax(logits):
-    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+def softmax(logits, temperature=1.0):
+    return calibration.softmax(logits, temperature)
 
 
 def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print,
@@ -59,10 +66,10 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
         if not os.path.isfile(weights):
             raise PredictionError(f"weights file {weights} does not exist: export one with "
                                   f"python export.py --output {weights}, or pass --weights with the right path")
-        from inference.runtimes import load_onnx  # no torch on this path
+        from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
 
         model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp)
-        return Classifier(model, classes, preprocessing)
+        return Classifier(model, classes, preprocessing, calibration=recorded_calibration(model, weights))
     # torch only here: importing it takes seconds that a .onnx file never pays
     from inference import checkpoint as ckpt
     from plumbing import device as dev
@@ -70,8 +77,10 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
     placement = dev.place(device, amp)
     if placement.warning:
         warn(placement.warning)
-    model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device)
-    return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model)
+    loaded = ckpt.load_checkpoint(weights)
+    model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device, loaded)
+    return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model,
+                      calibration.of_checkpoint(loaded))
 
 
 class TorchLogits:
@@ -154,20 +163,21 @@ def _prepared_batches(files, preprocessing, batch_size, workers):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def decided_class(classes, probabilities):
-    """The class predict.py gives a photo: in its table, its CSV and JSON rows and the folder that
-    --sort-into puts it in. Today the most likely class; the one place where a photo the model is not
-    sure about can be given an "unknown" class instead."""
-    return classes[int(np.argmax(probabilities))]
+def decided_class(classes, probabilities, min_confidence=0.0):
+    """The class predict.py and the page give a photo: in the table, the CSV and JSON rows and the
+    folder that --sort-into puts it in. The most likely class, or "unknown" when its probability is
+    below min_confidence (the weights' threshold, or --min-confidence): the model is not sure."""
+    best = int(np.argmax(probabilities))
+    return UNKNOWN if float(probabilities[best]) < min_confidence else classes[best]
 
 
 def csv_header(classes):
     return ["file", "class", "probability"] + list(classes)
 
 
-def csv_rows(files, classes, probabilities):
+def csv_rows(files, classes, probabilities, min_confidence=0.0):
     for f, p in zip(files, np.asarray(probabilities).tolist(), strict=True):
-        yield [f, decided_class(classes, p), f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
+        yield [f, decided_class(classes, p, min_confidence), f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
 
 
 def _csv_text(rows):
@@ -176,14 +186,14 @@ def _csv_text(rows):
     return out.getvalue()
 
 
-def write_output(path, files, classes, probabilities):
+def write_output(path, files, classes, probabilities, min_confidence=0.0):
     """The whole table at once, as .json or .csv (CsvOutput writes a .csv a batch at a time)."""
     if path.lower().endswith(".json"):
-        text = json.dumps([{"file": f, "class": decided_class(classes, p), "probability": max(p),
+        text = json.dumps([{"file": f, "class": decided_class(classes, p, min_confidence), "probability": max(p),
                             "probabilities": dict(zip(classes, p, strict=True))}
                            for f, p in zip(files, probabilities.tolist(), strict=True)], indent=2) + "\n"
     elif path.lower().endswith(".csv"):
-        text = _csv_text([csv_header(classes), *csv_rows(files, classes, probabilities)])
+        text = _csv_text([csv_header(classes), *csv_rows(files, classes, probabilities, min_confidence)])
     else:
         raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
     atomic_write_text(path, text)
@@ -251,9 +261,9 @@ class CsvOutput:
             except OSError as e:
                 raise SaveError(self.path, e, "pass another --output") from e
 
-    def append(self, files, classes, probabilities):
+    def append(self, files, classes, probabilities, min_confidence=0.0):
         """Write the rows of one batch and flush them to the file."""
-        text = _csv_text(csv_rows(files, classes, probabilities))
+        text = _csv_text(csv_rows(files, classes, probabilities, min_confidence))
         try:
             self.file.write(text)
             self.file.flush()

@@ -1,15 +1,17 @@
 """Running exported .onnx files without torch: in ONNX Runtime (OnnxModel) or OpenVINO
 (OpenVinoModel), fed with numpy arrays.
 
-export.py writes the files (fp32, or INT8 with --int8) with the class names and the preprocessing
-in their metadata; predict.py and app.py run them through load_onnx, so a .onnx file is all they
-need. OpenVINO reads the same file (INT8 QDQ included) and runs the INT8 file faster than ONNX
-Runtime: 1.4x on an AVX2-only CPU, 4.2x on one with VNNI and AMX (docs/performance.md). Like
-PyTorch's --amp auto, OpenVINO computes in bf16 on CPUs with native bf16 unless told f32
-(amp="off"); ONNX Runtime always computes an fp32 file in fp32.
+export.py writes the files (fp32, or INT8 with --int8) with the class names, the preprocessing,
+the temperature and the "not sure" threshold in their metadata; predict.py and app.py run them
+through load_onnx and recorded_calibration, so a .onnx file is all they need. OpenVINO reads the
+same file (INT8 QDQ included) and runs the INT8 file faster than ONNX Runtime: 1.4x on an
+AVX2-only CPU, 4.2x on one with VNNI and AMX (docs/performance.md). Like PyTorch's --amp auto,
+OpenVINO computes in bf16 on CPUs with native bf16 unless told f32 (amp="off"); ONNX Runtime always
+computes an fp32 file in fp32.
 """
 import json
 
+from inference import calibration
 from inference.images import Preprocessing
 from plumbing.options import UserError
 
@@ -89,3 +91,13 @@ def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto"):
         raise OnnxError(
             f"{path} has no class names and preprocessing in its metadata: export it with export.py") from None
     return model, classes, preprocessing
+
+
+def recorded_calibration(model, path):
+    """The temperature and "not sure" threshold in a loaded .onnx file's metadata (calibration.Calibration;
+    a file exported before they existed: T = 1, no threshold)."""
+    found = calibration.of_metadata(model.metadata)
+    if found is None:
+        raise OnnxError(f"{path} has a temperature or min_confidence in its metadata that is no number: "
+                        "export it again with export.py")
+    return found

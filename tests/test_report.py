@@ -66,7 +66,7 @@ def test_top_losses_shows_the_highest_loss_images_with_their_captions(tmp_path):
                          f"loss {loss:.2f}")
     plt.close(fig)
     written = report.plot(str(tmp_path), top_losses=4)
-    assert [p.rsplit("/", 1)[-1] for p in written] == ["top_losses.png"]
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["top_losses.png", "reliability.png", "risk_coverage.png"]
     (tmp_path / "img0.png").unlink()  # moved away since the evaluation: one clear line
     with pytest.raises(SystemExit, match="cannot read .*img0.png"):
         report.plot(str(tmp_path), top_losses=7)

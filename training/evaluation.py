@@ -1,19 +1,32 @@
-"""Evaluating a model on the val images: the loss, the scores and the confusion matrix every epoch,
-and --eval-only's report with its per-image predictions."""
+"""Evaluating a model on the val images: the loss, the scores and the confusion matrix every epoch;
+the temperature and threshold fitted when training ends; and --eval-only: the test images it scores,
+its report with the calibration and the accuracy against coverage, and its per-image predictions."""
 import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from inference import calibration
 from inference import checkpoint as ckpt
 from model import logits_with_mirror
 from plumbing import device as dev
 from plumbing import distributed
 from training import data
-from training.metrics import print_evaluation, summary_scores, write_confusion_csv, write_predictions_csv
+from training.metrics import (
+    print_calibration,
+    print_evaluation,
+    summary_scores,
+    write_confusion_csv,
+    write_predictions_csv,
+)
+
+
+class TestDataError(data.DataError):
+    """A test folder --eval-only cannot score as asked: the message says what to do."""
 
 
 @dataclass
@@ -21,7 +34,7 @@ class Evaluation:
     loss: float
     scores: dict  # accuracy, balanced_accuracy, macro_f1 (metrics.summary_scores)
     confusion: torch.Tensor  # rows: true class, columns: predicted
-    rows: Optional[list] = None  # per image: (dataset index, class probabilities, cross-entropy)
+    rows: Optional[list] = None  # per image: (dataset index, logits in float32), in the dataset's order
 
     @property
     def accuracy(self):
@@ -29,9 +42,9 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model, loader, criterion, run, tta=False, per_image=False):
+def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=False):
     """Loss, accuracy and confusion matrix over every val image, whichever process holds it; with
-    per_image, also each image's probabilities and loss, in the dataset's order."""
+    per_image, also each image's logits, in the dataset's order. fp32: without the run's autocast."""
     args, device = run.args, run.device
     num_classes = len(run.record.classes)
     model.eval()
@@ -43,7 +56,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False):
         images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
                                       run.record.preprocessing.std, channels_last=args.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with dev.autocast(device, run.placement.amp_dtype):
+        with dev.autocast(device, None if fp32 else run.placement.amp_dtype):
             logits = logits_with_mirror(model, images) if tta else model(images)
         kept = [next(indices) for _ in range(len(valid))]
         if not valid.all():  # unreadable images are left out of every figure
@@ -56,9 +69,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False):
         confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
         if per_image:
-            log_p = torch.log_softmax(logits.float(), dim=1)
-            losses = -log_p.gather(1, targets[:, None])[:, 0]
-            rows += list(zip(kept, log_p.exp().tolist(), losses.tolist()))
+            rows += list(zip(kept, logits.float().cpu().tolist()))
     counts = distributed.all_reduce_sum(confusion.flatten().tolist() + [loss_sum], device)
     confusion = torch.tensor(counts[:-1], dtype=torch.int64).view(num_classes, num_classes)
     if per_image:
@@ -67,24 +78,156 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False):
                       rows if per_image else None)
 
 
+def labelled_logits(result, dataset, num_classes):
+    """(dataset indices, logits N x classes in float64, true classes N) of an evaluation's per-image rows."""
+    indices = [i for i, _ in result.rows]
+    logits = np.array([values for _, values in result.rows], dtype=np.float64).reshape(len(indices), num_classes)
+    labels = np.array([dataset.samples[i][1] for i in indices], dtype=np.int64)
+    return indices, logits, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# When training ends: the temperature and the "not sure" threshold
+# ---------------------------------------------------------------------------------------------
+def calibrate_best(run, model, val_loader, criterion, log):
+    """Fit the temperature and the threshold of best.pth's weights (the EMA's, as validated) on the
+    un-augmented val images, without TTA, in fp32, and add them to best.pth. Every process loads
+    best.pth and evaluates its share of the images; rank 0 rewrites the file (atomically)."""
+    if not os.path.isfile(run.best_path):
+        return
+    best = ckpt.load_checkpoint(run.best_path)
+    model.load_state_dict(ckpt.clean_state_dict(best["model"]))
+    result = evaluate(model, val_loader, criterion, run, per_image=True, fp32=True)
+    _, logits, labels = labelled_logits(result, val_loader.dataset, len(run.record.classes))
+    fitted = calibration.fit(logits, labels)
+    if fitted is None:
+        log(f"calibration: {len(labels)} readable val images, fewer than {calibration.MIN_FIT_IMAGES}: no "
+            "temperature or \"not sure\" threshold fitted (probabilities stay the softmax of the logits)")
+        return
+    best.update(temperature=fitted.calibration.temperature, min_confidence=fitted.calibration.min_confidence,
+                calibration=fitted.record())
+    distributed.run_on_main(run.device, ckpt.save_checkpoint, best, run.best_path,
+                            "best.pth keeps its weights without the temperature; free some disk space and run "
+                            f"python train.py --eval-only --calibrate --weights {run.best_path} --data-path "
+                            f"{run.args.data_path}")
+    log(f"calibration on the {fitted.images} val images (best.pth's weights, fp32, no TTA): " + fit_summary(fitted)
+        + f"; saved in {run.best_path}")
+
+
+def fit_summary(fitted):
+    c = fitted.calibration
+    return (f"temperature {c.temperature:.3f}; NLL {fitted.nll_before:.4f} -> {fitted.nll_after:.4f}, ECE "
+            f"({calibration.ECE_BINS} bins) {fitted.ece_before:.4f} -> {fitted.ece_after:.4f}; \"not sure\" below "
+            f"{c.min_confidence:.4f} (answers {100 * fitted.answered:.1f}% of them)"
+            + (f"; {fitted.note}" if fitted.note else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval-only
+# ---------------------------------------------------------------------------------------------
+def find_test_data(root, known_classes, recorded_split, log=print, missing_hint=None):
+    """The images --eval-only scores: every image of root/<class>/ (or of root/val/<class>/), never a
+    split of them, with the classes matched by name to known_classes (the weights'; None for a plain
+    state dict: the folder's own). A folder that lacks some of the classes is scored on those it has;
+    a class folder the weights do not know is an error that names it.
+
+    The exception: a plain folder that holds every val file the weights recorded (recorded_split,
+    paths relative to the folder) is the folder they were trained on, and only those files are
+    scored, since the weights have seen the others."""
+    if not os.path.isdir(root):
+        raise TestDataError(f"data folder {root} does not exist: "
+                            + (missing_hint or f"pass --data-path with {data.LAYOUTS}"))
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    split_tree = os.path.isdir(train_dir) or os.path.isdir(val_dir)
+    if split_tree and not os.path.isdir(val_dir):
+        raise TestDataError(f"data folder {val_dir} does not exist: --eval-only scores the val/ half of a split")
+    folder = val_dir if split_tree else root
+    if not split_tree and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
+        files = sum(1 for e in os.scandir(root) if e.is_file())
+        raise TestDataError(f"{root} holds {files} file(s) and no folders: pass --data-path with {data.LAYOUTS}")
+    present = data.find_classes(folder)
+    classes = list(known_classes) if known_classes else present
+    unknown = [c for c in present if c not in classes]
+    if unknown:
+        raise TestDataError(f"{folder} has the class folder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}, "
+                            f"which the weights do not know (their classes: {', '.join(classes)}): remove or rename "
+                            "it, or evaluate weights trained on it")
+    recorded = (recorded_split or {}).get("val_files") or []
+    held = [f for f in recorded if os.path.isfile(os.path.join(folder, *f.split("/")))]
+    if not split_tree and recorded and len(held) == len(recorded) and all(f.split("/")[0] in classes for f in held):
+        val = sorted(((os.path.join(folder, *f.split("/")), classes.index(f.split("/")[0])) for f in held),
+                     key=lambda s: (s[1], s[0]))
+        log(f"test set: {root} is the folder these weights were trained on: scoring only its {len(val)} val "
+            f"images (ratio {recorded_split['val_ratio']}, seed {recorded_split['seed']}), the others were trained on")
+        return data.FoundData(classes, [], val, recorded_split)
+    val = [(path, classes.index(present[k])) for path, k in data.list_images(folder, present)]
+    absent = [c for c in classes if c not in present]
+    log(f"test set: every image of {folder}: " + ", ".join(f"{c} {sum(k == i for _, k in val)}"
+                                                          for i, c in enumerate(classes) if c in present)
+        + (f"; no folder for {', '.join(absent)}, so scored on the {len(present)} classes it has" if absent else ""))
+    if held:
+        log(f"note: {folder} holds {len(held)} of the {len(recorded)} val images these weights were validated on "
+            f"(same names, {held[0]} first) but not all: if it is the folder they were trained on, they have seen "
+            "its other images and the scores below are too high")
+    return data.FoundData(classes, [], val, None)
+
+
+def check_calibrate(args, start):
+    """--calibrate's preconditions, before minutes of decoding."""
+    if not args.calibrate:
+        return
+    if not args.eval_only:
+        raise TestDataError("--calibrate goes with --eval-only (training fits the temperature when it ends)")
+    if args.tta:
+        raise TestDataError("--calibrate fits the temperature on the logits predict.py computes, without "
+                            "--tta: leave out --tta")
+    if args.weights == "imagenet" or not (start or {}).get("classes"):
+        raise TestDataError(f"--calibrate stores the temperature in --weights, and {args.weights} is no checkpoint "
+                            "of train.py's: pass a best.pth")
+
+
 def evaluate_only(run, model, criterion, val_loader, start):
-    """--eval-only: the report, confusion_matrix.csv and predictions.csv of --weights on the val images."""
+    """--eval-only: the report, confusion_matrix.csv and predictions.csv of --weights on the test images,
+    its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
     args = run.args
-    ckpt.check_classes(args.weights, start.get("classes"), run.record.classes, "the val folder")
-    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
+    classes = run.record.classes
+    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, fp32=args.calibrate)
     unreadable = val_loader.dataset.unreadable()
     if unreadable and args.bad_images == "error":
         raise data.unreadable_error(unreadable[0])
     if unreadable:
         print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
+    indices, logits, labels = labelled_logits(result, val_loader.dataset, len(classes))
+    used, source = calibration.of_checkpoint(start), f"recorded in {args.weights}"
+    if "temperature" not in start:
+        source = f"none in {args.weights}"
+    if args.calibrate:
+        fitted = calibration.fit(logits, labels)
+        if fitted is None:
+            raise TestDataError(f"--calibrate needs at least {calibration.MIN_FIT_IMAGES} readable images to fit on, "
+                                f"and {args.data_path} has {len(labels)} here: pass a folder with more")
+        used, source = fitted.calibration, f"fitted here on these {fitted.images} images"
+        start = dict(start, temperature=used.temperature, min_confidence=used.min_confidence,
+                     calibration=fitted.record())
+        distributed.run_on_main(run.device, ckpt.save_checkpoint, start, args.weights,
+                                f"{args.weights} is unchanged; free some disk space and run it again")
+        if run.is_main:
+            print(f"calibration: {fit_summary(fitted)}; saved in {args.weights}")
     if run.is_main:
-        classes = run.record.classes
         print_evaluation(classes, result.confusion, result.loss)
+        absent = [c for c, n in zip(classes, result.confusion.sum(dim=1).tolist()) if not n]
+        if absent:
+            print(f"no images of {', '.join(absent)} were scored: their rows above are empty")
+        print_calibration(logits, labels, used, source)
         path = os.path.join(args.output_dir, "confusion_matrix.csv")
         write_confusion_csv(path, classes, result.confusion)
+        z = logits / used.temperature
+        log_p = z - z.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
         samples = val_loader.dataset.samples
         write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
-                              [(samples[i][0], samples[i][1], p, loss) for i, p, loss in result.rows])
+                              [(samples[i][0], samples[i][1], np.exp(row).tolist(), -row[samples[i][1]])
+                               for i, row in zip(indices, log_p)])
         print(f"confusion matrix and per-image predictions written to {path} and "
               f"{os.path.join(args.output_dir, 'predictions.csv')}")
     return 0

@@ -4,6 +4,7 @@ import csv
 import io
 import os
 
+from inference import calibration
 from plumbing.atomic import SaveError, atomic_write_text
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
@@ -74,6 +75,33 @@ def print_evaluation(classes, confusion, loss=None):
     print(" " * width + "  " + " ".join(f"{c[:cell]:>{cell}}" for c in classes))
     for name, row in zip(classes, confusion.tolist()):
         print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
+
+
+def print_calibration(logits, labels, used, source):
+    """How far the probabilities can be trusted: the NLL and ECE before and after the temperature
+    (`used`, a calibration.Calibration; `source` says where it comes from), the share the "not sure"
+    threshold answers, and the accuracy of the most confident photos at a few coverages."""
+    before, after = calibration.softmax(logits), calibration.softmax(logits, used.temperature)
+    bins = f"{calibration.ECE_BINS} equal-width bins of the top probability"
+    if used.temperature == 1.0:
+        print(f"calibration: temperature 1 ({source}): NLL {calibration.nll(logits, labels):.4f}, ECE "
+              f"{calibration.expected_calibration_error(before, labels):.4f} ({bins})"
+              + ("; python train.py --eval-only --calibrate fits one on the val images" if "none" in source else ""))
+    else:
+        print(f"calibration: temperature {used.temperature:.4f} ({source}): NLL "
+              f"{calibration.nll(logits, labels):.4f} -> {calibration.nll(logits, labels, used.temperature):.4f}, "
+              f"ECE {calibration.expected_calibration_error(before, labels):.4f} -> "
+              f"{calibration.expected_calibration_error(after, labels):.4f} ({bins}), before -> after it")
+    top, right = after.max(axis=1), after.argmax(axis=1) == labels
+    if used.min_confidence > 0:
+        answered = top >= used.min_confidence
+        n = int(answered.sum())
+        print(f"\"not sure\" below {used.min_confidence:.4f}: {n}/{len(top)} images answered "
+              f"({100 * n / max(len(top), 1):.1f}%), accuracy of those {right[answered].mean() if n else 0:.4f}")
+    print("accuracy against coverage (only the most confident images answered):")
+    print("coverage  threshold  accuracy  answered")
+    for coverage, threshold, n, accuracy in calibration.risk_coverage(after, labels):
+        print(f"{100 * coverage:7.0f}%  {threshold:9.4f}  {accuracy:8.4f}  {n:>8}/{len(top)}")
 
 
 def write_confusion_csv(path, classes, confusion):

@@ -1,0 +1,248 @@
+"""Calibrated probabilities and the "not sure" threshold: the temperature fit, the ECE, the threshold
+rule, what training stores in best.pth, predict.py's "unknown", and a .onnx file that carries both.
+
+One tiny 2-class model is trained for the module (a plain folder of 24 photos per class, half of
+them held out: 24 val photos, enough for a fit and a threshold that refuses one)."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import predict
+import train
+from helpers import COLORS, FP32, assert_clean_error, call, load, save_image, train_argv
+from inference import calibration, classify
+from inference import checkpoint as ckpt
+
+PER_CLASS = 24
+VAL_RATIO = 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# the numbers, by hand
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("true_temperature", [0.5, 2.0])
+def test_the_fit_recovers_a_known_temperature(true_temperature):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 5))
+    p = calibration.softmax(logits.astype(np.float64), true_temperature)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    fitted = calibration.fit_temperature(logits, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.06)
+    # it is the NLL's minimum: a step either way costs more
+    best = calibration.nll(logits, labels, fitted)
+    assert best < calibration.nll(logits, labels, fitted * 1.02)
+    assert best < calibration.nll(logits, labels, fitted / 1.02)
+
+
+def test_no_finite_temperature_when_every_image_is_right():
+    logits = np.array([[3.0, 0.0], [0.0, 2.0]])
+    assert calibration.fit_temperature(logits, np.array([0, 1])) is None
+
+
+def test_ece_by_hand():
+    # top probabilities 0.95 (right), 0.9 (wrong), 0.6 (right), 0.55 (right), 0.3 (wrong, 3 classes)
+    probabilities = [[0.95, 0.05, 0.0], [0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.55, 0.45, 0.0], [0.3, 0.3, 0.4]]
+    labels = [0, 1, 1, 0, 0]
+    # 15 bins of width 1/15: 0.95 and 0.9 fall in (14/15, 1] and (13/15, 14/15]; 0.6 in (8/15, 9/15];
+    # 0.55 in (8/15, 9/15] too; 0.4 in (5/15, 6/15]
+    expected = (1 * abs(1 - 0.95) + 1 * abs(0 - 0.9) + 2 * abs(1 - (0.6 + 0.55) / 2) + 1 * abs(0 - 0.4)) / 5
+    assert calibration.expected_calibration_error(probabilities, labels) == pytest.approx(expected)
+    table = calibration.reliability_table(probabilities, labels)
+    assert [n for n, _, _ in table] == [0, 0, 0, 0, 0, 1, 0, 0, 2, 0, 0, 0, 0, 1, 1]
+    # one bin: |accuracy - confidence| of the whole set
+    assert calibration.expected_calibration_error([[0.7, 0.3]] * 4, [0, 0, 0, 1], bins=1) == pytest.approx(0.05)
+
+
+def test_the_threshold_answers_95_percent_and_lies_between_two_photos():
+    top = np.linspace(0.5, 0.99, 40)
+    threshold = calibration.choose_min_confidence(top)
+    assert (top >= threshold).sum() == 38  # floor(0.05 * 40) = 2 refused
+    assert top[1] < threshold < top[2] and threshold == pytest.approx((top[1] + top[2]) / 2)
+    assert calibration.choose_min_confidence(top[:19]) == 0.0  # 5% of 19 is no whole photo: none refused
+
+
+def test_risk_coverage_rows():
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 0])  # right, wrong, right, wrong in that order of confidence: .9 .8 .7 .55
+    rows = calibration.risk_coverage(probabilities, labels, coverages=(1.0, 0.75, 0.5))
+    assert rows == [(1.0, 0.55, 4, 0.5), (0.75, 0.7, 3, pytest.approx(2 / 3)), (0.5, 0.8, 2, 0.5)]
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained model
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    photos = root / "photos"
+    for k, name in enumerate(("daisy", "roses")):
+        for i in range(PER_CLASS):
+            save_image(photos / name / f"{name}_{i:02d}.jpg", COLORS[k], seed=k * 1000 + i, size=(48, 48))
+    out = root / "out"
+    code, stdout, err = call(train, train_argv(photos, out, "--image-size", 32, "--val-ratio", VAL_RATIO,
+                                               "--batch-size", 8))
+    assert code == 0, err
+    best = load(out / "best.pth")
+    val_files = [str(photos / f) for f in best["split"]["val_files"]]
+    return {"root": root, "photos": photos, "best": out / "best.pth", "stdout": stdout, "val_files": val_files}
+
+
+def val_probabilities(weights, files):
+    classifier = classify.load_classifier(str(weights), device="cpu", amp="off")
+    probabilities, errors = classify.predict(classifier, files, 8, 0)
+    assert errors == [""] * len(files)
+    return classifier, probabilities
+
+
+def test_training_stores_a_temperature_and_a_threshold_that_answers_95_percent_of_val(run):
+    best = load(run["best"])
+    n = len(run["val_files"])
+    assert n == 2 * PER_CLASS * VAL_RATIO
+    assert 0.05 <= best["temperature"] <= 20 and 0 < best["min_confidence"] < 1
+    assert best["calibration"]["images"] == n and best["calibration"]["ece_bins"] == 15
+    assert f"calibration on the {n} val images" in run["stdout"]
+    classifier, probabilities = val_probabilities(run["best"], run["val_files"])
+    assert classifier.calibration == calibration.Calibration(best["temperature"], best["min_confidence"])
+    answered = probabilities.max(axis=1) >= best["min_confidence"]
+    assert answered.sum() == n - math.floor(0.05 * n) and answered.mean() >= 0.95
+    # the probabilities shown are softmax(logits / T): the fitted T is the NLL's minimum on val
+    labels = np.array([0 if "/daisy/" in f else 1 for f in run["val_files"]])
+    logits = np.log(probabilities.astype(np.float64)) * best["temperature"]  # logits up to a constant per row
+    nll = calibration.nll(logits, labels, best["temperature"])
+    assert nll == pytest.approx(best["calibration"]["nll_after"], abs=1e-4)
+    if "no finite temperature" not in best["calibration"]["note"]:
+        assert nll < calibration.nll(logits, labels, best["temperature"] * 1.05)
+        assert nll < calibration.nll(logits, labels, best["temperature"] / 1.05)
+
+
+def test_eval_only_calibrate_fits_old_weights_as_training_does(run, tmp_path):
+    old = {k: v for k, v in load(run["best"]).items() if k not in ("temperature", "min_confidence", "calibration")}
+    weights = tmp_path / "old.pth"
+    torch.save(old, weights)
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", weights, "--data-path", run["photos"],
+                                     "--output-dir", tmp_path / "ev", "--device", "cpu"])
+    assert code == 0, err
+    assert "temperature 1 (none in" in stdout and "--calibrate fits one" in stdout
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--calibrate", "--weights", weights, "--data-path",
+                                     run["photos"], "--output-dir", tmp_path / "ev", "--device", "cpu"])
+    assert code == 0, err
+    fitted, trained = load(weights), load(run["best"])
+    assert fitted["temperature"] == pytest.approx(trained["temperature"], rel=1e-4)
+    assert fitted["min_confidence"] == pytest.approx(trained["min_confidence"], abs=1e-5)
+    assert torch.equal(fitted["model"]["fc.weight"], trained["model"]["fc.weight"])
+    assert f"fitted here on these {len(run['val_files'])} images" in stdout
+    code, _, err = call(train, [*FP32, "--eval-only", "--calibrate", "--tta", "--weights", weights, "--data-path",
+                                run["photos"], "--output-dir", tmp_path / "ev", "--device", "cpu"])
+    assert_clean_error(code, err, "--calibrate", "--tta")
+
+
+def noise_image(path):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_predict_answers_unknown_below_the_threshold(run, tmp_path):
+    noise = noise_image(tmp_path / "noise.png")
+    photo = run["val_files"][0]
+    out = tmp_path / "p.csv"
+    code, stdout, err = call(predict, [*FP32, noise, photo, "--weights", run["best"], "--min-confidence", 0.99,
+                                       "--output", out, "--sort-into", tmp_path / "sorted"])
+    assert code == 0, err
+    with open(out, newline="") as f:
+        rows = {r["file"]: r for r in csv.DictReader(f)}
+    _, probabilities = val_probabilities(run["best"], [str(noise), photo])
+    for f, p in zip((str(noise), photo), probabilities):
+        assert float(rows[f]["probability"]) == pytest.approx(p.max(), abs=1e-6)
+        assert [float(rows[f][c]) for c in ("daisy", "roses")] == pytest.approx(p.tolist(), abs=1e-6)
+        assert rows[f]["class"] == ("unknown" if p.max() < 0.99 else ("daisy", "roses")[p.argmax()])
+    assert rows[str(noise)]["class"] == "unknown"  # two classes: a top probability of 0.99 takes a very sure model
+    assert (tmp_path / "sorted" / "unknown" / "noise.png").exists()
+    code, stdout, err = call(predict, [*FP32, noise, "--weights", run["best"], "--min-confidence", 0.99])
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].startswith("unknown (not sure): best guesses")
+    assert sorted(line.split()[0] for line in lines[1:]) == ["daisy", "roses"]
+    # 0 turns it off: the most likely class, whatever its probability
+    json_out = tmp_path / "p.json"
+    code, stdout, err = call(predict, [*FP32, noise, "--weights", run["best"], "--min-confidence", 0,
+                                       "--output", json_out])
+    assert code == 0, err
+    (row,) = json.loads(json_out.read_text())
+    assert row["class"] == ("daisy", "roses")[int(probabilities[0].argmax())]
+    assert not stdout.startswith("unknown")
+
+
+def test_predict_uses_the_weights_threshold_by_default(run, tmp_path):
+    best = load(run["best"])
+    out = tmp_path / "p.csv"
+    code, _, err = call(predict, [*FP32, *run["val_files"], "--weights", run["best"], "--output", out])
+    assert code == 0, err
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    unknown = [r for r in rows if r["class"] == "unknown"]
+    assert len(unknown) == math.floor(0.05 * len(rows))  # the val photos the threshold refuses
+    assert all(float(r["probability"]) < best["min_confidence"] for r in unknown)
+
+
+def logits_of(weights, photo, class_indices="unused.json"):
+    """The logits of one photo computed here in PyTorch, with the preprocessing the weights record."""
+    from inference import images
+
+    model, _, preprocessing = ckpt.load_model(str(weights), str(class_indices), torch.device("cpu"))
+    pixels = images.resize_and_crop(images.load_image(photo), preprocessing)[None]
+    x = torch.from_numpy(images.normalize(pixels, preprocessing)).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_weights_without_a_temperature_give_the_plain_softmax(run, tmp_path):
+    state_dict = tmp_path / "plain.pth"
+    torch.save(load(run["best"])["model"], state_dict)
+    indices = tmp_path / "classes.json"
+    ckpt.write_class_indices(str(indices), ["daisy", "roses"])
+    classifier = classify.load_classifier(str(state_dict), str(indices), device="cpu", amp="off")
+    assert classifier.calibration == calibration.Calibration(1.0, 0.0)
+    photo = run["val_files"][0]
+    got, _ = classify.predict(classifier, [photo], 1, 0)
+    torch.testing.assert_close(torch.from_numpy(got), torch.softmax(logits_of(state_dict, photo, indices), 1))
+    _, calibrated = val_probabilities(run["best"], [photo])
+    temperature = load(run["best"])["temperature"]
+    expected = torch.softmax(logits_of(run["best"], photo) / temperature, 1)
+    torch.testing.assert_close(torch.from_numpy(calibrated), expected)
+
+
+def test_an_onnx_file_carries_the_temperature_and_threshold(run, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (requirements-dev.txt)")
+    pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime (requirements-dev.txt)")
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (requirements-dev.txt)")
+    import export
+
+    best = load(run["best"])
+    path = tmp_path / "model.onnx"
+    code, _, err = call(export, ["--weights", run["best"], "--output", path])
+    assert code == 0, err
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert float(meta["temperature"]) == best["temperature"]
+    assert float(meta["min_confidence"]) == best["min_confidence"]
+    files = run["val_files"] + [str(noise_image(tmp_path / "noise.png"))]
+    outputs = {}
+    for name, weights in (("pth", run["best"]), ("onnx", path)):
+        out = tmp_path / f"{name}.csv"
+        code, _, err = call(predict, [*FP32, *files, "--weights", weights, "--output", out])
+        assert code == 0, err
+        with open(out, newline="") as f:
+            outputs[name] = list(csv.DictReader(f))
+    for a, b in zip(outputs["pth"], outputs["onnx"], strict=True):
+        assert a["file"] == b["file"]
+        for column in ("probability", "daisy", "roses"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-4)
+        if abs(float(a["probability"]) - best["min_confidence"]) > 1e-4:
+            assert a["class"] == b["class"]
+    assert classify.load_classifier(str(path)).calibration == calibration.Calibration(
+        best["temperature"], best["min_confidence"])
