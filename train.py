@@ -278,6 +278,7 @@ def fit(run, training, loaders, progress):
     args, log, plan = run.args, print if run.is_main else silent, progress.plan
     state = training.state
     validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
+    leakage_checked = False  # once a session, when a whole epoch has decoded every image
     while progress.epoch < plan.epochs:
         epoch, whole = progress.epoch, progress.step == 0
         if schedule.out_of_patience(args, progress):
@@ -304,6 +305,10 @@ def fit(run, training, loaders, progress):
         if found:
             log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
                 + "; ".join(found))
+        if whole and not leakage_checked:
+            data.check_leakage(loaders.train.dataset, loaders.val.dataset, args.output_dir, args.data_path,
+                               run.device, log)
+            leakage_checked = True
         if not math.isfinite(val.loss):  # the last step's update broke the weights: never save them
             raise TrainingError(f"the validation loss became {val.loss} after epoch {epoch + 1}: training "
                                 "diverged; lower --lr (best.pth was not touched)")
