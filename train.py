@@ -32,6 +32,7 @@ from plumbing.atomic import remove_stale_temp_files
 from plumbing.options import UserError
 from plumbing.run_lock import RunLock, probe_writable
 from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
+from training.labels import write_suspect_labels
 from training.metrics import (
     BEST_METRICS,
     TensorBoardLog,
@@ -328,6 +329,7 @@ def fit(run, training, loaders, progress):
             distributed.run_on_main(run.device, ckpt.save_checkpoint, payload, run.best_path,
                                     "the previous file is intact; free some disk space and resume from last.pth")
         save_last(run, state, progress)
+    write_suspect_labels(validated, loaders, training.criterion, run, log)
     if run.tensorboard:
         run.tensorboard.close()
     if run.world_size > 1:
