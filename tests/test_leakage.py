@@ -127,3 +127,20 @@ def test_near_copies_pairs_each_val_image_with_every_training_image_near_it():
     assert pairs == [(0, 10, 0), (0, 11, 3), (2, 10, 1), (2, 11, 4)]
     assert hash_distance(base, base ^ (2 ** 40 - 1)) == 40
     assert data.near_copies(train_hashes, (np.array([], dtype=np.int64), np.array([], dtype=np.uint64))) == []
+
+
+def test_a_line_before_every_training_image_was_drawn_says_how_many_were(tmp_path):
+    root = make_split(tmp_path / "data")
+    add_copies(root)
+    train_set, val_set = datasets(root, capacity=0)
+    train_set.cache.status[:] = 0  # as if --sampler balanced had drawn only the first 4 of the 12 so far
+    for index in range(4):
+        train_set.pixels(index)
+    lines = []
+
+    data.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
+
+    # daisy_01 (index 1) is among those drawn, roses_03 (index 9) is not yet
+    assert len(lines) == 1
+    assert lines[0].startswith("leakage: 1 of 6 val images are copies of training images (4 of 12 training images "
+                               "drawn so far) (perceptual hashes within 8 bits)")

@@ -678,8 +678,9 @@ def _report_leakage(train_set, val_set, train, val, output_dir, data_path, log):
     writer.writerow(LEAKAGE_FIELDS)
     writer.writerows([val_set.samples[v][0], train_set.samples[t][0], d] for v, t, d in pairs)
     atomic_write_text(path, out.getvalue())
-    partly = (f" ({len(train[0]):,} of {len(train_set):,} training images drawn so far)"
-              if len(train[0]) < len(train_set) else "")
+    readable = len(train_set) - len(train_set.unreadable())
+    partly = (f" ({len(train[0]):,} of {readable:,} training images drawn so far)" if len(train[0]) < readable
+              else "")  # --sampler balanced draws with replacement: an epoch need not draw every image
     log(f"leakage: {len({v for v, _, _ in pairs}):,} of {len(val[0]):,} val images are copies of training "
         f"images{partly} (perceptual hashes within {images.NEAR_COPY_BITS} bits): the pairs are in {path}; "
         f"`python -m data_set.check {data_path}` finds every copy in the data")
