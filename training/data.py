@@ -303,7 +303,8 @@ class ImageDataset(Dataset):
     its place is taken by the next readable sample, the same one in every epoch and every process,
     so runs and resumes stay exact; in evaluation it comes back with valid=False and is left out
     of the metrics. writer: this process's first writer number in the cache (its loader workers
-    take the next ones).
+    take the next ones). An image's first decoding also leaves its perceptual hash in the cache,
+    for check_leakage.
     """
 
     def __init__(self, samples, transform, cache, substitute=True, writer=0):
