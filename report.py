@@ -1,16 +1,17 @@
 """Draw what a run learned and what its network sees, as PNG files.
 
-    python report.py weights                     # curves, confusion matrix, top losses, reliability of a run's folder
+    python report.py weights                     # curves, confusion matrix, top losses, reliability, suspect labels
     python report.py --weights weights/best.pth --feature-maps tulip.jpg --layer inception3a
     python report.py --weights weights/best.pth --filters       # conv1's 64 kernels
 
-The run's files come from train.py (metrics.csv each epoch; confusion_matrix.csv and predictions.csv
-from --eval-only, whose probabilities are calibrated with the weights' temperature: the reliability
-diagram and the accuracy against coverage are drawn from them); the pictures of the network come
-from inference/visualize.py.
+The run's files come from train.py (metrics.csv each epoch, suspect_labels.csv at the end;
+confusion_matrix.csv and predictions.csv from --eval-only, whose probabilities are calibrated with
+the weights' temperature: the reliability diagram and the accuracy against coverage are drawn from
+them); the pictures of the network come from inference/visualize.py.
 """
 import argparse
 import csv
+import itertools
 import os
 import sys
 
@@ -35,6 +36,9 @@ def get_args_parser():
     p.add_argument("folder", nargs="?", default="weights", help="the run's --output-dir")
     p.add_argument("--top-losses", type=options.non_negative_int, default=16,
                    help="how many of the highest-loss val images top_losses.png shows (0: none)")
+    p.add_argument("--suspect-labels", type=options.non_negative_int, default=16,
+                   help="how many of the training photos whose label is least likely (suspect_labels.csv) "
+                        "suspect_labels.png shows (0: none)")
     p.add_argument("--weights", default=None, help="a checkpoint from train.py, for --feature-maps and --filters")
     p.add_argument("--feature-maps", default=None, metavar="PHOTO",
                    help="draw the first --channels output maps of --layer for this photo")
@@ -58,9 +62,10 @@ def save_png(fig, path):
         plt.close(fig)
 
 
-def plot(folder, top_losses=16):
-    """Draw folder/metrics.csv as loss and accuracy curves, folder/confusion_matrix.csv, and the
-    top_losses images of folder/predictions.csv with the highest loss."""
+def plot(folder, top_losses=16, suspect_labels=16):
+    """Draw folder/metrics.csv as loss and accuracy curves, folder/confusion_matrix.csv, the
+    top_losses images of folder/predictions.csv with the highest loss, and the first suspect_labels
+    photos of folder/suspect_labels.csv."""
     try:
         import matplotlib
 
@@ -120,6 +125,10 @@ def plot(folder, top_losses=16):
             save_png(draw_reliability(plt, probabilities, labels), written[-1])
             written.append(os.path.join(folder, "risk_coverage.png"))
             save_png(draw_risk_coverage(plt, probabilities, labels), written[-1])
+    suspects_path = os.path.join(folder, "suspect_labels.csv")
+    if os.path.exists(suspects_path) and suspect_labels:
+        written.append(os.path.join(folder, "suspect_labels.png"))
+        save_png(draw_suspect_labels(plt, suspects_path, suspect_labels), written[-1])
     if not written:
         raise ReportError(f"{folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
                          "train (python train.py) or evaluate (python train.py --eval-only) first")
@@ -129,27 +138,50 @@ def plot(folder, top_losses=16):
 def draw_top_losses(plt, predictions_path, count):
     """The `count` images with the highest loss in predictions.csv, each as a photo viewer shows it,
     captioned with its true class, the predicted class and that prediction's probability."""
-    from inference.images import load_image
-
     with open(predictions_path, newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["loss"]), reverse=True)[:count]
-    columns = min(4, len(rows))
-    lines = (len(rows) + columns - 1) // columns
+    captions = []
+    for row in rows:
+        probability = float(row["p_" + row["predicted_class"]])
+        captions.append(f"true {row['true_class']}\npredicted {row['predicted_class']} {probability:.2f}\n"
+                        f"loss {float(row['loss']):.2f}")
+    return photo_grid(plt, [row["file"] for row in rows], captions, predictions_path,
+                      "run --eval-only again where the val images are",
+                      f"the {len(rows)} validation images with the highest loss")
+
+
+def draw_suspect_labels(plt, suspects_path, count):
+    """The first `count` photos of suspect_labels.csv (the least likely labels first), each captioned
+    with its given class, the class the model suggests and the score (1 - p(given class))."""
+    with open(suspects_path, newline="") as f:
+        rows = list(itertools.islice(csv.DictReader(f), count))
+    if not rows:
+        raise ReportError(f"{suspects_path} lists no photos: train again to write it")
+    captions = [f"given {row['given_class']}\nsuggested {row['suggested_class']}\nscore {float(row['score']):.2f}"
+                for row in rows]
+    return photo_grid(plt, [row["file"] for row in rows], captions, suspects_path,
+                      "check that the training photos are where the run found them",
+                      f"the {len(rows)} training photos whose label the model finds least likely")
+
+
+def photo_grid(plt, files, captions, listed_in, hint, title):
+    """The photos (files) in rows of up to 4, each as a photo viewer shows it, under its caption."""
+    from inference.images import load_image
+
+    columns = min(4, len(files))
+    lines = (len(files) + columns - 1) // columns
     fig, axes = plt.subplots(lines, columns, figsize=(3 * columns, 3.3 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, rows):
+    for ax, file, caption in zip(axes.flat, files, captions):
         try:
-            image = load_image(row["file"], min_side=256)
+            image = load_image(file, min_side=256)
         except OSError as e:
-            raise ReportError(f"cannot read {row['file']} named in {predictions_path} ({e.strerror or e}): "
-                             "run --eval-only again where the val images are") from e
+            raise ReportError(f"cannot read {file} named in {listed_in} ({e.strerror or e}): {hint}") from e
         image.thumbnail((256, 256))
         ax.imshow(image)
-        probability = float(row[f"p_{row['predicted_class']}"])
-        ax.set_title(f"true {row['true_class']}\npredicted {row['predicted_class']} {probability:.2f}\n"
-                     f"loss {float(row['loss']):.2f}", fontsize=9)
-    fig.suptitle(f"the {len(rows)} validation images with the highest loss")
+        ax.set_title(caption, fontsize=9)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -247,7 +279,7 @@ def main(args):
     if not os.path.isdir(args.folder):
         raise ReportError(f"folder {args.folder} does not exist: pass the --output-dir of a run of train.py")
     with RunLock(args.folder, purpose="report", instead=None):  # never beside a run writing there
-        for path in plot(args.folder, args.top_losses):
+        for path in plot(args.folder, args.top_losses, args.suspect_labels):
             print(f"wrote {path}")
     return 0
 

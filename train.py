@@ -33,6 +33,7 @@ from plumbing.atomic import remove_stale_temp_files
 from plumbing.options import UserError
 from plumbing.run_lock import RunLock, probe_writable
 from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
+from training.labels import write_suspect_labels
 from training.metrics import (
     BEST_METRICS,
     TensorBoardLog,
@@ -286,6 +287,7 @@ def fit(run, training, loaders, progress):
     args, log, plan = run.args, print if run.is_main else silent, progress.plan
     state = training.state
     validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
+    leakage_checked = False  # once a session, when a whole epoch has decoded every image
     while progress.epoch < plan.epochs:
         epoch, whole = progress.epoch, progress.step == 0
         if schedule.out_of_patience(args, progress):
@@ -312,6 +314,10 @@ def fit(run, training, loaders, progress):
         if found:
             log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
                 + "; ".join(found))
+        if whole and not leakage_checked:
+            data.check_leakage(loaders.train.dataset, loaders.val.dataset, args.output_dir, args.data_path,
+                               run.device, log)
+            leakage_checked = True
         if not math.isfinite(val.loss):  # the last step's update broke the weights: never save them
             raise TrainingError(f"the validation loss became {val.loss} after epoch {epoch + 1}: training "
                                 "diverged; lower --lr (best.pth was not touched)")
@@ -331,6 +337,7 @@ def fit(run, training, loaders, progress):
             distributed.run_on_main(run.device, ckpt.save_checkpoint, payload, run.best_path,
                                     "the previous file is intact; free some disk space and resume from last.pth")
         save_last(run, state, progress)
+    write_suspect_labels(validated, loaders, training.criterion, run, log)
     if run.tensorboard:
         run.tensorboard.close()
     evaluation.calibrate_best(run, copy.deepcopy(validated), loaders.val, training.criterion, log)

@@ -16,8 +16,6 @@ import argparse
 import csv
 import hashlib
 import io
-import itertools
-import math
 import os
 import statistics
 import sys
@@ -32,15 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from inference import images
+from inference.images import NEAR_COPY_BITS as DEFAULT_THRESHOLD
+from inference.images import hash_distance, near_hash, near_pairs, search_plan
 from plumbing import options
 from plumbing.atomic import atomic_write_text
 from training import data
 
-# Measured on the 2,939 flower photos (data_set/README.md): pairs within 8 bits are 14 times the
-# same picture (recompressed, resized, cropped a little, recoloured) and twice two different photos
-# of a dandelion; 10 bits adds 12 pairs, 11 of them different photos. A copy resized to 50% or
-# saved again at JPEG quality 60 is within 6 bits of its original.
-DEFAULT_THRESHOLD = 8
 # JPEGs are decoded at the smallest DCT scale that keeps 64 px on each side: twice the thumbnail
 # the hash is computed on, so the thumbnail is still resampled from real pixels. The hash of a
 # photo decoded whole is within 2 bits of this one for 97% of the flower photos (at most 6).
@@ -50,99 +45,14 @@ CHUNK = 32  # files per task of the thread pool: one future per file would cost 
 LISTED = 10  # groups shown per kind of problem; --output lists them all
 CSV_FIELDS = ["group", "kind", "file", "class", "part", "distance"]
 
-_THUMB = 32
-_DCT_ROWS = np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(_THUMB) + 1) / (2 * _THUMB))  # DCT-II, 8 x 32
-_BIT_VALUES = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
-
 
 class CheckError(data.DataError):
     """A data folder or an option the check cannot work with."""
 
 
-def near_hash(image):
-    """The 64-bit perceptual hash (pHash) of a PIL image, as an int: the signs, relative to their
-    median, of the 8 x 8 lowest frequencies of the DCT of a 32 x 32 greyscale thumbnail (what the
-    imagehash package's phash computes). The same picture resized, recompressed or decoded at a
-    reduced scale gives a hash a few bits away (hash_distance); different photos are about 32 bits
-    apart. Any size and mode of image works; the cost is the thumbnail's (about 0.2 ms)."""
-    grey = np.asarray(image.convert("L").resize((_THUMB, _THUMB), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = _DCT_ROWS @ grey @ _DCT_ROWS.T
-    return int(_BIT_VALUES[low.ravel() > np.median(low)].sum())
-
-
-def hash_distance(a, b):
-    """The number of bits in which two near_hash values differ."""
-    return (a ^ b).bit_count()
-
-
 # ---------------------------------------------------------------------------------------------
-# Near pairs: a multi-index search over bands of the hashes
+# Near groups: the photos that near pairs (images.near_pairs) link
 # ---------------------------------------------------------------------------------------------
-def _band_widths(bands):
-    edges = [round(64 * i / bands) for i in range(bands + 1)]
-    return [(lo, hi - lo) for lo, hi in itertools.pairwise(edges)]
-
-
-def _flips(width, radius):
-    """Every width-bit mask with at most radius bits set."""
-    return [sum(1 << b for b in bits) for r in range(radius + 1) for bits in itertools.combinations(range(width), r)]
-
-
-# Measured with 117,336 distinct hashes (the flower photos' quarters, turned and mirrored) at
-# threshold 8: a lookup took about 8 times as long as checking one candidate pair.
-LOOKUP_COST = 8
-
-
-def search_plan(count, threshold):
-    """(bands, radius): split the 64 bits into bands and look up, in each band, every key within
-    radius bits of a hash's own. Two hashes within threshold bits are within threshold // bands bits
-    in at least one band (pigeonhole), so no pair is missed. More bands mean fewer lookups but
-    fuller buckets; this takes the split with the least work, estimated with the keys spread
-    uniformly and a lookup (a binary search) costing LOOKUP_COST checked candidates."""
-    count = max(count, 2)  # with no pair to find, every plan costs nothing: take the one for two
-
-    def work(bands):
-        radius = threshold // bands
-        return sum(count * sum(math.comb(width, r) for r in range(radius + 1)) * (LOOKUP_COST + count / 2 ** width)
-                   for _, width in _band_widths(bands))
-    bands = min(range(1, min(threshold + 1, 64) + 1), key=work)
-    return bands, threshold // bands
-
-
-def near_pairs(hashes, threshold, block=1 << 22):
-    """(i, j, distance) arrays, i < j, of every pair of hashes (distinct uint64 values) within
-    threshold bits of each other. The candidates are the pairs that share a band key up to the
-    radius of search_plan; they are checked in blocks of at most about block pairs."""
-    h = np.asarray(hashes, dtype=np.uint64)
-    found = [np.empty((0, 3), dtype=np.int64)]
-    if len(h) < 2:
-        return found[0][:, 0], found[0][:, 1], found[0][:, 2]
-    bands, radius = search_plan(len(h), threshold)
-    for lo, width in _band_widths(bands):
-        keys = (h >> np.uint64(lo)) & np.uint64((1 << width) - 1)
-        order = np.argsort(keys, kind="stable")
-        bucket_keys, starts, sizes = np.unique(keys[order], return_index=True, return_counts=True)
-        for flip in _flips(width, radius):
-            probe = keys ^ np.uint64(flip)
-            at = np.minimum(np.searchsorted(bucket_keys, probe), len(bucket_keys) - 1)
-            hit = np.flatnonzero(bucket_keys[at] == probe)
-            counts = sizes[at[hit]]
-            ends = np.cumsum(counts)
-            cuts = np.searchsorted(ends, np.arange(block, int(ends[-1]) if len(ends) else 0, block))
-            for part in np.split(np.arange(len(hit)), cuts):
-                queries, n = hit[part], counts[part]
-                first = np.repeat(starts[at[queries]] - (np.cumsum(n) - n), n)
-                i = np.repeat(queries, n)
-                j = order[first + np.arange(int(n.sum()))]
-                ahead = i < j
-                i, j = i[ahead], j[ahead]
-                distance = np.bitwise_count(h[i] ^ h[j]).astype(np.int64)
-                close = distance <= threshold
-                found.append(np.stack([i[close], j[close], distance[close]], axis=1))
-    pairs = np.unique(np.concatenate(found), axis=0)  # a pair close in several bands is found in each
-    return pairs[:, 0], pairs[:, 1], pairs[:, 2]
-
-
 def _component_labels(count, pairs):
     """For each of range(count), the smallest index of its connected component in the graph of these edges."""
     parent = list(range(count))

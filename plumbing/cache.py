@@ -7,7 +7,10 @@ the folder as soon as they all have it open, so the kernel frees it when the las
 crashed or not. It holds, for each image, a status (not loaded yet, cached, unreadable, read from disk) and, while
 there is room, the decoded pixels: the first epoch fills it as the images are loaded, the later
 ones read memory instead of decoding JPEGs. With --cache off it holds the statuses only, so that an
-unreadable image that a loader worker meets is known to the main process too.
+unreadable image that a loader worker meets is known to the main process too. Beside each image's
+status it keeps the 64-bit perceptual hash (images.near_hash) of its first decoding, with the cache
+on or off: after one epoch every process can compare the val images with the training images
+(train.py's leakage line) without reading a file again.
 
 Each writer (a process, or one of its loader workers) fills its own slab of the arena, so no two
 writers ever allocate the same bytes and no lock is needed; an image that does not fit in its
@@ -51,7 +54,8 @@ class SharedImageCache:
 
     Layout: a 64-byte header (magic, count, writers, slab size, a flag set when an image turns
     out unreadable), the writers' fill levels, one status byte per image, each image's (offset,
-    height, width), then the arena of `writers` slabs of `slab` bytes each.
+    height, width), each image's perceptual hash, then the arena of `writers` slabs of `slab`
+    bytes each.
     """
 
     def __init__(self, mapping, path=None, fd=None):
@@ -66,7 +70,9 @@ class SharedImageCache:
         self.status = np.frombuffer(self.map, dtype=np.uint8, count=self.count, offset=offset)
         offset = _aligned(offset + self.count)
         self.where = np.frombuffer(self.map, dtype=np.int64, count=3 * self.count, offset=offset).reshape(-1, 3)
-        self.arena = _aligned(offset + 24 * self.count)
+        offset = _aligned(offset + 24 * self.count)
+        self.near = np.frombuffer(self.map, dtype=np.uint64, count=self.count, offset=offset)
+        self.arena = _aligned(offset + 8 * self.count)
         self._flags = np.frombuffer(self.map, dtype=np.int64, count=1, offset=32)
 
     @classmethod
@@ -75,7 +81,7 @@ class SharedImageCache:
         anonymous memory, or with as_file a file that other processes can attach to."""
         writers = max(1, writers)
         slab = capacity // writers
-        meta = _aligned(_aligned(_aligned(_ALIGN + 8 * writers) + count) + 24 * count)
+        meta = _aligned(_aligned(_aligned(_aligned(_ALIGN + 8 * writers) + count) + 24 * count) + 8 * count)
         header = np.zeros(8, np.int64)
         header[1:4] = count, writers, slab
         header = _MAGIC + header.tobytes()[8:]
@@ -113,7 +119,8 @@ class SharedImageCache:
             atexit.register(self.close)
 
     def close(self):
-        del self.fill, self.status, self.where, self._flags  # views into the map: it closes only without them
+        # views into the map: it closes only without them
+        del self.fill, self.status, self.where, self.near, self._flags
         self.map.close()
         if self.fd is not None:
             os.close(self.fd)
@@ -138,10 +145,12 @@ class SharedImageCache:
         pixels = np.frombuffer(self.map, dtype=np.uint8, count=height * width * 3, offset=self.arena + offset)
         return pixels.reshape(height, width, 3).copy()
 
-    def put(self, index, pixels, writer=0):
-        """Keep an image's pixels if its writer's slab has room; True when they were kept."""
+    def put(self, index, pixels, writer=0, near=0):
+        """Keep an image's pixels if its writer's slab has room, and its perceptual hash (near, an
+        int) in any case; True when the pixels were kept. Only the first decoding of an image counts."""
         if self.status[index] != UNKNOWN:
             return self.status[index] == CACHED
+        self.near[index] = near  # before the status, which tells the other processes it is there
         n = pixels.size
         used = int(self.fill[writer])
         if used + n > self.slab:
@@ -165,6 +174,11 @@ class SharedImageCache:
 
     def bad_indices(self):
         return np.flatnonzero(self.status == BAD).tolist()
+
+    def hashes(self):
+        """(indices, uint64 perceptual hashes) of the images decoded so far, by any process sharing the cache."""
+        decoded = np.flatnonzero((self.status == CACHED) | (self.status == STREAMED))
+        return decoded, self.near[decoded].copy()
 
     def counts(self):
         """(cached, streamed) images so far, and the bytes their pixels take."""

@@ -1,0 +1,72 @@
+"""Suspect labels: the training photos ranked by how unlikely their given label is.
+
+When training ends, the model the run ends with (the EMA of the weights, as validated and saved in
+best.pth, or the weights themselves with --no-model-ema) scores every training photo the way it
+scores the val photos: the evaluation preprocessing, no augmentation, the network in eval mode.
+A photo's score is 1 - p(given class). These probabilities are in-sample (the network trained on
+these photos), so a wrong label the network has learned scores low; the augmentation, the label
+smoothing and the EMA keep it from learning most of them (the measured share is in
+docs/options.md). K-fold out-of-sample probabilities (cleanlab's) would cost K trainings.
+
+The pass reads the pixels the training cache holds (decoded once, in the first epoch) and costs
+about a validation pass over the training photos.
+"""
+import csv
+import io
+import os
+
+import numpy as np
+
+from plumbing import distributed
+from plumbing.atomic import atomic_write_text
+from training import data, evaluation
+
+SUSPECT_FIELDS = ["file", "given_class", "suggested_class", "score"]
+
+
+def training_probabilities(model, loaders, criterion, run):
+    """(dataset indices, class probabilities N x classes) of every readable training photo, with the
+    evaluation preprocessing, on every process (each scores its share of the photos)."""
+    train = loaders.train.dataset
+    # the training cache's pixels under the evaluation transform: no photo is decoded again
+    dataset = data.ImageDataset(train.samples, data.EvalTransform(run.record.preprocessing), train.cache,
+                                substitute=False, writer=train.writer)
+    sampler = data.EpochSampler(len(dataset), False, 0, run.rank, run.world_size, pad=False)
+    loader = data.make_loader(dataset, sampler, run.args.batch_size, loaders.workers, run.device)
+    rows = evaluation.evaluate(model, loader, criterion, run, per_image=True).rows
+    return np.array([i for i, _, _ in rows], dtype=np.int64), np.array([p for _, p, _ in rows], dtype=np.float64)
+
+
+def suspect_scores(probabilities, given):
+    """Per photo: (score, suggested class): score 1 - p(given class), the suggestion the most probable class."""
+    return 1.0 - probabilities[np.arange(len(given)), given], probabilities.argmax(axis=1)
+
+
+def ranked_suspects(samples, classes, indices, probabilities):
+    """[(file, given class, suggested class, score)], the most suspect first (ties in file order)."""
+    given = np.array([samples[i][1] for i in indices], dtype=np.int64)
+    scores, suggested = suspect_scores(probabilities, given)
+    order = sorted(range(len(indices)), key=lambda k: (-scores[k], samples[indices[k]][0]))
+    return [(samples[indices[k]][0], classes[given[k]], classes[suggested[k]], float(scores[k])) for k in order]
+
+
+def write_suspect_labels(model, loaders, criterion, run, log):
+    """OUTPUT_DIR/suspect_labels.csv: every training photo, the most suspect label first. Every process
+    calls it; rank 0 writes and logs."""
+    indices, probabilities = training_probabilities(model, loaders, criterion, run)
+    distributed.run_on_main(run.device, _write, loaders.train.dataset.samples, run.record.classes, indices,
+                            probabilities, run.args.output_dir, log)
+
+
+def _write(samples, classes, indices, probabilities, output_dir, log):
+    ranked = ranked_suspects(samples, classes, indices, probabilities)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SUSPECT_FIELDS)
+    writer.writerows([file, given, suggested, f"{score:.4f}"] for file, given, suggested, score in ranked)
+    path = os.path.join(output_dir, "suspect_labels.csv")
+    atomic_write_text(path, out.getvalue())
+    doubted = sum(given != suggested for _, given, suggested, _ in ranked)
+    log(f"suspect labels: the model ends up preferring another class for {doubted:,} of {len(ranked):,} training "
+        f"photos; all of them, the least likely label first, are in {path} "
+        f"(python report.py {output_dir} draws the first ones)")
