@@ -218,6 +218,8 @@ def draw_reliability(plt, probabilities, labels):
            color="tab:blue", label="accuracy of the bin")
     ax.bar(lefts, [c - a if n else 0 for n, c, a in table], bottom=[a if n else 0 for n, _, a in table],
            width=width, align="edge", color="tab:red", alpha=0.3, hatch="//", label="gap to its mean probability")
+    shown = [(left + width / 2, c) for left, (n, c, _) in zip(lefts, table) if n]
+    ax.plot(*zip(*shown), "_", color="black", markersize=14, markeredgewidth=2, label="mean top probability")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title=f"reliability: ECE {ece:.4f} ({bins} bins, {len(labels)} images)")

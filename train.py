@@ -140,7 +140,8 @@ def get_args_parser():
                         "images only")
     p.add_argument("--calibrate", action="store_true",
                    help="with --eval-only: fit the temperature and the \"not sure\" threshold on the images "
-                        "scored (in fp32) and store them in --weights (training does this on its val images)")
+                        "scored (in fp32: it sets --amp off) and store them in --weights (training does this on its "
+                        "val images)")
     p.add_argument("--tta", action="store_true",
                    help="with --eval-only: average the logits of each image and its mirror image")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
@@ -592,6 +593,10 @@ def run(argv=None):
     if args.val_crop and args.val_resize and args.val_crop > args.val_resize:  # before minutes of loading
         parser.error(f"--val-crop {args.val_crop} is larger than --val-resize {args.val_resize}: "
                      "the crop is taken from the resized image")
+    if args.calibrate:  # the temperature is fitted on fp32 logits, as training fits it when it ends
+        if args.amp not in ("auto", "off"):
+            parser.error(f"--calibrate fits the temperature on fp32 logits: leave out --amp {args.amp}")
+        args.amp = "off"
     with contextlib.ExitStack() as cleanup:
         return options.run_command(functools.partial(main, given=given_options(parser, argv), cleanup=cleanup), args)
 

@@ -246,3 +246,20 @@ def test_an_onnx_file_carries_the_temperature_and_threshold(run, tmp_path):
             assert a["class"] == b["class"]
     assert classify.load_classifier(str(path)).calibration == calibration.Calibration(
         best["temperature"], best["min_confidence"])
+
+
+def test_the_page_says_not_sure_with_the_best_guesses(run, tmp_path):
+    pytest.importorskip("gradio", reason="the demo page needs gradio (requirements-dev.txt)")
+    import app
+
+    classifier = classify.load_classifier(str(run["best"]), device="cpu", amp="off")
+    noise = str(noise_image(tmp_path / "noise.png"))
+    classifier.calibration = classifier.calibration.with_min_confidence(0.99)
+    top, _, note = app.Demo(classifier, "inception5b").classify(noise)
+    assert note.startswith("**Not sure**") and "Best guesses: " in note
+    assert sorted(top) == ["daisy", "roses"]
+    best = max(top, key=top.get)
+    assert f"Best guesses: {best} {top[best]:.2f}" in note
+    classifier.calibration = classifier.calibration.with_min_confidence(0)
+    _, _, note = app.Demo(classifier, "inception5b").classify(noise)
+    assert "Not sure" not in note

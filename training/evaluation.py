@@ -191,7 +191,7 @@ def evaluate_only(run, model, criterion, val_loader, start):
     its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
     args = run.args
     classes = run.record.classes
-    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, fp32=args.calibrate)
+    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
     unreadable = val_loader.dataset.unreadable()
     if unreadable and args.bad_images == "error":
         raise data.unreadable_error(unreadable[0])
