@@ -4,12 +4,20 @@ When training ends, the model the run ends with (the EMA of the weights, as vali
 best.pth, or the weights themselves with --no-model-ema) scores every training photo the way it
 scores the val photos: the evaluation preprocessing, no augmentation, the network in eval mode.
 A photo's score is 1 - p(given class). These probabilities are in-sample (the network trained on
-these photos), so a wrong label the network has learned scores low; the augmentation, the label
-smoothing and the EMA keep it from learning most of them (the measured share is in
-docs/options.md). K-fold out-of-sample probabilities (cleanlab's) would cost K trainings.
+these photos); out-of-sample ones (cleanlab's K folds) would cost K trainings. The augmentation,
+the label smoothing and the EMA keep the network from learning most wrong labels, and the last
+model knows the pictures best, so it finds them best.
 
-The pass reads the pixels the training cache holds (decoded once, in the first epoch) and costs
-about a validation pass over the training photos.
+Measured on the flower photos with 5% of each class moved to a wrong class folder (127 of the
+moved photos in train), after the default 25 epochs, as moved photos among the first 127 rows: 85
+with this score; 86 with p(given) divided by its class's mean (confident learning's per-class
+threshold), 85 with the mean of each photo and its mirror, 86 with the weights instead of
+their EMA, 79 with the margin to the most likely other class, 78 with the photos that confident
+learning flags ranked first. The EMA of earlier epochs finds fewer (epoch 4: 60, 8: 68, 12: 77,
+16: 78; the mean of their probabilities: 77).
+
+The pass reads the pixels the training cache holds (decoded in the first epoch): about a
+validation pass over the training photos (45 s for the 2,647 above on two CPU cores).
 """
 import csv
 import io
