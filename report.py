@@ -182,7 +182,7 @@ def photo_grid(plt, files, captions, listed_in, hint, title):
         ax.imshow(image)
         ax.set_title(caption, fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.3 * lines)))  # the top captions below the title, not over it
     return fig
 
 

@@ -338,7 +338,7 @@ def fit(run, training, loaders, progress):
             distributed.run_on_main(run.device, ckpt.save_checkpoint, payload, run.best_path,
                                     "the previous file is intact; free some disk space and resume from last.pth")
         save_last(run, state, progress)
-    write_suspect_labels(validated, loaders, training.criterion, run, log)
+    write_suspect_labels(validated, loaders, run, log)
     if run.tensorboard:
         run.tensorboard.close()
     evaluation.calibrate_best(run, copy.deepcopy(validated), loaders.val, training.criterion, log)

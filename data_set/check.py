@@ -30,16 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from inference import images
+from inference.images import HASH_DECODE_SIDE, hash_distance, near_hash, near_pairs, search_plan
 from inference.images import NEAR_COPY_BITS as DEFAULT_THRESHOLD
-from inference.images import hash_distance, near_hash, near_pairs, search_plan
 from plumbing import options
 from plumbing.atomic import atomic_write_text
 from training import data
 
-# JPEGs are decoded at the smallest DCT scale that keeps 64 px on each side: twice the thumbnail
-# the hash is computed on, so the thumbnail is still resampled from real pixels. The hash of a
-# photo decoded whole is within 2 bits of this one for 97% of the flower photos (at most 6).
-HASH_DECODE_SIDE = 64
 MAX_THRESHOLD = 32  # two unrelated photos differ in about 32 of the 64 bits
 CHUNK = 32  # files per task of the thread pool: one future per file would cost more than a small file's hash
 LISTED = 10  # groups shown per kind of problem; --output lists them all

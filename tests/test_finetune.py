@@ -116,7 +116,7 @@ def test_cli_finetunes_from_a_torchvision_file(finetuned, tv_file):
     assert best["variant"] == "torchvision" and best["classes"] == CLASSES and best["epoch"] == 1
     assert best["model"]["fc.weight"].shape == (3, 1024)
     assert sorted(os.listdir(finetuned["dir"])) == ["best.pth", "ci.json", "class_indices.json", "last.pth",
-                                                    "metrics.csv"]
+                                                    "metrics.csv", "suspect_labels.csv"]
 
 
 def test_predict_uses_the_finetuned_best_pth(finetuned, tiny):

@@ -9,7 +9,7 @@ from PIL import Image
 
 import train
 from helpers import call, train_argv
-from inference.images import Preprocessing, hash_distance, near_hash
+from inference.images import HASH_DECODE_SIDE, Preprocessing, hash_distance, load_image, near_hash, reduced_for_hash
 from plumbing.cache import SharedImageCache
 from training import data
 
@@ -114,7 +114,23 @@ def test_the_hashes_are_kept_with_the_cache_off_and_by_loader_workers(tmp_path):
     indices, hashes = train_set.cache.hashes()
     assert indices.tolist() == list(range(len(train_set)))
     path = train_set.samples[5][0]
-    assert int(hashes[5]) == near_hash(Image.open(path).convert("RGB"))
+    assert int(hashes[5]) == near_hash(reduced_for_hash(Image.open(path).convert("RGB")))
+
+
+def test_a_photo_decoded_whole_is_hashed_at_the_scale_data_set_check_decodes_it(tmp_path):
+    path = tmp_path / "big.jpg"
+    texture(7, size=(800, 600)).save(path, quality=90)
+    whole = load_image(path)
+
+    reduced = reduced_for_hash(whole)
+
+    assert whole.size == (800, 600) and reduced.size == (100, 75)  # by 8: the most a JPEG's draft reduces
+    assert reduced_for_hash(texture(7, size=(200, 150))).size == (100, 75)  # by 2: 64 px a side or more
+    assert reduced_for_hash(texture(7, size=(160, 120))).size == (160, 120)  # by 2, 60 px would be too few
+    with Image.open(path) as drafted:  # what data_set/check.py hashes: the JPEG decoded at a reduced scale
+        drafted.draft("RGB", (HASH_DECODE_SIDE, HASH_DECODE_SIDE))
+        assert drafted.size == reduced.size
+    assert hash_distance(near_hash(reduced), near_hash(load_image(path, min_side=HASH_DECODE_SIDE))) <= 2
 
 
 def test_near_copies_pairs_each_val_image_with_every_training_image_near_it():

@@ -4,27 +4,41 @@ When training ends, the model the run ends with (the EMA of the weights, as vali
 best.pth, or the weights themselves with --no-model-ema) scores every training photo the way it
 scores the val photos: the evaluation preprocessing, no augmentation, the network in eval mode.
 A photo's score is 1 - p(given class). These probabilities are in-sample (the network trained on
-these photos), so a wrong label the network has learned scores low; the augmentation, the label
-smoothing and the EMA keep it from learning most of them (the measured share is in
-docs/options.md). K-fold out-of-sample probabilities (cleanlab's) would cost K trainings.
+these photos); out-of-sample ones (cleanlab's K folds) would cost K trainings. The augmentation,
+the label smoothing and the EMA keep the network from learning most wrong labels, and the last
+model knows the pictures best, so it finds them best.
 
-The pass reads the pixels the training cache holds (decoded once, in the first epoch) and costs
-about a validation pass over the training photos.
+Measured on the flower photos with 5% of each class moved to a wrong class folder (127 of the
+moved photos in train), after the default 25 epochs, as moved photos among the first 127 rows: 85
+with this score; 86 with p(given) divided by its class's mean (confident learning's per-class
+threshold), 85 with the mean of each photo and its mirror, 86 with the weights instead of
+their EMA, 79 with the margin to the most likely other class, 78 with the photos that confident
+learning flags ranked first. The EMA of earlier epochs finds fewer (epoch 4: 60, 8: 68, 12: 77,
+16: 78; the mean of their probabilities: 77).
+
+The pass reads the pixels the training cache holds (decoded in the first epoch): a validation
+pass over the training photos (11 s for the 2,647 above on two CPU cores in bf16, about half an
+epoch of that run).
 """
 import csv
 import io
 import os
+import sys
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from plumbing import device as dev
 from plumbing import distributed
 from plumbing.atomic import atomic_write_text
-from training import data, evaluation
+from training import data
 
 SUSPECT_FIELDS = ["file", "given_class", "suggested_class", "score"]
 
 
-def training_probabilities(model, loaders, criterion, run):
+@torch.inference_mode()
+def training_probabilities(model, loaders, run):
     """(dataset indices, class probabilities N x classes) of every readable training photo, with the
     evaluation preprocessing, on every process (each scores its share of the photos)."""
     train = loaders.train.dataset
@@ -33,8 +47,18 @@ def training_probabilities(model, loaders, criterion, run):
                                 substitute=False, writer=train.writer)
     sampler = data.EpochSampler(len(dataset), False, 0, run.rank, run.world_size, pad=False)
     loader = data.make_loader(dataset, sampler, run.args.batch_size, loaders.workers, run.device)
-    rows = evaluation.evaluate(model, loader, criterion, run, per_image=True).rows
-    return np.array([i for i, _, _ in rows], dtype=np.int64), np.array([p for _, p, _ in rows], dtype=np.float64)
+    model.eval()
+    indices, rows = iter(sampler), []  # the sampler hands out plain indices, in loading order
+    for images, _, valid in tqdm(loader, desc="scoring the training labels", disable=not run.is_main,
+                                 file=sys.stdout, dynamic_ncols=True, leave=False):
+        images = data.normalize_batch(images.to(run.device, non_blocking=True), run.record.preprocessing.mean,
+                                      run.record.preprocessing.std, channels_last=run.args.channels_last)
+        with dev.autocast(run.device, run.placement.amp_dtype):
+            probabilities = torch.softmax(model(images).float(), dim=1).tolist()
+        kept = [next(indices) for _ in range(len(valid))]
+        rows += [(i, p) for i, p, ok in zip(kept, probabilities, valid.tolist(), strict=True) if ok]
+    rows = sorted(r for part in distributed.all_gather(rows, run.device) for r in part)
+    return np.array([i for i, _ in rows], dtype=np.int64), np.array([p for _, p in rows], dtype=np.float64)
 
 
 def suspect_scores(probabilities, given):
@@ -50,10 +74,10 @@ def ranked_suspects(samples, classes, indices, probabilities):
     return [(samples[indices[k]][0], classes[given[k]], classes[suggested[k]], float(scores[k])) for k in order]
 
 
-def write_suspect_labels(model, loaders, criterion, run, log):
+def write_suspect_labels(model, loaders, run, log):
     """OUTPUT_DIR/suspect_labels.csv: every training photo, the most suspect label first. Every process
     calls it; rank 0 writes and logs."""
-    indices, probabilities = training_probabilities(model, loaders, criterion, run)
+    indices, probabilities = training_probabilities(model, loaders, run)
     distributed.run_on_main(run.device, _write, loaders.train.dataset.samples, run.record.classes, indices,
                             probabilities, run.args.output_dir, log)
 
