@@ -1,16 +1,30 @@
-"""A plain folder of class folders as training data, and photos read upright (EXIF orientation)."""
+"""The data layouts train.py takes (training/data.py's find_data): a plain folder of class folders,
+split at start and recorded in the checkpoints, or a train/ and val/ tree; links followed but entered
+once; and a folder that is neither, empty, missing or inconsistent refused with one line that says
+what was found and what to do."""
 import os
+import re
 import shutil
+import signal
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import train
-from helpers import COLORS, FP32, assert_clean_error, call, dataset_of, load, save_image, train_argv
-from inference import classify, images
-from training import data
+from helpers import (
+    COLORS,
+    TRAIN,
+    assert_clean_error,
+    call,
+    eval_argv,
+    load,
+    make_tree,
+    run_script,
+    save_image,
+    stop_after_step,
+    train_argv,
+)
+from inference import classify
+from training import data, step
 from training.data import split_dataset
 
 
@@ -31,8 +45,9 @@ def plain_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
     photos = plain_folder(root / "photos")
     out = root / "out"
-    assert call(train, train_argv(photos, out, "--image-size", 64, "--val-ratio", 0.25))[0] == 0
-    return {"root": root, "photos": photos, "out": out}
+    code, stdout, err = call(train, train_argv(photos, out, "--image-size", 48, "--val-ratio", 0.25))
+    assert code == 0, err
+    return {"root": root, "photos": photos, "out": out, "stdout": stdout}
 
 
 def test_plain_folder_holds_out_split_data_pys_split(plain_run, tmp_path):
@@ -45,46 +60,57 @@ def test_plain_folder_holds_out_split_data_pys_split(plain_run, tmp_path):
     assert len(expected) == 1 + 1 + 1  # int(6/4), int(5/4), int(4/4): one of each class
 
 
-def test_plain_folder_prints_the_counts_per_class(plain_run, tmp_path):
-    code, out, err = call(train, train_argv(plain_run["photos"], tmp_path / "o", "--image-size", 64,
-                                            "--val-ratio", 0.25))
-    assert code == 0, err
-    assert "daisy 5/1, roses 4/1, tulips 3/1 (train/val)" in out
-    assert "12 train, 3 val images" in out
+def test_plain_folder_prints_the_counts_per_class(plain_run):
+    assert "daisy 5/1, roses 4/1, tulips 3/1 (train/val)" in plain_run["stdout"]
+    assert "12 train, 3 val images" in plain_run["stdout"]
 
 
-def test_resume_and_eval_only_use_the_recorded_val_images(plain_run, tmp_path):
+def test_resume_and_eval_only_use_the_recorded_val_images(plain_run, tmp_path, monkeypatch):
     """Photos added to the folder after the run started never move into its val set."""
     photos = tmp_path / "photos"
     shutil.copytree(plain_run["photos"], photos)
     out = tmp_path / "out"
-    argv = train_argv(photos, out, "--image-size", 64, "--val-ratio", 0.25)
-    assert call(train, argv)[0] == 0
+    with monkeypatch.context() as m:  # stopped in epoch 2 of 2 (3 steps an epoch)
+        m.setattr(step.StopRequest, "check", stop_after_step(4, out, tmp_path / "after_epoch_1.pth"))
+        code, _, err = call(train, train_argv(photos, out, "--image-size", 48, "--val-ratio", 0.25, epochs=2))
+    assert code == 128 + signal.SIGTERM, err
     recorded = load(out / "last.pth")["split"]["val_files"]
     for i in range(4):  # new photos that a fresh split would share out differently
         save_image(photos / "tulips" / f"a_new_{i}.jpg", COLORS[2], seed=900 + i)
-    code, stdout, err = call(train, argv + ["--epochs", 2, "--resume", out / "last.pth"])
+    code, stdout, err = call(train, ["--resume", out / "last.pth"])
     assert code == 0, err
     assert "16 train, 3 val images" in stdout  # the 4 new photos train; val is the recorded 3
     assert load(out / "last.pth")["split"]["val_files"] == recorded
-    code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", photos,
-                                     "--output-dir", tmp_path / "ev", "--device", "cpu"])
+    code, stdout, err = call(train, eval_argv(out / "best.pth", photos, tmp_path / "ev"))
     assert code == 0, err
     assert "accuracy:" in stdout and "/3)" in stdout  # n correct / 3 val images
     os.remove(photos / recorded[0])
-    code, _, err = call(train, [*FP32, "--eval-only", "--weights", out / "best.pth", "--data-path", photos,
-                                "--output-dir", tmp_path / "ev", "--device", "cpu"])
+    code, _, err = call(train, eval_argv(out / "best.pth", photos, tmp_path / "ev"))
     assert_clean_error(code, err, "no longer holds the run's val images", recorded[0].split("/")[-1])
 
 
-def test_a_split_tree_still_works_as_before(tmp_path):
-    split_dataset(str(plain_folder(tmp_path / "photos")), str(tmp_path / "split"), log=lambda *a: None)
-    code, out, err = call(train, train_argv(tmp_path / "split", tmp_path / "out", "--image-size", 64))
-    assert code == 0, err
-    assert "split:" not in out and "12 train, 3 val images" in out
-    assert load(tmp_path / "out" / "best.pth")["split"] is None
+# ---------------------------------------------------------------------------------------------
+# folders that are not data
+# ---------------------------------------------------------------------------------------------
+def test_a_missing_data_folder_names_both_layouts(tmp_path):
+    """From the command line (a process of its own: the exit status and the one line as a user sees
+    them): a folder of the user's that is missing is never downloaded into."""
+    missing = tmp_path / "nowhere"
+    proc = run_script(TRAIN, train_argv(missing, tmp_path / "out"))
+    line = assert_clean_error(proc.returncode, proc.stderr, str(missing), "does not exist", "--data-path",
+                              "DIR/<class>/", "DIR/train/<class>/")
+    assert proc.returncode == 2 and "--download" not in line
+    assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.quick
+def test_a_missing_default_data_folder_says_how_to_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder without data_set/flower_data
+    code, _, err = call(train, ["--output-dir", tmp_path / "out", "--class-indices", tmp_path / "ci.json"])
+    assert_clean_error(code, err, os.path.join("data_set", "flower_data"), "python train.py --download")
+
+
+@pytest.mark.quick
 def test_a_folder_that_is_neither_layout_says_what_it_found(tmp_path):
     loose = tmp_path / "loose"
     for i in range(3):
@@ -95,6 +121,7 @@ def test_a_folder_that_is_neither_layout_says_what_it_found(tmp_path):
     assert "--download" not in line
 
 
+@pytest.mark.quick
 def test_one_class_folder_points_at_the_folder_inside(tmp_path):
     outer = tmp_path / "outer"
     plain_folder(outer / "flower_photos")
@@ -102,61 +129,48 @@ def test_one_class_folder_points_at_the_folder_inside(tmp_path):
     assert_clean_error(code, err, "one class folder (flower_photos)", str(outer / "flower_photos"))
 
 
-def test_split_seed_changes_the_held_out_images(plain_run):
-    samples = data.list_images(str(plain_run["photos"]), ["daisy", "roses", "tulips"])
-    _, a = data.split_samples(samples, ["daisy", "roses", "tulips"], 0.5, seed=0)
-    _, b = data.split_samples(samples, ["daisy", "roses", "tulips"], 0.5, seed=1)
-    assert [k for _, k in a] == [k for _, k in b]  # the same counts per class
-    assert a != b
+@pytest.mark.quick
+def test_a_split_without_class_folders_is_one_line(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    code, _, err = call(train, train_argv(tmp_path / "data", tmp_path / "out"))
+    assert_clean_error(code, err, "has no class folders")
 
 
-# ---------------------------------------------------------------------------------------------
-# EXIF orientation
-# ---------------------------------------------------------------------------------------------
-def sideways_photo(path, size=(60, 40)):
-    """An upright picture (red top half, blue bottom half) stored rotated by 90 degrees, with the
-    EXIF orientation 6 ("rotate 90 clockwise to view") that a phone writes for it."""
-    w, h = size
-    upright = np.zeros((h, w, 3), np.uint8)
-    upright[: h // 2] = (255, 0, 0)
-    upright[h // 2:] = (0, 0, 255)
-    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # h wide, w high
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stored.save(path, exif=exif, quality=95)
-    return path
+@pytest.mark.quick
+def test_a_class_folder_without_images_is_one_line(tmp_path):
+    data_dir = make_tree(tmp_path / "data", n_train=1, n_val=1)
+    empty = data_dir / "train" / "roses"
+    shutil.rmtree(empty)
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    code, _, err = call(train, train_argv(data_dir, tmp_path / "out"))
+    assert_clean_error(code, err, str(empty), "has no images")
 
 
-def assert_upright(image, size):
-    pixels = np.asarray(image).astype(int)
-    assert image.size == size
-    h = size[1]
-    assert pixels[: h // 4, :, 0].mean() > 200 and pixels[: h // 4, :, 2].mean() < 50  # red on top
-    assert pixels[-h // 4:, :, 2].mean() > 200 and pixels[-h // 4:, :, 0].mean() < 50  # blue below
+@pytest.mark.quick
+@pytest.mark.parametrize("side", ["val", "train"])
+def test_a_split_whose_train_and_val_classes_differ_is_refused(side, tmp_path):
+    tree = make_tree(tmp_path / "data", n_train=1, n_val=1)
+    save_image(tree / side / "lilies" / "0.jpg", COLORS[3])
+    code, _, err = call(train, train_argv(tree, tmp_path / "out"))
+    other = "train" if side == "val" else "val"
+    line = assert_clean_error(code, err, "class lilies", str(tree / side), f"none in {tree / other}")
+    assert re.search("never|would never", line)
 
 
-def test_a_sideways_photo_is_read_upright(tmp_path):
-    path = sideways_photo(tmp_path / "phone.jpg")
-    with Image.open(path) as raw:
-        assert raw.size == (40, 60)  # as stored
-    assert_upright(images.load_image(str(path)), (60, 40))
-
-
-def test_upright_with_draft_decoding_of_a_large_photo(tmp_path):
-    path = sideways_photo(tmp_path / "big.jpg", size=(3000, 2000))
-    image = images.load_image(str(path))
-    assert_upright(image, (1500, 1000))  # halved by the JPEG draft, then turned
-    assert min(image.size) >= images.DECODE_MIN_SIDE
-
-
-def test_cache_stream_and_prediction_all_see_it_upright(tmp_path):
-    path = sideways_photo(tmp_path / "photos" / "a" / "phone.jpg", size=(96, 64))
-    preprocessing = images.Preprocessing(64, 64)
-    transform = data.EvalTransform(preprocessing)
-    cached = dataset_of(tmp_path / "photos", transform, cached=True)
-    streamed = dataset_of(tmp_path / "photos", transform, cached=False)
-    assert torch.equal(cached[0][0], streamed[0][0])
-    assert_upright(Image.fromarray(cached.cache.get(0)), (96, 64))
-    pixels, error = classify.prepare(str(path), preprocessing)
-    assert error == "" and torch.equal(torch.from_numpy(pixels).permute(2, 0, 1), cached[0][0])
+@pytest.mark.quick
+def test_a_link_to_a_parent_folder_is_entered_once(tmp_path):
+    root = tmp_path / "photos"
+    for k, name in enumerate(("daisy", "roses")):
+        for i in range(4):
+            save_image(root / name / f"{i}.jpg", COLORS[k], seed=i)
+    os.symlink("..", root / "daisy" / "loop")  # daisy/loop/daisy/loop/... would never end
+    other = tmp_path / "more_roses"
+    save_image(other / "extra.jpg", COLORS[1])
+    os.symlink(other, root / "roses" / "linked")  # a link to a folder of photos is followed
+    samples = data.list_images(str(root), ["daisy", "roses"])
+    names = [(os.path.relpath(p, root), k) for p, k in samples]
+    assert len(samples) == 9 and sum(k == 0 for _, k in samples) == 4, names
+    assert (os.path.join("roses", "linked", "extra.jpg"), 1) in names
+    assert len(classify.collect_images([str(root)])) == 9
