@@ -98,22 +98,21 @@ def test_bf16_logits_stay_close_to_fp32(variant):
     assert relative_error(low, reference) < 3e-2
 
 
-def test_the_start_up_line_names_the_precision(small_run, tmp_path):
-    """The line is train.py's (place() shared with training): --eval-only shows it without a run."""
-    argv = ["--eval-only", "--weights", small_run["best"], "--data-path", small_run["data"], "--output-dir",
-            tmp_path / "ev", "--device", "cpu", "--workers", 0]
-    code, out, err = call(train, argv + ["--amp", "bf16"])
+@pytest.mark.parametrize("native,amp,words,warned", [
+    ("0", "bf16", "bf16 autocast (CPU has no native bf16)", True),  # forced: obeyed, and warned about
+    ("1", "auto", "bf16 autocast (CPU has native bf16: GOOGLENET_CPU_BF16=1)", False),
+    ("0", "auto", "fp32 (CPU has no native bf16)", False),
+    ("1", "off", "fp32 (CPU has native bf16: GOOGLENET_CPU_BF16=1)", False),
+])
+def test_the_start_up_line_names_the_precision(small_run, tmp_path, monkeypatch, native, amp, words, warned):
+    """train.py's line (place() is shared with training: --eval-only shows it without a run), on a
+    CPU taken as one with native bf16 or without (GOOGLENET_CPU_BF16)."""
+    monkeypatch.setenv(dev.BF16_OVERRIDE, native)
+    code, out, err = call(train, ["--eval-only", "--weights", small_run["best"], "--data-path", small_run["data"],
+                                  "--output-dir", tmp_path / "ev", "--device", "cpu", "--workers", 0, "--amp", amp])
     assert code == 0, err
-    native = bool(dev.cpu_bf16_flags())
-    assert "device cpu, bf16 autocast" in out
-    assert ("warning: --amp bf16 on a CPU without native bf16" in out) != native
-    code, out, err = call(train, argv + ["--amp", "off"])
-    assert code == 0, err
-    assert "device cpu, fp32" in out
-    # left to auto, the run takes what this CPU (or GOOGLENET_CPU_BF16) decides, and says so
-    code, out, err = call(train, argv)
-    assert code == 0, err
-    assert f"device cpu, {dev.describe_precision(CPU, dev.amp_dtype(CPU, 'auto'))[0]};" in out
+    assert f"device cpu, {words}; " in out
+    assert ("warning: --amp bf16 on a CPU without native bf16" in out) == warned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,10 +140,10 @@ def test_only_fp16_gets_a_loss_scaler():
 
 @pytest.mark.quick
 def test_loader_pins_memory_only_for_cuda():
-    images_ = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8))
-    sampler = data.EpochSampler(len(images_), shuffle=False)
-    assert data.make_loader(images_, sampler, 2, 0, torch.device("cuda")).pin_memory
-    assert not data.make_loader(images_, sampler, 2, 0, torch.device("cpu")).pin_memory
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8))
+    sampler = data.EpochSampler(len(dataset), shuffle=False)
+    assert data.make_loader(dataset, sampler, 2, 0, torch.device("cuda")).pin_memory
+    assert not data.make_loader(dataset, sampler, 2, 0, torch.device("cpu")).pin_memory
 
 
 @pytest.mark.quick
