@@ -1,17 +1,21 @@
-"""Shared helpers for the end-to-end tests: tiny image trees, bad files and running the scripts.
+"""Shared helpers for the tests: tiny image trees, bad files, running the commands (in this process
+or as a new one), and the one small trained run that many test files use (conftest.py's small_run).
 
-Everything here is offline and CPU only. Images are small (64 x 48); the model still sees them at
-the recipe's 128 x 128 (or a test's --image-size), so keep runs tiny.
+Everything here is offline and CPU only. Images are small (64 x 48); the model sees them at the
+test's --image-size (48 px for most runs), so keep runs tiny.
 """
 import contextlib
+import importlib.util
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +173,8 @@ def load(path):
 
 def stop_after_step(n, out, keep):
     """A StopRequest.check for monkeypatching: it asks train.py to stop after step n, having copied
-    the last.pth that --save-every 1 wrote after step n - 1 to keep (the place to resume from)."""
+    the last.pth written after step n - 1 to keep (the place to resume from): with --save-every 1,
+    or without it where step n - 1 ended an epoch."""
     import shutil
 
     steps = {"n": 0}
@@ -183,10 +188,51 @@ def stop_after_step(n, out, keep):
     return check
 
 
+# The small run's options beyond train_argv: 48 px training crops, evaluation at 60 px (1.25 x 48)
+# from images resized to 64 (so a test can tell the resize from the crop)
+SMALL_RUN = ("--image-size", 48, "--val-resize", 64)
+
+
 def train_small_run(root):
-    """A 1-epoch fp32 run at 64 px on a generated tree of 3 classes under root: {"data", "best", "root"}."""
+    """A 1-epoch fp32 run of the default recipe at 48 px on a generated tree of 3 classes (12 train, 6
+    val images) under root: {"data", "out", "best", "last", "ci", "argv", "stdout", "root"}. Tests use
+    it through conftest.py's session fixture small_run and never change its files."""
     import train
 
     tree = make_tree(root / "data", n_train=4, n_val=2)
-    assert call(train, train_argv(tree, root / "out", "--image-size", 64))[0] == 0
-    return {"data": tree, "best": root / "out" / "best.pth", "root": root}
+    argv = train_argv(tree, root / "out", *SMALL_RUN)
+    code, stdout, err = call(train, argv)
+    assert code == 0, err
+    out = root / "out"
+    return {"data": tree, "out": out, "best": out / "best.pth", "last": out / "last.pth", "ci": out / "ci.json",
+            "argv": argv, "stdout": stdout, "root": root}
+
+
+def eval_argv(weights, data, out, *extra):
+    """train.py --eval-only arguments on the CPU in fp32, its files under out."""
+    return [*FP32, "--eval-only", "--weights", weights, "--data-path", data, "--output-dir", out, "--device", "cpu",
+            "--workers", 0, *extra]
+
+
+def class_lines(out, classes=CLASSES):
+    """predict.py's one-image output: [(class, probability)] in printed order."""
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in classes:
+            rows.append((parts[0], float(parts[1])))
+    return rows
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def needs(*packages, why="requirements-dev.txt"):
+    """A skip mark for tests of an optional feature: found without importing the packages, so that
+    collecting the tests (python -m pytest -m quick) never pays for importing gradio or onnx."""
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} ({why})")

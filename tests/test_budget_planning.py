@@ -7,6 +7,8 @@ import pytest
 
 from training import schedule
 
+pytestmark = pytest.mark.quick
+
 
 def reference_fitting_epochs(plan, done, elapsed_s, sizes):
     """Every count in turn, each summed over its epochs: what fitting_epochs computed until it

@@ -6,6 +6,8 @@ import pytest
 from plumbing import cache
 from training import data
 
+pytestmark = pytest.mark.quick
+
 GIB = 2 ** 30
 NEED = int(0.9 * GIB)  # the flower photos decoded
 

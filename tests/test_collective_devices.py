@@ -15,6 +15,8 @@ from plumbing import device as dev
 from plumbing import distributed
 from plumbing.options import UserError
 
+pytestmark = pytest.mark.quick
+
 CPU = torch.device("cpu")
 
 

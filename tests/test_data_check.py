@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from data_set import check
-from helpers import REPO, write_corrupt
+from helpers import write_corrupt
 from training.data import find_classes, list_images, split_samples
+
+pytestmark = pytest.mark.quick
 
 SIZE = (96, 72)
 
@@ -232,11 +234,3 @@ def test_band_search_finds_exactly_the_pairs_that_comparing_all_pairs_finds(coun
 @pytest.mark.parametrize("count", [0, 1])
 def test_band_search_with_fewer_than_two_hashes(count):
     assert all(len(a) == 0 for a in check.near_pairs(np.arange(count, dtype=np.uint64), 8))
-
-
-def test_every_option_is_in_docs_options_md():
-    text = (REPO / "docs" / "options.md").read_text()
-    section = text.split("## `python -m data_set.check`")[1].split("\n## ")[0]
-    help_text = check.get_args_parser().format_help()
-    options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", help_text)) - {"--help"}
-    assert options and not sorted(o for o in options if f"`{o}`" not in section)

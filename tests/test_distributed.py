@@ -13,7 +13,6 @@ import csv
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
 import sys
 import traceback
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import train
-from helpers import FP32, REPO, call, last_line, make_tree
+from helpers import FP32, REPO, call, free_port, last_line, make_tree
 from inference import checkpoint
 from model import GoogLeNet
 from plumbing import distributed
@@ -32,12 +31,6 @@ from plumbing import distributed
 CLASSES = ["daisy", "roses", "tulips"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 3
 VAL_IMAGES = len(CLASSES) * VAL_PER_CLASS  # 9: odd, so splitting over 2 ranks pads if anything does
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 try:
@@ -62,7 +55,8 @@ def ddp_run(tmp_path_factory):
     out_dir = str(base / "out")
     proc = torchrun(["train.py", "--data-path", data_path, "--output-dir", out_dir,
                      "--class-indices", str(base / "class_indices.json"), "--weights", weights,
-                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off", *FP32] + TENSORBOARD)
+                     "--epochs", "1", "--batch-size", "2", "--image-size", "48", "--workers", "0", "--cache", "off",
+                     *FP32] + TENSORBOARD)
     return {"proc": proc, "data": data_path, "out": out_dir, "base": str(base)}
 
 
@@ -97,7 +91,7 @@ def test_only_rank_0_logs_and_draws_progress_bars(ddp_run):
     proc = ddp_run["proc"]
     assert proc.returncode == 0, describe(proc)
     both = proc.stdout + proc.stderr
-    data_lines = [l for l in proc.stdout.splitlines() if l.startswith("data: ")]
+    data_lines = [line for line in proc.stdout.splitlines() if line.startswith("data: ")]
     assert len(data_lines) == 1, describe(proc)
     assert "12 train, 9 val images" in data_lines[0] and "2 process(es)" in data_lines[0]
     assert len(re.findall(r"(?:^|\r)\[epoch 1\]", proc.stdout, flags=re.M)) == 1, describe(proc)
@@ -105,8 +99,8 @@ def test_only_rank_0_logs_and_draws_progress_bars(ddp_run):
     # a bar prints its bare 0% state (no rate, no loss yet) only when it is created: one training
     # bar and one validation bar. 12 training images over 2 ranks in batches of 2: 3 steps a rank;
     # rank 0's 5 val images in batches of 2: 3 batches.
-    assert len(re.findall(r"train 1/1 \(128 px\):\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
-    assert re.search(r"train 1/1 \(128 px\): 100%\|[^|]*\| 3/3 ", both), describe(proc)
+    assert len(re.findall(r"train 1/1 \(48 px\):\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
+    assert re.search(r"train 1/1 \(48 px\): 100%\|[^|]*\| 3/3 ", both), describe(proc)
     assert len(re.findall(r"val:\s+0%\|[^|]*\| 0/3 \[[^\]]*\?it/s\]", both)) == 1, describe(proc)
 
 
@@ -140,9 +134,9 @@ def test_printed_val_accuracy_is_that_of_the_saved_weights_over_every_val_image(
     # best.pth holds the weights that were validated: with the default --model-ema, the average
     # (last.pth's "model" is the raw weights, which were not)
     eval_dir = str(tmp_path / "eval")
-    code, out, err = call(train, 
-        [*FP32, "--eval-only", "--weights", os.path.join(ddp_run["out"], "best.pth"), "--data-path", ddp_run["data"],
-         "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"])
+    code, out, err = call(train, [
+        *FP32, "--eval-only", "--weights", os.path.join(ddp_run["out"], "best.pth"), "--data-path", ddp_run["data"],
+        "--output-dir", eval_dir, "--workers", "0", "--batch-size", "4", "--cache", "off"])
     assert code == 0, out + err
     m = re.search(r"(?:^|\r)accuracy: (\d\.\d{4}) \((\d+)/(\d+)\)  loss: (\S+)", out, flags=re.M)
     assert m, out
@@ -174,8 +168,8 @@ def test_a_failure_on_rank_0_ends_both_processes_with_one_error_line(where, tmp_
     else:
         indices = blocker / "ci.json"
     proc = torchrun(["train.py", "--data-path", data_path, "--output-dir", out, "--class-indices", indices,
-                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache", "off", *FP32],
-                    log_dir=tmp_path / "logs", timeout=300)
+                     "--epochs", "1", "--batch-size", "2", "--image-size", "48", "--workers", "0", "--cache", "off",
+                     *FP32], log_dir=tmp_path / "logs", timeout=300)
     assert proc.returncode != 0
     streams = {}
     for path in (tmp_path / "logs").rglob("*.log"):  # <run>/attempt_0/<rank>/stdout.log, stderr.log
@@ -186,7 +180,8 @@ def test_a_failure_on_rank_0_ends_both_processes_with_one_error_line(where, tmp_
     errors = [line for text in streams.values() for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, streams
     assert errors[0] == last_line(streams[("0", "stderr")])
-    assert ("cannot write to output folder" if where == "output-dir" else "cannot write the class index file") in errors[0]
+    expected = "cannot write to output folder" if where == "output-dir" else "cannot write the class index file"
+    assert expected in errors[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +233,7 @@ def _run_sync(diverge):
 @needs_fork
 def test_sync_ranks_copies_rank0_buffers_and_passes_when_in_sync():
     got = _run_sync(diverge=False)
-    for rank, outcome, running_mean, tracked in got:
+    for _, outcome, running_mean, tracked in got:
         assert outcome == "ok", outcome
         assert running_mean == [1.0, 1.0, 1.0] and tracked == 0  # rank 0's values everywhere
 
@@ -246,6 +241,6 @@ def test_sync_ranks_copies_rank0_buffers_and_passes_when_in_sync():
 @needs_fork
 def test_sync_ranks_raises_on_every_rank_when_weights_differ():
     got = _run_sync(diverge=True)
-    for rank, outcome, _, _ in got:
+    for _, outcome, _, _ in got:
         assert outcome.startswith("OutOfSync: the processes' weights diverged"), outcome
         assert "1e-03" in outcome or "0.001" in outcome

@@ -1,9 +1,12 @@
-"""data.EpochSampler split over processes: in training every process gets the same number of
-samples (DDP needs every process at every step), however few the images; in validation each image
-goes to exactly one process."""
+"""data.EpochSampler, the order of an epoch: split over processes, in training every process gets
+the same number of samples (DDP needs every process at every step), however few the images; in
+validation each image goes to exactly one process; --sampler balanced draws every class as often,
+and a resumed epoch continues the same order."""
 import pytest
 
 from training import data
+
+pytestmark = pytest.mark.quick
 
 
 def shares(size, world_size, pad=True, shuffle=True, weights=None):
@@ -41,3 +44,18 @@ def test_balanced_draws_pad_as_plain_orders_do():
 def test_validation_is_not_padded():
     got = shares(3, 4, pad=False, shuffle=False)
     assert got == [[0], [1], [2], []]
+
+
+def test_the_balanced_sampler_draws_classes_evenly_and_exactly_again():
+    targets = [0] * 90 + [1] * 10
+    sampler = data.EpochSampler(100, True, seed=3, weights=data.balanced_draws(targets))
+    sampler.set_epoch(0)
+    drawn = list(sampler)
+    assert len(drawn) == 100 and 35 <= sum(targets[i] for i, _ in drawn) <= 65  # about half from class 1
+    assert len({seed for _, seed in drawn}) == 100  # a sample drawn twice is augmented two ways
+    sampler.set_epoch(0, skip=40)
+    assert list(sampler) == drawn[40:]  # the same epoch again, resumed after 40 samples
+    halves = [data.EpochSampler(100, True, 3, rank, 2, weights=data.balanced_draws(targets)) for rank in (0, 1)]
+    assert sorted(list(halves[0]) + list(halves[1])) == sorted(drawn)  # split over 2 processes
+    sampler.set_epoch(1)
+    assert list(sampler) != drawn

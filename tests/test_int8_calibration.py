@@ -9,6 +9,8 @@ import export
 from helpers import COLORS, save_image, write_corrupt, write_truncated_jpeg
 from inference import images
 
+pytestmark = pytest.mark.quick
+
 # the training photos of a run on the flower photos, sorted by class as data.find_data lists them
 FLOWERS = {0: 457, 1: 646, 2: 462, 3: 503, 4: 579}  # daisy, dandelion, roses, sunflowers, tulips: 2,647
 

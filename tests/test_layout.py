@@ -65,7 +65,8 @@ def test_no_import_cycle_among_modules_or_folders():
     folder_of = {name: name.split(".")[0] if "." in name else name for name in modules}
     folder_graph = {}
     for name, targets in graph.items():
-        folder_graph.setdefault(folder_of[name], set()).update(folder_of[t] for t in targets if folder_of[t] != folder_of[name])
+        folder_graph.setdefault(folder_of[name], set()).update(folder_of[t] for t in targets
+                                                               if folder_of[t] != folder_of[name])
     for g in (graph, folder_graph):
         state = {}
 

@@ -1,4 +1,7 @@
-"""Tests of model.py: GoogLeNet (Inception v1), paper and torchvision variants. CPU only."""
+"""model.py: GoogLeNet (Inception v1) as the paper's Table 1, in the paper's and torchvision's
+variants: every stage's shape, the aux heads (at any image size), the state-dict keys the classic
+googleNet.pth and torchvision's file use, the initialisation, TTA's mirror, and python model.py's
+summary. No model is trained here."""
 import copy
 import math
 
@@ -6,9 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from model import BasicConv2d, GoogLeNet, Inception, InceptionAux
+import model as model_py
+from model import BasicConv2d, GoogLeNet, Inception, InceptionAux, logits_with_mirror
 
-N = 2
+pytestmark = pytest.mark.quick
+
+N = 1  # one image: every shape below is per image, and a pass at 224 px costs seconds on two cores
 NUM_CLASSES = 5
 
 INCEPTIONS = ("inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
@@ -70,16 +76,9 @@ def model_noaux():
 
 
 @pytest.fixture(scope="module")
-def model_default_init():
-    torch.manual_seed(2)
-    return GoogLeNet(num_classes=NUM_CLASSES, aux_logits=True, init_weights=False).eval()
-
-
-@pytest.fixture(scope="module")
 def tv_variant():
     torch.manual_seed(3)
-    return GoogLeNet(num_classes=1000, aux_logits=True, init_weights=True,
-                     variant="torchvision").eval()
+    return GoogLeNet(num_classes=NUM_CLASSES, aux_logits=True, init_weights=True, variant="torchvision").eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def tv_reference():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(4)
     return torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True,
-                                        transform_input=False, num_classes=1000).eval()
+                                        transform_input=False, num_classes=NUM_CLASSES).eval()
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +129,44 @@ def run_train(m, x):
         m.eval()
 
 
+@pytest.fixture(scope="module")
+def train_pass(model, x):
+    """One training-mode forward of the paper model at 224 px, recorded: (outputs, every stage's
+    output and call count, the aux heads' inputs)."""
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            inputs[name] = args[0].detach().clone()
+        return hook
+
+    handles = [model.aux1.register_forward_pre_hook(keep_input("aux1")),
+               model.aux2.register_forward_pre_hook(keep_input("aux2"))]
+    try:
+        with Recorder(model, list(STAGE_SHAPES) + ["fc", "aux1", "aux2"]) as rec:
+            out = run_train(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, rec, inputs
+
+
+AUX_MODULES = ["aux1", "aux2", "aux1.conv", "aux1.fc1", "aux1.fc2", "aux2.conv", "aux2.fc1", "aux2.fc2"]
+
+
+@pytest.fixture(scope="module")
+def eval_pass(model, x):
+    """One eval-mode forward of the paper model at 224 px, recorded (the aux heads' layers too)."""
+    with Recorder(model, list(STAGE_SHAPES) + AUX_MODULES + ["fc"]) as rec, torch.inference_mode():
+        out = model(x)
+    return out, rec
+
+
 # ---------------------------------------------------------------------------------------------
 # shapes
 # ---------------------------------------------------------------------------------------------
-def test_stage_shapes_224(model, x):
-    names = list(STAGE_SHAPES) + ["fc", "aux1", "aux2"]
-    with Recorder(model, names) as rec:
-        out = run_train(model, x)
+def test_stage_shapes_224(train_pass):
+    out, rec, _ = train_pass
     for name, shape in STAGE_SHAPES.items():
         assert rec.calls[name] == 1, name
         assert tuple(rec.outputs[name].shape) == (N, *shape), name
@@ -147,9 +177,8 @@ def test_stage_shapes_224(model, x):
     assert logits.shape == aux1.shape == aux2.shape == (N, NUM_CLASSES)
 
 
-def test_eval_shapes(model, x):
-    with Recorder(model, list(STAGE_SHAPES)) as rec, torch.inference_mode():
-        out = model(x)
+def test_eval_shapes(eval_pass):
+    out, rec = eval_pass
     for name, shape in STAGE_SHAPES.items():
         assert tuple(rec.outputs[name].shape) == (N, *shape), name
     assert out.shape == (N, NUM_CLASSES)
@@ -159,9 +188,8 @@ def test_eval_shapes(model, x):
 # ---------------------------------------------------------------------------------------------
 # outputs in train / eval, aux heads
 # ---------------------------------------------------------------------------------------------
-def test_training_returns_logits_aux2_aux1_in_order(model, x):
-    with Recorder(model, ["fc", "aux1", "aux2"]) as rec:
-        out = run_train(model, x)
+def test_training_returns_logits_aux2_aux1_in_order(train_pass):
+    out, rec, _ = train_pass
     assert isinstance(out, tuple) and len(out) == 3
     logits, second, third = out
     assert torch.equal(logits, rec.outputs["fc"])
@@ -172,46 +200,31 @@ def test_training_returns_logits_aux2_aux1_in_order(model, x):
     assert rec.calls["aux1"] == rec.calls["aux2"] == 1
 
 
-def test_aux1_runs_before_aux2_on_the_right_features(model, x):
+def test_aux1_runs_on_inception4a_and_aux2_on_inception4d(train_pass):
     """aux1 consumes inception4a's output (512 ch), aux2 inception4d's output (528 ch)."""
-    seen = {}
-
-    def pre(name):
-        def hook(module, inputs):
-            seen[name] = inputs[0].detach().clone()
-        return hook
-
-    handles = [model.aux1.register_forward_pre_hook(pre("aux1")),
-               model.aux2.register_forward_pre_hook(pre("aux2"))]
-    try:
-        with Recorder(model, ["inception4a", "inception4d"]) as rec:
-            run_train(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    assert torch.equal(seen["aux1"], rec.outputs["inception4a"])
-    assert torch.equal(seen["aux2"], rec.outputs["inception4d"])
+    _, rec, inputs = train_pass
+    assert torch.equal(inputs["aux1"], rec.outputs["inception4a"])
+    assert torch.equal(inputs["aux2"], rec.outputs["inception4d"])
 
 
-def test_eval_returns_single_tensor_and_skips_aux(model, x):
+def test_eval_returns_single_tensor_and_skips_aux(eval_pass):
     # aux submodules are not run at all in eval (not even their inner layers)
-    aux = ["aux1", "aux2", "aux1.conv", "aux1.fc1", "aux1.fc2", "aux2.conv", "aux2.fc1", "aux2.fc2"]
-    with Recorder(model, aux + ["fc"]) as rec, torch.inference_mode():
-        out = model(x)
+    out, rec = eval_pass
     assert isinstance(out, torch.Tensor)
     assert out.shape == (N, NUM_CLASSES)
     assert torch.equal(out, rec.outputs["fc"])
     assert rec.calls["fc"] == 1
-    assert all(rec.calls[n] == 0 for n in aux), rec.calls
+    assert all(rec.calls[n] == 0 for n in AUX_MODULES), rec.calls
 
 
-def test_no_aux_returns_single_tensor_in_training(model_noaux, x):
+def test_no_aux_returns_single_tensor_in_training(model_noaux):
+    x = torch.randn(2, 3, 64, 64)
     out = run_train(model_noaux, x)
     assert isinstance(out, torch.Tensor)
-    assert out.shape == (N, NUM_CLASSES)
+    assert out.shape == (2, NUM_CLASSES)
     with torch.inference_mode():
         out = model_noaux(x)
-    assert isinstance(out, torch.Tensor) and out.shape == (N, NUM_CLASSES)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, NUM_CLASSES)
 
 
 def test_no_aux_has_no_aux_parameters(model_noaux):
@@ -241,7 +254,9 @@ def test_parameter_count_without_aux(model_noaux):
 
 def test_aux_heads_parameter_count(model, model_noaux):
     # each aux head: 1x1 conv (C*128 + 128) + fc1 (2048*1024 + 1024) + fc2 (1024*5 + 5)
-    head = lambda c: c * 128 + 128 + 2048 * 1024 + 1024 + 1024 * NUM_CLASSES + NUM_CLASSES
+    def head(c):
+        return c * 128 + 128 + 2048 * 1024 + 1024 + 1024 * NUM_CLASSES + NUM_CLASSES
+
     assert n_params(model.aux1) == head(512)
     assert n_params(model.aux2) == head(528)
     assert n_params(model) - n_params(model_noaux) == head(512) + head(528)
@@ -368,31 +383,6 @@ def test_stem_layers(model):
     assert (model.fc.in_features, model.fc.out_features) == (1024, NUM_CLASSES)
 
 
-@pytest.mark.parametrize("variant", ["paper", "torchvision"])
-def test_relu_after_stem_pools_equals_paper_order(variant):
-    """conv1 and conv3 apply their ReLU after the following max-pool: outputs and gradients must
-    equal the paper's order (ReLU, then pool)."""
-    torch.manual_seed(0)
-    fast = GoogLeNet(num_classes=NUM_CLASSES, init_weights=True, variant=variant)
-    paper = copy.deepcopy(fast)
-    paper.conv1.relu, paper.conv3.relu = nn.ReLU(), nn.ReLU()  # the pool's ReLU is then a no-op
-    x = torch.randn(2, 3, 224, 224)  # the aux heads need 14 x 14 at inception4a
-    outs = []
-    for m in (fast, paper):
-        m.train()
-        torch.manual_seed(1)  # the same dropout masks for both
-        logits, aux2, aux1 = m(x)
-        (logits.sum() + aux1.square().sum() + aux2.sum()).backward()
-        outs.append((logits, aux1, aux2, {n: p.grad for n, p in m.named_parameters()}))
-    for a, b in zip(outs[0][:3], outs[1][:3]):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    for name, grad in outs[0][3].items():
-        torch.testing.assert_close(grad, outs[1][3][name], rtol=1e-5, atol=1e-6, msg=name)
-    # the stem convolutions really leave their ReLU out, and negative values reach the pools
-    stem = fast.conv1(x)
-    assert (stem < 0).any()
-
-
 def test_paper_basicconv_has_no_bn(model):
     for n, m in model.named_modules():
         if isinstance(m, BasicConv2d):
@@ -503,7 +493,7 @@ def test_torchvision_variant_stage_shapes(tv_variant, x):
         out = tv_variant(x)
     for name, shape in STAGE_SHAPES.items():
         assert tuple(rec.outputs[name].shape) == (N, *shape), name
-    assert out.shape == (N, 1000)
+    assert out.shape == (N, NUM_CLASSES)
 
 
 def test_torchvision_variant_state_dict_matches_torchvision(tv_variant, tv_reference):
@@ -542,62 +532,35 @@ def test_torchvision_variant_logits_match_torchvision(tv_variant, tv_reference):
     with torch.inference_mode():
         expected = tv_ref(inp)
         got = ours(inp)
-    assert isinstance(got, torch.Tensor) and got.shape == (N, 1000)
+    assert isinstance(got, torch.Tensor) and got.shape == (N, NUM_CLASSES)
     assert expected.abs().max().item() > 1e-2  # the comparison is not trivially of zeros
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_torchvision_variant_training_returns_three_outputs(tv_variant, x):
+def test_torchvision_variant_training_returns_three_outputs(tv_variant):
     m = copy.deepcopy(tv_variant)
-    out = run_train(m, x)
+    out = run_train(m, torch.randn(2, 3, 96, 96))
     assert isinstance(out, tuple) and len(out) == 3
-    assert all(o.shape == (N, 1000) for o in out)
-
-
-# ---------------------------------------------------------------------------------------------
-# memory format
-# ---------------------------------------------------------------------------------------------
-def test_channels_last_input_same_logits(model_default_init, x):
-    m = model_default_init
-    xc = x.contiguous(memory_format=torch.channels_last)
-    assert xc.is_contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        ref = m(x)
-        got = m(xc)
-    assert ref.abs().max().item() > 1e-3
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-
-
-def test_channels_last_model_same_logits(model_default_init, x):
-    m = copy.deepcopy(model_default_init).to(memory_format=torch.channels_last)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        ref = model_default_init(x)
-        got = m(xc)
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert all(o.shape == (2, NUM_CLASSES) for o in out)
 
 
 # ---------------------------------------------------------------------------------------------
 # python model.py: the layer summary
 # ---------------------------------------------------------------------------------------------
-def summary_lines(*args):
-    from helpers import REPO, run_script
-
-    proc = run_script(REPO / "model.py", args, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+def summary_lines(capsys, *args):
+    assert model_py.main(list(args)) == 0
+    stdout = capsys.readouterr().out
     rows = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[1] == "N":
             rows[parts[0]] = (line[13:37].strip(), int(parts[-2].replace(",", "")), float(parts[-1]))
-    return rows, proc.stdout.strip().splitlines()[-1]
+    return rows, stdout.strip().splitlines()[-1]
 
 
-def test_summary_prints_every_stage_and_the_tested_totals():
-    from model import STAGES
-
-    rows, total = summary_lines()
-    assert list(rows) == list(STAGES)  # conv1 ... fc with aux1 after 4a and aux2 after 4d
+def test_summary_prints_every_stage_and_the_tested_totals(capsys):
+    rows, total = summary_lines(capsys)
+    assert list(rows) == list(model_py.STAGES)  # conv1 ... fc with aux1 after 4a and aux2 after 4d
     model = GoogLeNet(num_classes=5)
     for name in ("conv1", "conv3", "inception4e", "aux1", "aux2", "fc"):
         assert rows[name][1] == sum(p.numel() for p in getattr(model, name).parameters()), name
@@ -612,11 +575,54 @@ def test_summary_prints_every_stage_and_the_tested_totals():
     assert rows["conv3"][2] == pytest.approx(2 * 56 * 56 * 192 * 64 * 9 / 1e9, abs=1e-3)
 
 
-def test_summary_without_aux_heads_and_at_other_sizes():
-    rows, total = summary_lines("--no-aux", "--image-size", "160", "--num-classes", "3", "--variant", "torchvision")
+def test_summary_without_aux_heads_and_at_other_sizes(capsys):
+    rows, total = summary_lines(capsys, "--no-aux", "--image-size", "96", "--num-classes", "3", "--variant",
+                                "torchvision")
     assert "aux1" not in rows and "aux2" not in rows and rows["fc"][0] == "N x 3"
-    assert rows["inception5b"][0] == "N x 1024 x 5 x 5"
+    assert rows["inception5b"][0] == "N x 1024 x 3 x 3"
     model = GoogLeNet(num_classes=3, aux_logits=False, variant="torchvision")
-    assert f"total: {sum(p.numel() for p in model.parameters()):,} parameters;" in total
-    rows, total = summary_lines("--no-aux")
-    assert total.startswith("total: 5,978,677 parameters;")
+    assert total.startswith(f"total: {sum(p.numel() for p in model.parameters()):,} parameters;")
+
+
+def test_summary_refuses_sizes_it_cannot_run(capsys):
+    for argv, words in ((["--image-size", "16"], "--image-size must be at least 32"),
+                        (["--num-classes", "0"], "--num-classes must be at least 1")):
+        with pytest.raises(SystemExit) as stop:
+            model_py.main(argv)
+        assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the aux heads at any image size, and TTA's mirror
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
+@pytest.mark.parametrize("size", [64, 160])
+def test_aux_heads_work_at_other_image_sizes(variant, size):
+    model = GoogLeNet(num_classes=5, variant=variant).train()
+    logits, aux2, aux1 = model(torch.randn(2, 3, size, size))
+    assert logits.shape == aux2.shape == aux1.shape == (2, 5)
+    logits.sum().add(aux1.sum()).add(aux2.sum()).backward()
+    assert model.aux1.fc1.weight.grad.abs().sum() > 0
+
+
+def test_paper_aux_head_at_224_is_exactly_the_5x5_stride_3_pool():
+    torch.manual_seed(0)
+    head = GoogLeNet(num_classes=5).aux1.eval()
+    features = torch.randn(2, 512, 14, 14)
+    x = torch.nn.functional.avg_pool2d(features, kernel_size=5, stride=3)
+    expected = head.fc2(head.relu(head.fc1(torch.flatten(head.conv(x), 1))))
+    assert torch.equal(head(features), expected)
+    other = torch.randn(2, 512, 10, 10)  # 160 px: adaptive windows give the same 4 x 4 grid
+    x = torch.nn.functional.adaptive_avg_pool2d(other, 4)
+    assert torch.equal(head(other), head.fc2(head.relu(head.fc1(torch.flatten(head.conv(x), 1)))))
+
+
+def test_tta_averages_the_image_and_its_mirror(model_noaux):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        both = logits_with_mirror(model_noaux, x)
+        torch.testing.assert_close(both, (model_noaux(x) + model_noaux(x.flip(3))) / 2)
+        symmetric = (x + x.flip(3)) / 2  # its mirror is itself: TTA changes nothing
+        torch.testing.assert_close(logits_with_mirror(model_noaux, symmetric), model_noaux(symmetric), rtol=1e-4,
+                                   atol=1e-5)
+        assert not torch.allclose(both, model_noaux(x), atol=1e-6)

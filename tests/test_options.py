@@ -1,7 +1,9 @@
-"""Every number a user types is checked when the arguments are parsed: argparse's one-line error
-naming the option, exit status 2, never a traceback."""
+"""plumbing/options.py's argument types: every number a user types is checked when the arguments
+are parsed, by every command (argparse's one-line error naming the option, exit status 2, never a
+traceback), and the checks that need two options at once come before anything is loaded."""
 import argparse
 import importlib.util
+import sys
 
 import pytest
 
@@ -9,8 +11,10 @@ import export
 import predict
 import train
 from data_set import split_data
-from helpers import REPO, run_script
+from helpers import REPO
 from plumbing import options
+
+pytestmark = pytest.mark.quick
 
 BAD_VALUES = {  # per type: values it must refuse
     options.positive_int: ["0", "-3", "2.5", "x"],
@@ -75,17 +79,24 @@ def test_the_messages_say_the_rule():
     with pytest.raises(argparse.ArgumentTypeError, match="expected an integer, got '2.5'"):
         options.positive_int("2.5")
     assert options.probability("0.25") == 0.25 and options.positive_int("7") == 7
+    assert options.size_schedule("128") == (128, 128) and options.size_schedule("96:160") == (96, 160)
+    with pytest.raises(argparse.ArgumentTypeError, match="32"):
+        options.size_schedule("100:160")  # the crop grows in steps of 32
 
 
-@pytest.mark.parametrize("script,argv", [
-    ("train.py", ["--lr", "-1"]),
-    ("train.py", ["--val-resize", "100", "--val-crop", "200"]),
-    ("predict.py", ["x.jpg", "--batch-size", "0"]),
-    ("-m data_set.split_data", ["--val-ratio", "1.5"]),
-    ("export.py", ["--check-images", "0"]),
-])
-def test_from_the_command_line_one_line_and_exit_2(script, argv):
-    proc = run_script(script.split() if script.startswith("-m") else REPO / script, argv, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    prog = "python -m data_set.split_data" if script.startswith("-m") else script
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"{prog}: error: ")
+@pytest.mark.parametrize("module,argv,prog", [
+    (train, ["--lr", "-1"], "train.py"),
+    (train, ["--val-resize", "100", "--val-crop", "200"], "train.py"),
+    (predict, ["x.jpg", "--batch-size", "0"], "predict.py"),
+    (split_data, ["--val-ratio", "1.5"], "python -m data_set.split_data"),
+    (export, ["--check-images", "0"], "export.py"),
+], ids=["train-lr", "train-val-crop", "predict", "split_data", "export"])
+def test_a_commands_bad_option_is_one_line_and_exit_2(module, argv, prog, capsys, monkeypatch):
+    """What `python train.py --lr -1` does (its run() with the command line's arguments): argparse's
+    error line, named as the command is typed, exit status 2, before anything is loaded."""
+    monkeypatch.setattr(sys, "argv", [prog.split()[-1]])  # argparse names the program after argv[0]
+    with pytest.raises(SystemExit) as stop:
+        module.run(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"{prog}: error: ")

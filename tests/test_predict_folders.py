@@ -2,7 +2,7 @@
 stop by a real signal, or a row torn by a kill), another model's file refused, and --sort-into
 (hard links, copies where linking fails, name clashes, sources untouched, nothing added twice).
 
-One tiny model trained in this process for the module; 12 photos in two folders whose files have
+The session's small run (conftest.py); 12 photos in two folders whose files have
 the same names (one/img_00.jpg and two/img_00.jpg...), classified 4 at a time, in this process."""
 import csv
 import errno
@@ -12,16 +12,16 @@ import signal
 import pytest
 
 import predict
-from helpers import COLORS, FP32, assert_clean_error, call, last_line, save_image, train_small_run, write_corrupt
+from helpers import COLORS, FP32, assert_clean_error, call, last_line, save_image, write_corrupt
 from inference import classify
 
 BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(small_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
-    run = train_small_run(root / "run")
+    run = small_run
     photos = root / "photos"
     for n, folder in enumerate(("one", "two")):
         for i in range(6):

@@ -1,4 +1,5 @@
-"""report.py's plots: PNG files from a run's CSVs, and a clear message without matplotlib."""
+"""report.py's plots: PNG files from a run's CSVs, and one clear error (report.ReportError) without
+data or matplotlib."""
 import sys
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 import report
 from training import metrics
+
+pytestmark = pytest.mark.quick
 
 
 def write_run(folder):
@@ -29,14 +32,14 @@ def test_plot_writes_png_files(tmp_path):
 
 def test_plot_without_data_is_a_clear_error(tmp_path):
     pytest.importorskip("matplotlib")
-    with pytest.raises(SystemExit, match="no metrics.csv, confusion_matrix.csv or predictions.csv"):
+    with pytest.raises(report.ReportError, match="no metrics.csv, confusion_matrix.csv or predictions.csv"):
         report.plot(str(tmp_path))
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     write_run(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
+    with pytest.raises(report.ReportError, match="pip install matplotlib"):
         report.plot(str(tmp_path))
 
 
@@ -60,7 +63,7 @@ def test_top_losses_shows_the_highest_loss_images_with_their_captions(tmp_path):
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     expected = sorted(rows, key=lambda r: r[3], reverse=True)[:4]
     assert len(titles) == 4
-    for title, (path, target, probabilities, loss) in zip(titles, expected):
+    for title, (_, target, probabilities, loss) in zip(titles, expected):
         best = int(np.argmax(probabilities))
         assert title == (f"true {'abc'[target]}\npredicted {'abc'[best]} {probabilities[best]:.2f}\n"
                          f"loss {loss:.2f}")
@@ -68,5 +71,5 @@ def test_top_losses_shows_the_highest_loss_images_with_their_captions(tmp_path):
     written = report.plot(str(tmp_path), top_losses=4)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["top_losses.png", "reliability.png", "risk_coverage.png"]
     (tmp_path / "img0.png").unlink()  # moved away since the evaluation: one clear line
-    with pytest.raises(SystemExit, match="cannot read .*img0.png"):
+    with pytest.raises(report.ReportError, match="cannot read .*img0.png"):
         report.plot(str(tmp_path), top_losses=7)

@@ -16,6 +16,8 @@ from helpers import REPO, assert_clean_error, run_script
 from plumbing import run_lock
 from plumbing.run_lock import LOCK_NAME, CannotLock, FolderInUse, RunLock, check_free, probe_writable
 
+pytestmark = pytest.mark.quick
+
 # takes the lock on argv[1], says so by creating argv[2], holds it until argv[3] exists
 HOLD = """
 import os, sys, time

@@ -1,18 +1,20 @@
-"""--tensorboard: the event files read back with TensorBoard's own reader, and a resumed run that
-continues the same curves with no step twice."""
+"""train.py --tensorboard (training/metrics.py's TensorBoardLog): the event files read back with
+TensorBoard's own reader, and a resumed run that continues the same curves with no step twice."""
 import csv
 import signal
 
 import pytest
 
 import train
-from helpers import assert_clean_error, call, make_tree, stop_after_step, train_argv
+from helpers import assert_clean_error, call, make_tree, needs, stop_after_step, train_argv
+from training import step
 
-pytest.importorskip("tensorboard", reason="--tensorboard needs tensorboard (requirements-dev.txt)")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+pytestmark = needs("tensorboard", why="--tensorboard needs it: requirements-dev.txt")
 
 
 def scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
@@ -48,18 +50,18 @@ def test_epoch_and_step_scalars_match_metrics_csv(straight):
 
 
 def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straight, tmp_path, monkeypatch):
-    """Stopped after step 5, resumed from the save after step 4: TensorBoard drops the orphaned
-    step 5 and the curves end equal to the uninterrupted run's, each step once."""
-    out, saved = tmp_path / "C", tmp_path / "after_step_4.pth"
+    """Stopped after step 4, resumed from the save at the end of epoch 1 (step 3): TensorBoard drops
+    the orphaned step 4 and the curves end equal to the uninterrupted run's, each step once."""
+    out, saved = tmp_path / "C", tmp_path / "after_epoch_1.pth"
     argv = train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)
     with monkeypatch.context() as m:
-        m.setattr(train.StopRequest, "check", stop_after_step(5, out, saved))
-        code, _, err = call(train, argv + ["--save-every", 1])
+        m.setattr(step.StopRequest, "check", stop_after_step(4, out, saved))
+        code, _, err = call(train, argv)
     assert code == 128 + signal.SIGTERM, err
-    assert [s for s, _ in scalars(out)["train/step_loss"]] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in scalars(out)["train/step_loss"]] == [1, 2, 3, 4]
     code, stdout, err = call(train, argv + ["--resume", saved])
     assert code == 0, err
-    assert "epoch 2, step 1" in stdout
+    assert "epoch 2, step 0" in stdout
     resumed, reference = scalars(out), scalars(straight)
     assert sorted(resumed) == sorted(reference)
     for tag in ("train/step_loss", "train/loss", "val/accuracy", "epoch"):

@@ -1,7 +1,7 @@
-"""Grad-CAM (predict.py --cam): the heat map points at what decides the class.
-
-The proof trains the real model briefly on generated photos whose class is only the quadrant a red
-square sits in, on a background of random coloured tiles, then asks where the heat map peaks.
+"""inference/visualize.py: what the network looks at and what its layers see. Grad-CAM (predict.py
+--cam) points at what decides the class: the proof trains the real model briefly on generated photos
+whose class is only the quadrant a red square sits in, on a background of random coloured tiles,
+then asks where the heat map peaks. Feature maps and conv1's filters (report.py) draw what they say.
 """
 
 import numpy as np
@@ -10,12 +10,12 @@ import torch
 
 import predict
 import train
-from helpers import FP32, assert_clean_error, call, load, train_argv, train_small_run
+from helpers import FP32, assert_clean_error, call, load, needs, train_argv
 from inference import images, visualize
 from model import GoogLeNet
 from training import data
 
-pytest.importorskip("captum", reason="Grad-CAM needs captum (requirements-dev.txt)")
+needs_captum = needs("captum", why="Grad-CAM needs it: requirements-dev.txt")
 
 SIZE, SQUARE = 96, 19
 CPU = torch.device("cpu")
@@ -53,6 +53,7 @@ def quadrant_model():
     return model.eval(), rng
 
 
+@needs_captum
 def test_the_heat_map_peaks_in_the_squares_quadrant(quadrant_model):
     """At inception3b (12 x 12 at 96 px), whose receptive fields are local. The last blocks see the
     whole image from every position, and on this task they put the evidence for "top left" in the
@@ -71,6 +72,7 @@ def test_the_heat_map_peaks_in_the_squares_quadrant(quadrant_model):
     assert (found == y).float().mean() >= 0.75, (found, y)
 
 
+@needs_captum
 def test_another_class_points_elsewhere(quadrant_model):
     """The heat map of a class the photo is not (the square's diagonal opposite) does not peak on the square."""
     model, rng = quadrant_model
@@ -81,40 +83,39 @@ def test_another_class_points_elsewhere(quadrant_model):
     assert (found == y).float().mean() <= 0.5
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return train_small_run(tmp_path_factory.mktemp("cam"))
-
-
-def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability(run, tmp_path):
+@needs_captum
+def test_predict_cam_writes_one_picture_per_image_named_by_class_and_probability(small_run, tmp_path):
     from PIL import Image
 
-    images = sorted((run["data"] / "val").rglob("*.jpg"))
-    code, out, err = call(predict, [*FP32, run["data"] / "val", "--weights", run["best"], "--cam", tmp_path / "cams",
-                           "--output", tmp_path / "p.csv"])
+    images = sorted((small_run["data"] / "val").rglob("*.jpg"))
+    code, out, err = call(predict, [*FP32, small_run["data"] / "val", "--weights", small_run["best"], "--cam",
+                                    tmp_path / "cams", "--output", tmp_path / "p.csv"])
     assert code == 0, err
     assert "6 Grad-CAM heat map(s) (inception5b) written to" in out
     rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     written = sorted(p.name for p in (tmp_path / "cams").iterdir())
     expected = sorted(f"{image.stem}_{row[1]}_{float(row[2]):.2f}.png" for image, row in zip(images, rows))
     assert written == expected
-    crop = load(run["best"])["val_crop"]  # 80: 1.25 x the 64 px training size
+    crop = load(small_run["best"])["val_crop"]  # 60: 1.25 x the 48 px training size
     with Image.open(tmp_path / "cams" / written[0]) as picture:
         assert picture.size == (2 * 2 * crop, 2 * crop + 24)  # photo and overlay, twice the crop, caption
 
 
-def test_cam_class_and_layer(run, tmp_path):
-    image = run["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, out, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "tulips",
-                           "--cam-layer", "inception4e"])
+@needs_captum
+def test_cam_class_and_layer(small_run, tmp_path):
+    image = small_run["data"] / "val" / "daisy" / "daisy_00.jpg"
+    code, out, err = call(predict, [*FP32, image, "--weights", small_run["best"], "--cam", tmp_path, "--cam-class",
+                                    "tulips", "--cam-layer", "inception4e"])
     assert code == 0, err
     (picture,) = tmp_path.glob("daisy_00_tulips_*.png")
     assert "(inception4e)" in out
 
 
-def test_cam_errors_are_one_line(run, tmp_path, monkeypatch):
-    image = run["data"] / "val" / "daisy" / "daisy_00.jpg"
-    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path, "--cam-class", "lilies"])
+@needs_captum
+def test_cam_errors_are_one_line(small_run, tmp_path, monkeypatch):
+    image = small_run["data"] / "val" / "daisy" / "daisy_00.jpg"
+    code, _, err = call(predict, [*FP32, image, "--weights", small_run["best"], "--cam", tmp_path, "--cam-class",
+                                  "lilies"])
     assert_clean_error(code, err, "--cam-class lilies", "daisy, roses, tulips")
     code, _, err = call(predict, [*FP32, image, "--weights", tmp_path / "m.onnx", "--cam", tmp_path])
     assert_clean_error(code, err, "--cam needs", ".pth")
@@ -123,21 +124,21 @@ def test_cam_errors_are_one_line(run, tmp_path, monkeypatch):
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("captum") else real_import(name, *a, **k))
-    code, _, err = call(predict, [*FP32, image, "--weights", run["best"], "--cam", tmp_path])
+    code, _, err = call(predict, [*FP32, image, "--weights", small_run["best"], "--cam", tmp_path])
     assert_clean_error(code, err, "pip install captum")
 
 
 # ---------------------------------------------------------------------------------------------
 # what the layers see: feature maps and conv1's filters
 # ---------------------------------------------------------------------------------------------
-def test_feature_maps_draw_the_asked_channels_of_the_layer_beside_the_photo(run, tmp_path, capsys):
+def test_feature_maps_draw_the_asked_channels_of_the_layer_beside_the_photo(small_run, tmp_path, capsys):
     from PIL import Image
 
     import report
     from inference import checkpoint
 
-    trained, _, preprocessing = checkpoint.load_model(str(run["best"]), "unused.json", torch.device("cpu"))
-    photo = sorted((run["data"] / "val").rglob("*.jpg"))[0]
+    trained, _, preprocessing = checkpoint.load_model(str(small_run["best"]), "unused.json", torch.device("cpu"))
+    photo = sorted((small_run["data"] / "val").rglob("*.jpg"))[0]
     picture, boxes = visualize.feature_maps(trained, str(photo), preprocessing, "inception3a", channels=12)
     assert len(boxes) == 12
     tiles = [np.asarray(picture.crop(box))[..., 0] for box in boxes]
@@ -153,20 +154,22 @@ def test_feature_maps_draw_the_asked_channels_of_the_layer_beside_the_photo(run,
         scaled = ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) * 255).to(torch.uint8).numpy()
         assert np.array_equal(tile, np.asarray(Image.fromarray(scaled).resize(tile.shape[::-1], Image.NEAREST))), k
     capsys.readouterr()
-    code = report.run(["--weights", str(run["best"]), "--feature-maps", str(photo), "--layer", "conv1",
+    code = report.run(["--weights", str(small_run["best"]), "--feature-maps", str(photo), "--layer", "conv1",
                        "--channels", "5", "--output", str(tmp_path / "maps.png")])
     assert code == 0 and capsys.readouterr().out.strip() == f"wrote {tmp_path / 'maps.png'}: 5 tiles"
     with Image.open(tmp_path / "maps.png") as written:
         assert written.format == "PNG" and written.width > 3 * visualize.TILE
 
 
-def test_feature_map_mistakes_are_one_line(run, tmp_path, capsys):
+def test_feature_map_mistakes_are_one_line(small_run, tmp_path, capsys):
     import report
 
-    photo = sorted((run["data"] / "val").rglob("*.jpg"))[0]
-    for argv, words in (([str(photo), "--layer", "fc"], "not maps"), ([str(photo), "--layer", "inception9z"], "not a stage"),
+    photo = sorted((small_run["data"] / "val").rglob("*.jpg"))[0]
+    for argv, words in (([str(photo), "--layer", "fc"], "not maps"),
+                        ([str(photo), "--layer", "inception9z"], "not a stage"),
                         ([str(tmp_path / "none.jpg")], "does not exist")):
-        code = report.run(["--weights", str(run["best"]), "--feature-maps", *argv, "--output", str(tmp_path / "x.png")])
+        code = report.run(["--weights", str(small_run["best"]), "--feature-maps", *argv,
+                           "--output", str(tmp_path / "x.png")])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and words in err, err
     assert report.run(["--filters"]) == 2 and "--weights" in capsys.readouterr().err
@@ -199,7 +202,8 @@ def test_trained_conv1_filters_are_smoother_than_their_random_start(tmp_path):
             for i in range(count):  # a coarse random field blown up smoothly: colour changes slowly everywhere
                 field = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
                 field[..., k] = 255
-                Image.fromarray(field).resize((64, 64), Image.BICUBIC).save(tmp_path / "data" / split / name / f"{i}.png")
+                smooth = Image.fromarray(field).resize((64, 64), Image.BICUBIC)
+                smooth.save(tmp_path / "data" / split / name / f"{i}.png")
     out = tmp_path / "out"
     argv = train_argv(tmp_path / "data", out, "--image-size", 64, "--lr", "1e-2", "--warmup-epochs", 0,
                       "--no-model-ema", epochs=4, batch_size=16)

@@ -1,11 +1,18 @@
-"""data_set/split_data.py: counts, disjointness, determinism, overwrite policy and the CLI."""
+"""The train/val split: training/data.py's split_samples (what train.py holds out of a plain folder
+of class folders, the very split it always gave) and split_dataset, and python -m data_set.split_data
+that writes it out: counts, disjointness, determinism, the overwrite policy and the command line."""
 import os
+import random
 
 import pytest
 from PIL import Image
 
-from helpers import SPLIT_DATA, run_script
+from data_set import split_data
+from helpers import assert_clean_error, call
+from training import data
 from training.data import DataError, split_dataset, val_count
+
+pytestmark = pytest.mark.quick
 
 SIZES = {"daisy": 20, "roses": 7, "tulips": 2}
 
@@ -40,7 +47,7 @@ def test_counts_and_every_file_in_exactly_one_split(source, tmp_path):
     counts = split_dataset(source, dest, val_ratio=0.2, log=quiet)
     assert counts == {"daisy": (16, 4), "roses": (6, 1), "tulips": (1, 1)}
     train, val = listing(dest / "train"), listing(dest / "val")
-    for name, n in SIZES.items():
+    for name in SIZES:
         assert len(train[name]) == counts[name][0] and len(val[name]) == counts[name][1]
         assert not set(train[name]) & set(val[name])
         expected = sorted(f for f in os.listdir(source / name) if f.endswith(".png"))
@@ -103,21 +110,49 @@ def test_bad_ratio(source, tmp_path, ratio):
     assert not (tmp_path / "out").exists()
 
 
-def cli(*args):
-    return run_script(SPLIT_DATA, args)
-
-
-def test_cli(source, tmp_path):
-    # One test for both runs: each process spends seconds importing torch (via data.py).
+def test_the_command_line(source, tmp_path):
     dest = tmp_path / "out"
-    ok = cli("--source", source, "--dest", dest, "--val-ratio", "0.2", "--seed", "5")
-    assert ok.returncode == 0, ok.stderr
-    assert "total" in ok.stdout and "daisy" in ok.stdout
+    code, out, err = call(split_data, ["--source", source, "--dest", dest, "--val-ratio", "0.2", "--seed", "5"])
+    assert code == 0, err
+    assert "total" in out and "daisy" in out
     assert sum(len(v) for v in listing(dest / "val").values()) == 6
+    code, _, err = call(split_data, ["--source", tmp_path / "nope", "--dest", tmp_path / "other"])
+    line = assert_clean_error(code, err, "nope", "--source")  # says what to do, not only what is wrong
+    assert code == 2 and err.strip() == line
 
-    missing = cli("--source", tmp_path / "nope", "--dest", tmp_path / "other")
-    assert missing.returncode == 2
-    assert "Traceback" not in missing.stderr
-    lines = missing.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
-    assert "--source" in lines[0]  # says what to do, not only what is wrong
+
+# ---------------------------------------------------------------------------------------------
+# split_samples: one pass, and the very split it always gave
+# ---------------------------------------------------------------------------------------------
+def split_as_before(samples, classes, val_ratio, seed):
+    """split_samples as it was written before it became one pass: a scan of all samples per class."""
+    train_part, val_part = [], []
+    for index, name in enumerate(classes):
+        files = [path for path, target in samples if target == index]
+        random.Random(f"{seed}:{name}").shuffle(files)
+        n_val = data.val_count(len(files), val_ratio)
+        val_part.extend((path, index) for path in files[:n_val])
+        train_part.extend((path, index) for path in files[n_val:])
+    return sorted(train_part, key=lambda s: (s[1], s[0])), sorted(val_part, key=lambda s: (s[1], s[0]))
+
+
+def random_samples(seed, classes=60):
+    rng = random.Random(seed)
+    names = [f"class_{k:03d}" for k in range(classes)]
+    return sorted((f"/d/{c}/{rng.random():.12f}.jpg", k) for k, c in enumerate(names)
+                  for _ in range(rng.randint(1, 40))), names
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_split_samples_gives_the_split_it_always_gave(seed):
+    samples, classes = random_samples(seed)
+    for ratio in (0.1, 0.25):
+        assert data.split_samples(samples, classes, ratio, seed) == split_as_before(samples, classes, ratio, seed)
+
+
+def test_the_split_seed_changes_the_held_out_images_not_their_counts():
+    samples, classes = random_samples(3, classes=3)
+    _, a = data.split_samples(samples, classes, 0.5, seed=0)
+    _, b = data.split_samples(samples, classes, 0.5, seed=1)
+    assert [k for _, k in a] == [k for _, k in b]  # the same counts per class
+    assert a != b
