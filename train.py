@@ -232,13 +232,13 @@ def main(args, given, cleanup):
     if placement.warning:
         log(placement.warning)
     preprocessing = evaluation_sizes(args, start)
-    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
-    cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
-    distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
     evaluation.check_calibrate(args, start)
-    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"))
+    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"))  # lists files only
+    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
+    cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
+    distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)

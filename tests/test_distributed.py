@@ -108,7 +108,8 @@ def test_only_rank_0_writes_files(ddp_run):
     proc = ddp_run["proc"]
     assert proc.returncode == 0, describe(proc)
     # no temporary files, no .write-test, nothing from rank 1
-    expected = ["best.pth", "class_indices.json", "last.pth", "metrics.csv", "suspect_labels.csv"] + (["tensorboard"] if TENSORBOARD else [])
+    expected = (["best.pth", "class_indices.json", "last.pth", "metrics.csv", "suspect_labels.csv"]
+                + (["tensorboard"] if TENSORBOARD else []))
     assert sorted(os.listdir(ddp_run["out"])) == expected
     if TENSORBOARD:
         (events,) = os.listdir(os.path.join(ddp_run["out"], "tensorboard"))  # one writer: rank 0's
