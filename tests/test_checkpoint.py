@@ -25,7 +25,8 @@ CPU = torch.device("cpu")
 
 def test_a_run_writes_what_a_checkpoint_holds(small_run):
     out = small_run["out"]
-    assert sorted(os.listdir(out)) == ["best.pth", "ci.json", "class_indices.json", "last.pth", "metrics.csv"]
+    assert sorted(os.listdir(out)) == ["best.pth", "ci.json", "class_indices.json", "last.pth", "metrics.csv",
+                                       "suspect_labels.csv"]
     expected = {str(i): c for i, c in enumerate(sorted(CLASSES))}
     assert json.loads((out / "class_indices.json").read_text()) == expected
     assert json.loads(small_run["ci"].read_text()) == expected  # --class-indices: the same file, elsewhere too

@@ -84,9 +84,10 @@ def test_resume_and_eval_only_use_the_recorded_val_images(plain_run, tmp_path, m
     code, stdout, err = call(train, eval_argv(out / "best.pth", photos, tmp_path / "ev"))
     assert code == 0, err
     assert "accuracy:" in stdout and "/3)" in stdout  # n correct / 3 val images
-    os.remove(photos / recorded[0])
-    code, _, err = call(train, eval_argv(out / "best.pth", photos, tmp_path / "ev"))
-    assert_clean_error(code, err, "no longer holds the run's val images", recorded[0].split("/")[-1])
+    os.remove(photos / recorded[0])  # no longer the run's folder as it was: scored whole, with a warning
+    code, stdout, err = call(train, eval_argv(out / "best.pth", photos, tmp_path / "ev"))
+    assert code == 0, err
+    assert "note:" in stdout and "holds 2 of the 3 val images" in stdout and "too high" in stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_no_channels_last_keeps_the_model_and_its_batches_nchw(tmp_path, monkeyp
         assert code == 0, err
         (model,) = models
         assert model.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
-        assert len(batches) == 2  # a training batch and a val batch
+        assert len(batches) >= 2  # training, val (and the passes after training)
         assert all(b.is_contiguous(memory_format=torch.channels_last) == channels_last for b in batches), flag
 
 
