@@ -115,8 +115,10 @@ def test_training_stores_a_temperature_and_a_threshold_that_answers_95_percent_o
     nll = calibration.nll(logits, labels, best["temperature"])
     assert nll == pytest.approx(best["calibration"]["nll_after"], abs=1e-4)
     if "no finite temperature" not in best["calibration"]["note"]:
-        assert nll < calibration.nll(logits, labels, best["temperature"] * 1.05)
-        assert nll < calibration.nll(logits, labels, best["temperature"] / 1.05)
+        low, high = calibration.TEMPERATURE_RANGE  # a fit on a bound has its minimum beyond it
+        for other in (best["temperature"] * 1.05, best["temperature"] / 1.05):
+            if low <= other <= high:  # 1e-6: the logits come back from float32 probabilities
+                assert nll <= calibration.nll(logits, labels, other) + 1e-6
 
 
 def test_eval_only_calibrate_fits_old_weights_as_training_does(run, tmp_path):
