@@ -38,6 +38,7 @@ from training.metrics import (
     BEST_METRICS,
     TensorBoardLog,
 )
+from training.outliers import OutlierMaker, uniform_loss
 from training.step import TrainingError
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
@@ -112,6 +113,12 @@ def get_args_parser():
                    help="MixUp's Beta(alpha, alpha) (0: off)")
     p.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
                    help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
+    p.add_argument("--outliers", type=options.non_negative_int, default=0,
+                   help="outlier exposure: generated images (noise, textures, shapes, shuffled and blended "
+                        "photos) added to each step, whose answers are pushed towards uniform probabilities, "
+                        "so that photos of none of the classes get low ones and are answered unknown (0: off)")
+    p.add_argument("--outlier-weight", type=options.non_negative_float, default=0.5,
+                   help="weight of the outliers' loss (cross-entropy to the uniform distribution)")
     p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an exponential moving average of the weights; validate and save it as best.pth")
     p.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
@@ -142,6 +149,10 @@ def get_args_parser():
                    help="with --eval-only: fit the temperature and the \"not sure\" threshold on the images "
                         "scored (in fp32: it sets --amp off) and store them in --weights (training does this on its "
                         "val images)")
+    p.add_argument("--unknowns", default=None, metavar="FOLDER",
+                   help="with --eval-only: also score these photos of none of the classes (every image under "
+                        "FOLDER) and report how well the top probability tells them from the test images: the "
+                        "AUROC, and the shares caught and answered at the \"not sure\" threshold")
     p.add_argument("--tta", action="store_true",
                    help="with --eval-only: average the logits of each image and its mirror image")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
@@ -212,6 +223,7 @@ class Training:
     state: run_state.TrainingState
     criterion: nn.Module
     mix: Optional[nn.Module]
+    outliers: Optional[OutlierMaker]  # --outliers
     stop: step.StopRequest
 
 
@@ -361,17 +373,23 @@ def train_one_epoch(training, loaders, run, progress):
     for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
         images, labels = to_device(images, run), labels.to(run.device, non_blocking=True)
         targets = labels
+        outliers = training.outliers.make(images, progress.epoch, progress.step) if training.outliers else None
         if training.mix is not None:
             images, targets = training.mix(images, labels)  # soft targets, for the aux heads too
         state.optimizer.zero_grad(set_to_none=True)
         step_loss, correct = 0.0, 0
-        for chunk in step.micro_batches(images, targets, labels, args.micro_batch):
+        for chunk in step.micro_batches(images, targets, labels, args.micro_batch, outliers):
             with step.gradient_sync(training.forward, chunk):
                 with dev.autocast(run.device, run.placement.amp_dtype):
-                    logits, aux2, aux1 = training.forward(chunk.images)
-                logits, aux2, aux1 = logits.float(), aux2.float(), aux1.float()
+                    out = training.forward(chunk.inputs)  # the chunk's photos, then its outliers
+                n = len(chunk.images)
+                logits, aux2, aux1 = (o.float()[:n] for o in out)
                 y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
                 loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
+                if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform
+                    o_logits, o_aux2, o_aux1 = (o.float()[n:] for o in out)
+                    loss = loss + args.outlier_weight * (uniform_loss(o_logits) + args.aux_weight * (
+                        uniform_loss(o_aux1) + uniform_loss(o_aux2)))
                 loss = loss * chunk.share  # chunks add up to the mean over the batch
                 state.scaler.scale(loss).backward()
             step_loss += loss.item()
@@ -542,7 +560,9 @@ def build_training(args, run, model, forward, criterion, plan):
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
                                dev.grad_scaler(run.device, run.placement.amp_dtype), recipe.build_ema(args, model))
     mix = data.build_batch_mix(args.mixup_alpha, args.cutmix_alpha, len(run.record.classes))
-    return Training(forward, state, criterion, mix, step.StopRequest())
+    outliers = (OutlierMaker(args.outliers, run.record.preprocessing.mean, run.record.preprocessing.std, args.seed,
+                             run.rank) if args.outliers else None)
+    return Training(forward, state, criterion, mix, outliers, step.StopRequest())
 
 
 def write_class_indices(args, classes):

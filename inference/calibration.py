@@ -161,6 +161,19 @@ def risk_coverage_curve(probabilities, labels):
     return answered / max(len(right), 1), np.cumsum(right) / answered
 
 
+def auroc(known_scores, unknown_scores):
+    """The area under the ROC curve of a score that should be higher for known photos than for
+    unknown ones: the chance that a random known photo scores above a random unknown one, ties
+    counting half (the Mann-Whitney U statistic over both counts). nan when either set is empty."""
+    known, unknown = np.asarray(known_scores, dtype=np.float64), np.asarray(unknown_scores, dtype=np.float64)
+    if not len(known) or not len(unknown):
+        return float("nan")
+    _, where, counts = np.unique(np.concatenate([known, unknown]), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[where]  # 1-based, ties sharing their mean rank
+    u = ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2
+    return float(u / (len(known) * len(unknown)))
+
+
 @dataclass(frozen=True)
 class Fit:
     """What fitting on a set of logits found: the calibration and the figures before and after."""

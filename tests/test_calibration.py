@@ -142,10 +142,11 @@ def test_eval_only_calibrate_fits_old_weights_as_training_does(run, tmp_path):
     assert_clean_error(code, err, "--calibrate", "--tta")
 
 
-def noise_image(path):
+def noise_image(path, seed=5):
     from PIL import Image
 
-    Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
     return path
 
 
@@ -190,6 +191,40 @@ def test_predict_uses_the_weights_threshold_by_default(run, tmp_path):
     unknown = [r for r in rows if r["class"] == "unknown"]
     assert len(unknown) == math.floor(0.05 * len(rows))  # the val photos the threshold refuses
     assert all(float(r["probability"]) < best["min_confidence"] for r in unknown)
+
+
+def test_eval_only_reports_how_well_the_threshold_tells_unknowns_from_the_test_images(run, tmp_path):
+    import re
+
+    unknowns = tmp_path / "unknowns"
+    noisy = [str(noise_image(unknowns / "a" / f"n{i}.png", seed=i)) for i in range(6)]  # found in subfolders too
+    (unknowns / "notes.txt").write_text("not an image")
+    code, stdout, err = call(train, [*FP32, "--eval-only", "--weights", run["best"], "--data-path", run["photos"],
+                                     "--output-dir", tmp_path / "ev", "--device", "cpu", "--unknowns", unknowns])
+    assert code == 0, err
+    best = load(run["best"])
+    _, probabilities = val_probabilities(run["best"], noisy + run["val_files"])
+    top = probabilities.max(axis=1)
+    unknown_top, known_top = top[:len(noisy)], top[len(noisy):]
+    k, u = known_top[:, None], unknown_top[None, :]
+    pairs = (k > u).mean() + 0.5 * (k == u).mean()  # the AUROC by its definition
+    found = re.search(rf"unknowns: 6 images of {re.escape(str(unknowns))}, .*: AUROC ([0-9.]+) .* the "
+                      rf"{len(known_top)} test images from them", stdout)
+    assert found, stdout
+    assert float(found.group(1)) == pytest.approx(pairs, abs=1e-4)
+    t = best["min_confidence"]
+    caught, answered = 100 * (unknown_top < t).mean(), 100 * (known_top >= t).mean()
+    assert f"at the \"not sure\" threshold ({t:.4f}): {caught:.1f}% of the unknowns caught (answered unknown), " \
+           f"{answered:.1f}% of the known answered" in stdout
+
+
+def test_unknowns_goes_with_eval_only_and_an_existing_folder(run, tmp_path):
+    code, _, err = call(train, [*FP32, "--data-path", run["photos"], "--output-dir", tmp_path / "t", "--unknowns",
+                                tmp_path])
+    assert_clean_error(code, err, "--unknowns", "--eval-only")
+    code, _, err = call(train, [*FP32, "--eval-only", "--weights", run["best"], "--data-path", run["photos"],
+                                "--output-dir", tmp_path / "ev", "--unknowns", tmp_path / "missing"])
+    assert_clean_error(code, err, "--unknowns", str(tmp_path / "missing"), "does not exist")
 
 
 def logits_of(weights, photo, class_indices="unused.json"):

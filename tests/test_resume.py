@@ -145,7 +145,7 @@ def test_resume_from_a_weights_only_file_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 RECIPE = ["--image-size", 32, "--val-crop", 40, "--auto-augment", "trivialaugment", "--random-erase", 0.5,
           "--mixup-alpha", 0.2, "--cutmix-alpha", 1.0, "--model-ema", "--model-ema-decay", 0.9,
-          "--label-smoothing", 0.1, "--variant", "torchvision"]
+          "--label-smoothing", 0.1, "--variant", "torchvision", "--outliers", 3]
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def recipe_epoch(tree, tmp_path_factory):
 def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epoch, tmp_path, monkeypatch, amp):
     """Stopped after step 2 and resumed from the --save-every save after step 1, the run must end
     on the uninterrupted run's weights, EMA and best.pth exactly (augmentation, erasing, MixUp/CutMix
-    draws and the EMA all included), in fp32 and in bf16."""
+    draws, the generated outliers and the EMA all included), in fp32 and in bf16."""
     reference = recipe_epoch
     if amp == "bf16":
         reference = tmp_path / "A"

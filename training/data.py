@@ -595,6 +595,26 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     return Loaders(loaders[0], loaders[1], workers, args.image_size[0])
 
 
+def unknowns_loader(folder, preprocessing, args, device, rank, world_size, workers, log):
+    """--unknowns: every image under folder (photos of none of the classes), loaded as the val images
+    are, uncached. Their class index is a placeholder (0): only their logits are used."""
+    if not os.path.isdir(folder):
+        raise DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
+    paths = images.find_image_files(folder)
+    skipped = find_unreadable(paths)
+    if skipped:
+        log(f"--unknowns: skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
+        bad = {p for p, _ in skipped}
+        paths = [p for p in paths if p not in bad]
+    if not paths:
+        raise DataError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
+    shared, writer = machine_cache(len(paths), 0, max(workers, 1), device)
+    dataset = ImageDataset([(p, 0) for p in paths], EvalTransform(preprocessing), shared, substitute=False,
+                           writer=writer)
+    sampler = EpochSampler(len(dataset), False, 0, rank, world_size, pad=False)
+    return make_loader(dataset, sampler, args.batch_size, workers, device)
+
+
 def with_crop(loaders, size, args, device):
     """Make loaders.train crop images to size: a new loader over the same images and order when the
     size changes (loader workers hold a copy of the transform). The old loader is dropped with its

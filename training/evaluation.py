@@ -19,6 +19,7 @@ from training import data
 from training.metrics import (
     print_calibration,
     print_evaluation,
+    print_unknowns,
     summary_scores,
     write_confusion_csv,
     write_predictions_csv,
@@ -173,7 +174,9 @@ def find_test_data(root, known_classes, recorded_split, log=print, missing_hint=
 
 
 def check_calibrate(args, start):
-    """--calibrate's preconditions, before minutes of decoding."""
+    """--calibrate's and --unknowns' preconditions, before minutes of decoding."""
+    if args.unknowns and not args.eval_only:
+        raise TestDataError("--unknowns goes with --eval-only: train, then score the weights with it")
     if not args.calibrate:
         return
     if not args.eval_only:
@@ -230,4 +233,17 @@ def evaluate_only(run, model, criterion, val_loader, start):
                                for i, row in zip(indices, log_p)])
         print(f"confusion matrix and per-image predictions written to {path} and "
               f"{os.path.join(args.output_dir, 'predictions.csv')}")
+    if args.unknowns:
+        loader = data.unknowns_loader(args.unknowns, run.record.preprocessing, args, run.device, run.rank,
+                                      run.world_size, val_loader.num_workers, print if run.is_main else silent)
+        unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True)  # its loss means nothing
+        _, unknown_logits, _ = labelled_logits(unknown, loader.dataset, len(classes))
+        if run.is_main:
+            print_unknowns(calibration.softmax(logits, used.temperature).max(axis=1),
+                           calibration.softmax(unknown_logits, used.temperature).max(axis=1),
+                           used.min_confidence, args.unknowns)
     return 0
+
+
+def silent(*args, **kwargs):
+    pass

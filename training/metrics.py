@@ -4,6 +4,8 @@ import csv
 import io
 import os
 
+import numpy as np
+
 from inference import calibration
 from plumbing.atomic import SaveError, atomic_write_text
 
@@ -102,6 +104,25 @@ def print_calibration(logits, labels, used, source):
     print("coverage  threshold  accuracy  answered")
     for coverage, threshold, n, accuracy in calibration.risk_coverage(after, labels):
         print(f"{100 * coverage:7.0f}%  {threshold:9.4f}  {accuracy:8.4f}  {n:>8}/{len(top)}")
+
+
+def print_unknowns(known_top, unknown_top, min_confidence, folder):
+    """How well the top probability tells the test images from --unknowns' photos of none of the
+    classes: the AUROC, and the shares caught and answered at the "not sure" threshold and at the one
+    that answers 90% of the known images."""
+    known_top, unknown_top = np.asarray(known_top), np.asarray(unknown_top)
+    print(f"unknowns: {len(unknown_top)} images of {folder}, photos of none of the classes: AUROC "
+          f"{calibration.auroc(known_top, unknown_top):.4f} of the top probability telling the "
+          f"{len(known_top)} test images from them")
+    ninety = calibration.choose_min_confidence(known_top, 0.9)
+    rows = [("90% of the known answered", ninety)]
+    if min_confidence > 0:
+        rows.insert(0, ("the \"not sure\" threshold", min_confidence))
+    else:
+        print("  no \"not sure\" threshold in these weights: every image is answered")
+    for name, threshold in rows:
+        print(f"  at {name} ({threshold:.4f}): {100 * (unknown_top < threshold).mean():.1f}% of the unknowns "
+              f"caught (answered unknown), {100 * (known_top >= threshold).mean():.1f}% of the known answered")
 
 
 def write_confusion_csv(path, classes, confusion):

@@ -107,7 +107,7 @@ def restore_training(resume, path, state, rank, plan):
 # value other than the run's is refused, and these are not the run's to keep.
 HOW_IT_RUNS = ("workers", "device", "cache", "compile", "channels_last", "tensorboard", "save_every",
                "bad_images", "output_dir", "class_indices")
-NOT_THE_RUNS = ("resume", "overwrite", "download", "data_url", "data_sha256", "eval_only", "tta")
+NOT_THE_RUNS = ("resume", "overwrite", "download", "data_url", "data_sha256", "eval_only", "tta", "unknowns")
 PATHS = ("data_path", "output_dir", "class_indices", "weights")  # recorded as typed, relative to the run's cwd
 
 

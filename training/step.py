@@ -6,6 +6,7 @@ import signal
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from plumbing import distributed
@@ -51,20 +52,35 @@ def train_mode(model, freeze_layers):
 
 @dataclass
 class Chunk:
-    """One micro-batch of a step: its images, (soft) targets and class labels, its share of the batch."""
+    """One micro-batch of a step: its images, (soft) targets and class labels, its share of the batch,
+    and its share of the step's generated outliers (--outliers; None without)."""
 
     images: object
     targets: object
     labels: object
     share: float
     last: bool
+    outliers: object = None
+
+    @property
+    def inputs(self):
+        """What the model runs on: the images, then the outliers."""
+        return self.images if self.outliers is None else torch.cat([self.images, self.outliers])
 
 
-def micro_batches(images, targets, labels, size):
-    """The step's chunks of at most size images (--micro-batch; 0: the whole batch as one chunk)."""
+def micro_batches(images, targets, labels, size, outliers=None):
+    """The step's chunks of at most size images (--micro-batch; 0: the whole batch as one chunk),
+    the outliers shared out among them in proportion."""
     size = size if 0 < size < len(images) else len(images)
     parts = list(zip(images.split(size), targets.split(size), labels.split(size)))
-    return [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1) for i, (x, y, hard) in enumerate(parts)]
+    shares = [None] * len(parts)
+    if outliers is not None:
+        n, total = len(outliers), len(images)  # chunk i gets the outliers its images' share rounds to
+        bounds = [(n * end + total // 2) // total for end in range(0, total, size)]
+        bounds.append(n)
+        shares = [outliers[a:b] if b > a else None for a, b in zip(bounds, bounds[1:])]
+    return [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1, extra)
+            for i, ((x, y, hard), extra) in enumerate(zip(parts, shares))]
 
 
 def gradient_sync(forward, chunk):

@@ -1,0 +1,155 @@
+"""Outlier exposure (Hendrycks et al., "Deep Anomaly Detection with Outlier Exposure", 2019) with
+outliers the code makes itself, so the repository depends on no outlier dataset.
+
+Each step gets --outliers generated images beside its photos, and a loss that pushes the model's
+answers on them towards uniform probabilities: the model learns that a low top probability means
+"none of my classes", which the "not sure" threshold then reads. Five kinds, in equal shares:
+
+    noise      coloured noise at a random grain, from single pixels to a few blobs
+    textures   sums of coloured sine gratings, stripes and checkerboards
+    shapes     ellipses and rectangles of random colours on a random background
+    shuffled   a photo of the batch cut into an 8 x 8 grid and its tiles shuffled
+    blended    three different photos of the batch averaged, none weighing much more than a third
+
+Every image is drawn from a generator seeded by (seed, epoch, step, process), so a resumed run makes
+the same outliers as an unbroken one.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("noise", "textures", "shapes", "shuffled", "blended")
+
+
+@dataclass(frozen=True)
+class OutlierMaker:
+    """Makes `count` outliers for a batch of normalised photos; mean and std normalise the drawn ones."""
+
+    count: int
+    mean: tuple
+    std: tuple
+    seed: int
+    rank: int = 0
+
+    def make(self, images, epoch, step):
+        """count outliers shaped and normalised like images (N x C x H x W, in the same memory format)."""
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(hash_seed(self.seed, epoch, step, self.rank))
+        kinds = torch.randperm(self.count, generator=generator, device=images.device) % len(KINDS)
+        out = torch.empty((self.count, *images.shape[1:]), device=images.device, dtype=images.dtype)
+        size = images.shape[-2:]
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        for k, kind in enumerate(KINDS):
+            where = (kinds == k).nonzero().flatten()
+            if not len(where):
+                continue
+            if kind in ("shuffled", "blended"):  # made from the batch's photos, already normalised
+                out[where] = (shuffled if kind == "shuffled" else blended)(images, len(where), generator)
+            else:
+                drawn = (noise if kind == "noise" else textures if kind == "textures" else shapes)(
+                    len(where), images.shape[1], size, generator, images.device)
+                out[where] = (drawn - mean) / std
+        if images.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+def hash_seed(seed, epoch, step, rank):
+    """One 63-bit seed per (seed, epoch, step, process), the same in every session of a run."""
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_000_003 + rank) % (2 ** 63)
+
+
+def uniform_loss(logits):
+    """Cross-entropy between softmax(logits) and the uniform distribution over the classes, averaged
+    over the images: its minimum, log(classes) less the entropy term, is reached at equal logits."""
+    return -F.log_softmax(logits, dim=1).mean()
+
+
+def rand(shape, generator, device):
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def noise(n, channels, size, generator, device):
+    """Uniform colour noise on a grid of 2 to size cells a side (log-uniform), upsampled smoothly: grains from
+    single pixels to a few blobs, in [0, 1]."""
+    out = torch.empty((n, channels, *size), device=device)
+    for i in range(n):
+        cells = int(2 ** (rand((), generator, device).item() * math.log2(max(size))))
+        cells = max(2, min(cells, max(size)))
+        grid = rand((1, channels, cells, cells), generator, device)
+        out[i] = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]
+    return out
+
+
+def textures(n, channels, size, generator, device):
+    """Sums of 1 to 3 sine gratings of random frequency, angle and phase, each in two random colours;
+    half of them squared into stripes and checkerboards, in [0, 1]."""
+    h, w = size
+    y = torch.linspace(-1, 1, h, device=device).view(1, h, 1)
+    x = torch.linspace(-1, 1, w, device=device).view(1, 1, w)
+    out = torch.zeros((n, channels, h, w), device=device)
+    for i in range(n):
+        waves = 1 + int(rand((), generator, device).item() * 3)
+        pattern = torch.zeros((1, h, w), device=device)
+        for _ in range(waves):
+            angle, phase = rand((2,), generator, device) * torch.tensor([math.pi, 2 * math.pi], device=device)
+            frequency = 2 + rand((), generator, device) * 30
+            pattern = pattern + torch.sin(frequency * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
+        pattern = pattern / waves
+        if rand((), generator, device).item() < 0.5:
+            pattern = torch.sign(pattern)
+        low, high = rand((2, channels, 1, 1), generator, device)
+        out[i] = low + (high - low) * (pattern + 1) / 2
+    return out
+
+
+def shapes(n, channels, size, generator, device, count=6):
+    """count ellipses and rectangles of random colours, sizes and places on a random background, in [0, 1]."""
+    h, w = size
+    y = torch.linspace(0, 1, h, device=device).view(h, 1)
+    x = torch.linspace(0, 1, w, device=device).view(1, w)
+    out = rand((n, channels, 1, 1), generator, device).expand(n, channels, h, w).clone()
+    for i in range(n):
+        for _ in range(count):
+            cx, cy, rx, ry, kind = rand((5,), generator, device).tolist()
+            rx, ry = 0.05 + 0.3 * rx, 0.05 + 0.3 * ry
+            inside = (((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1 if kind < 0.5
+                      else ((x - cx).abs() < rx) & ((y - cy).abs() < ry))
+            colour = rand((channels, 1, 1), generator, device)
+            out[i] = torch.where(inside, colour, out[i])
+    return out
+
+
+def shuffled(images, n, generator):
+    """n photos of the batch, each cut into an 8 x 8 grid of tiles put back in random order: the
+    photo's colours and local texture without its shape (tiles of 16 px at 128; a 4 x 4 grid keeps
+    whole flowers). Sizes not divisible by the grid are resized to the nearest multiple and back."""
+    h, w = images.shape[-2:]
+    picks = torch.randint(len(images), (n,), generator=generator, device=images.device)
+    out = torch.empty((n, *images.shape[1:]), device=images.device, dtype=images.dtype)
+    for i, pick in enumerate(picks.tolist()):
+        grid = 8
+        th, tw = max(1, round(h / grid)), max(1, round(w / grid))
+        photo = images[pick:pick + 1]
+        if (th * grid, tw * grid) != (h, w):
+            photo = F.interpolate(photo, size=(th * grid, tw * grid), mode="bilinear", align_corners=False)
+        c = photo.shape[1]
+        tiles = photo.reshape(c, grid, th, grid, tw).permute(1, 3, 0, 2, 4).reshape(grid * grid, c, th, tw)
+        tiles = tiles[torch.randperm(grid * grid, generator=generator, device=images.device)]
+        photo = tiles.reshape(grid, grid, c, th, tw).permute(2, 0, 3, 1, 4).reshape(1, c, th * grid, tw * grid)
+        if photo.shape[-2:] != (h, w):
+            photo = F.interpolate(photo, size=(h, w), mode="bilinear", align_corners=False)
+        out[i] = photo[0]
+    return out
+
+
+def blended(images, n, generator, parts=3):
+    """n averages of `parts` different photos of the batch, each weighing 1 / parts +- 0.1: no one photo shows."""
+    order = rand((n, len(images)), generator, images.device).argsort(dim=1)
+    picks = order[:, :parts] if len(images) >= parts else order[:, torch.arange(parts) % len(images)]
+    weights = 1 / parts + 0.2 * (rand((n, parts), generator, images.device) - 0.5)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).view(n, parts, 1, 1, 1)
+    return (images[picks] * weights).sum(dim=1)
