@@ -38,7 +38,7 @@ from training.metrics import (
     BEST_METRICS,
     TensorBoardLog,
 )
-from training.outliers import OutlierMaker, uniform_loss
+from training.outliers import OutlierMaker, outlier_loss
 from training.step import TrainingError
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
@@ -387,9 +387,7 @@ def train_one_epoch(training, loaders, run, progress):
                 y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
                 loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
                 if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform
-                    o_logits, o_aux2, o_aux1 = (o.float()[n:] for o in out)
-                    loss = loss + args.outlier_weight * (uniform_loss(o_logits) + args.aux_weight * (
-                        uniform_loss(o_aux1) + uniform_loss(o_aux2)))
+                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight)
                 loss = loss * chunk.share  # chunks add up to the mean over the batch
                 state.scaler.scale(loss).backward()
             step_loss += loss.item()

@@ -81,8 +81,8 @@ def test_micro_batches_train_as_the_whole_batch(tree, tmp_path, monkeypatch, no_
     chunk_sizes = []
     real = step.micro_batches
 
-    def recording(images_, targets, labels, size):
-        chunks = real(images_, targets, labels, size)
+    def recording(images_, targets, labels, size, outliers=None):
+        chunks = real(images_, targets, labels, size, outliers)
         chunk_sizes.append([len(c.images) for c in chunks])
         return chunks
 
@@ -136,7 +136,7 @@ def test_aux_heads_get_the_same_soft_targets(tree):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                     dev.grad_scaler(CPU, None), None)
-    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), step.StopRequest())
+    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), None, step.StopRequest())
     record = ckpt.Record(["daisy", "roses", "tulips"], "paper", (32, 32), images.Preprocessing(32, 32), None, {})
     run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
     progress = run_state.Progress(plan=schedule.fixed_plan(1))

@@ -68,6 +68,13 @@ def uniform_loss(logits):
     return -F.log_softmax(logits, dim=1).mean()
 
 
+def outlier_loss(outputs, known, aux_weight):
+    """The outliers' part of a step's loss, the heads weighed as in the paper's loss: outputs are the
+    chunk's (logits, aux2, aux1), whose rows after the first `known` are the outliers'."""
+    logits, aux2, aux1 = (o.float()[known:] for o in outputs)
+    return uniform_loss(logits) + aux_weight * (uniform_loss(aux1) + uniform_loss(aux2))
+
+
 def rand(shape, generator, device):
     return torch.rand(shape, generator=generator, device=device)
 
