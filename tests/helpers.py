@@ -34,6 +34,38 @@ def pixels(color, seed, size=SIZE):
     return np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
 
 
+TEXTURE_SIZE = (96, 72)
+
+
+def texture(seed, size=TEXTURE_SIZE):
+    """A photo-like image: smooth random colour blobs with a little grain; every seed a different picture
+    (the perceptual hash's tests need photos, not flat colours)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    grain = rng.integers(-12, 13, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=int) + grain, 0, 255).astype(np.uint8))
+
+
+def run_ranks(target, *args, ranks=2):
+    """Run target(rank, port, *args, results) in `ranks` forked processes (torchrun's local ranks on
+    one free port) and return what each put on the results queue, sorted; a hung child is killed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # no re-import of torch; the children use tiny tensors
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, results)) for r in range(ranks)]
+    for p in procs:
+        p.start()
+    try:
+        return sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
 def save_image(path, color, seed=0, mode="RGB", size=SIZE):
     """Write one image in the given Pillow mode; the format follows the file name."""
     path = Path(path)

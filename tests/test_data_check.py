@@ -9,20 +9,12 @@ import pytest
 from PIL import Image
 
 from data_set import check
-from helpers import write_corrupt
+from helpers import TEXTURE_SIZE, texture, write_corrupt
 from training.data import find_classes, list_images, split_samples
 
 pytestmark = pytest.mark.quick
 
-SIZE = (96, 72)
-
-
-def texture(seed, size=SIZE):
-    """A photo-like image: smooth random colour blobs with a little grain; every seed a different picture."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
-    grain = rng.integers(-12, 13, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.asarray(coarse, dtype=int) + grain, 0, 255).astype(np.uint8))
+SIZE = TEXTURE_SIZE
 
 
 def make_folder(root, per_class=10, classes=("daisy", "roses"), first_seed=0):

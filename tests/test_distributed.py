@@ -10,7 +10,6 @@ Plus a direct test of distributed.check_in_sync on two forked gloo processes, in
 Offline, CPU only.
 """
 import csv
-import multiprocessing
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import train
-from helpers import FP32, REPO, call, free_port, last_line, make_tree
+from helpers import FP32, REPO, call, free_port, last_line, make_tree, run_ranks
 from inference import checkpoint
 from model import GoogLeNet
 from plumbing import distributed
@@ -216,20 +215,7 @@ needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
 
 def _run_sync(diverge):
-    ctx = multiprocessing.get_context("fork")  # no re-import of torch; the children use tiny tensors
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_sync_worker, args=(r, port, diverge, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return got
+    return run_ranks(_sync_worker, diverge)
 
 
 @needs_fork

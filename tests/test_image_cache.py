@@ -2,7 +2,6 @@
 pixels a fresh decode gives, reads from disk what does not fit, is filled by forked loader workers
 and shared by torchrun's processes on one machine (whose file is gone once all have it open). How
 large it may be: test_cache_sizing.py."""
-import multiprocessing
 import os
 import traceback
 
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from helpers import COLORS, dataset_of, free_port, save_image, write_truncated_jpeg
+from helpers import COLORS, dataset_of, run_ranks, save_image, write_truncated_jpeg
 from inference import images
 from plumbing import cache
 from training import data
@@ -95,18 +94,8 @@ def _attach_worker(rank, port, results):
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not cache.FORKED_WORKERS, reason="needs fork() and Linux")
 def test_torchruns_local_processes_share_one_cache_whose_file_is_gone_once_open():
-    ctx = multiprocessing.get_context("fork")  # no re-import of torch; the children use tiny arrays
-    results = ctx.Queue()
     before = sorted(f for f in os.listdir(cache.shared_folder()) if f.startswith("googlenet-cache-"))
-    port = free_port()
-    procs = [ctx.Process(target=_attach_worker, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
+    got = run_ranks(_attach_worker)
     for rank, writer, seen, bad, path, files in got:
         assert writer == rank, writer  # each process writes its own slab
         assert seen == ((10, 20, 3), 7) and bad == [2]  # what rank 1 wrote, rank 0 reads

@@ -8,20 +8,12 @@ import torch
 from PIL import Image
 
 import train
-from helpers import call, train_argv
+from helpers import TEXTURE_SIZE, call, texture, train_argv
 from inference.images import HASH_DECODE_SIDE, Preprocessing, hash_distance, load_image, near_hash, reduced_for_hash
 from plumbing.cache import SharedImageCache
 from training import data
 
-SIZE = (96, 72)
-
-
-def texture(seed, size=SIZE):
-    """A photo-like image: smooth random colour blobs with a little grain; every seed a different picture."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
-    grain = rng.integers(-12, 13, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.asarray(coarse, dtype=int) + grain, 0, 255).astype(np.uint8))
+SIZE = TEXTURE_SIZE
 
 
 def make_split(root, n_train=6, n_val=2, classes=("daisy", "roses")):
