@@ -271,7 +271,7 @@ def main(args, given, cleanup):
                                          args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
-        return evaluation.evaluate_only(run, forward, criterion, loaders.val, start)
+        return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
 
     plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
             else schedule.fixed_plan(args.epochs or 25))

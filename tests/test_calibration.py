@@ -13,7 +13,7 @@ import torch
 
 import predict
 import train
-from helpers import COLORS, FP32, assert_clean_error, call, load, save_image, train_argv
+from helpers import COLORS, FP32, assert_clean_error, call, load, save_image, train_argv, write_corrupt
 from inference import calibration, classify
 from inference import checkpoint as ckpt
 
@@ -225,6 +225,15 @@ def test_unknowns_goes_with_eval_only_and_an_existing_folder(run, tmp_path):
     code, _, err = call(train, [*FP32, "--eval-only", "--weights", run["best"], "--data-path", run["photos"],
                                 "--output-dir", tmp_path / "ev", "--unknowns", tmp_path / "missing"])
     assert_clean_error(code, err, "--unknowns", str(tmp_path / "missing"), "does not exist")
+    broken = write_corrupt(tmp_path / "others" / "broken.jpg")  # --bad-images holds for them as for the test images
+    noise_image(tmp_path / "others" / "noise.png")
+    argv = [*FP32, "--eval-only", "--weights", run["best"], "--data-path", run["photos"], "--unknowns",
+            tmp_path / "others"]
+    code, _, err = call(train, argv + ["--output-dir", tmp_path / "e1", "--bad-images", "error"])
+    assert_clean_error(code, err, f"cannot read image {broken}", "--bad-images skip")
+    code, stdout, err = call(train, argv + ["--output-dir", tmp_path / "e2"])
+    assert code == 0, err
+    assert f"skipped 1 unreadable image(s): {broken}" in stdout and "unknowns: 1 images of" in stdout
 
 
 def logits_of(weights, photo, class_indices="unused.json"):

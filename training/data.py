@@ -290,6 +290,17 @@ def find_unreadable(paths, threads=8, chunk=1024):
     return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 
+def unreadable_paths(paths, bad_images, log):
+    """The set of paths images.unreadable finds to be no images, listed in one line (--bad-images
+    skip), or the first of them as an error (--bad-images error)."""
+    skipped = find_unreadable(paths)
+    if skipped and bad_images == "error":
+        raise unreadable_error(*skipped[0])
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
+    return {p for p, _ in skipped}
+
+
 def check_files(paths):
     return [images.unreadable(path) for path in paths]
 
@@ -564,14 +575,9 @@ class Loaders:
 def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     """The Loaders of train.py's options. The files are only listed and checked here
     (images.unreadable); they are decoded when first loaded, into this machine's cache."""
-    samples = {"train": found.train, "val": found.val}
-    skipped = find_unreadable([p for p, _ in found.train + found.val])
-    if skipped and args.bad_images == "error":
-        raise unreadable_error(*skipped[0])
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
-        bad = {p for p, _ in skipped}
-        samples = {part: [s for s in items if s[0] not in bad] for part, items in samples.items()}
+    bad = unreadable_paths([p for p, _ in found.train + found.val], args.bad_images, log)
+    samples = {part: [s for s in items if s[0] not in bad] for part, items in (("train", found.train),
+                                                                            ("val", found.val))}
     capacity = cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
     workers = (args.workers if args.workers is not None
                else images.default_workers(device.type, args.batch_size, capacity > 0))
@@ -601,11 +607,8 @@ def unknowns_loader(folder, preprocessing, args, device, rank, world_size, worke
     if not os.path.isdir(folder):
         raise DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
     paths = images.find_image_files(folder)
-    skipped = find_unreadable(paths)
-    if skipped:
-        log(f"--unknowns: skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{p} ({e})" for p, e in skipped))
-        bad = {p for p, _ in skipped}
-        paths = [p for p in paths if p not in bad]
+    bad = unreadable_paths(paths, args.bad_images, log)
+    paths = [p for p in paths if p not in bad]
     if not paths:
         raise DataError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
     shared, writer = machine_cache(len(paths), 0, max(workers, 1), device)

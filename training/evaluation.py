@@ -189,7 +189,7 @@ def check_calibrate(args, start):
                             "of train.py's: pass a best.pth")
 
 
-def evaluate_only(run, model, criterion, val_loader, start):
+def evaluate_only(run, model, criterion, val_loader, start, log):
     """--eval-only: the report, confusion_matrix.csv and predictions.csv of --weights on the test images,
     its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
     args = run.args
@@ -235,7 +235,7 @@ def evaluate_only(run, model, criterion, val_loader, start):
               f"{os.path.join(args.output_dir, 'predictions.csv')}")
     if args.unknowns:
         loader = data.unknowns_loader(args.unknowns, run.record.preprocessing, args, run.device, run.rank,
-                                      run.world_size, val_loader.num_workers, print if run.is_main else silent)
+                                      run.world_size, val_loader.num_workers, log)
         unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True)  # its loss means nothing
         _, unknown_logits, _ = labelled_logits(unknown, loader.dataset, len(classes))
         if run.is_main:
@@ -243,7 +243,3 @@ def evaluate_only(run, model, criterion, val_loader, start):
                            calibration.softmax(unknown_logits, used.temperature).max(axis=1),
                            used.min_confidence, args.unknowns)
     return 0
-
-
-def silent(*args, **kwargs):
-    pass

@@ -46,12 +46,10 @@ class OutlierMaker:
             where = (kinds == k).nonzero().flatten()
             if not len(where):
                 continue
-            if kind in ("shuffled", "blended"):  # made from the batch's photos, already normalised
-                out[where] = (shuffled if kind == "shuffled" else blended)(images, len(where), generator)
+            if kind in FROM_PHOTOS:
+                out[where] = FROM_PHOTOS[kind](images, len(where), generator)
             else:
-                drawn = (noise if kind == "noise" else textures if kind == "textures" else shapes)(
-                    len(where), images.shape[1], size, generator, images.device)
-                out[where] = (drawn - mean) / std
+                out[where] = (DRAWN[kind](len(where), images.shape[1], size, generator, images.device) - mean) / std
         if images.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
@@ -160,3 +158,7 @@ def blended(images, n, generator, parts=3):
     weights = 1 / parts + 0.2 * (rand((n, parts), generator, images.device) - 0.5)
     weights = (weights / weights.sum(dim=1, keepdim=True)).view(n, parts, 1, 1, 1)
     return (images[picks] * weights).sum(dim=1)
+
+
+DRAWN = {"noise": noise, "textures": textures, "shapes": shapes}  # drawn in [0, 1], normalised by make()
+FROM_PHOTOS = {"shuffled": shuffled, "blended": blended}  # made from the batch's photos, already normalised
