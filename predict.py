@@ -220,7 +220,8 @@ def classify(args, classifier, files, rows):
         write_output(args.output, kept_files, classes, probabilities, threshold)
         print(f"predictions written to {args.output}")
     if sorter:
-        print(f"{sorter.linked + sorter.copied + sorter.already:,} photos sorted into {args.sort_into}/<class>/ "
+        where = os.path.join(args.sort_into, "<class>", "")  # one slash, however --sort-into ends
+        print(f"{sorter.linked + sorter.copied + sorter.already:,} photos sorted into {where} "
               f"({sorter.linked:,} linked, {sorter.copied:,} copied, {sorter.already:,} there already)")
     if args.cam and kept_files:
         written = visualize.write_cams(classifier.torch_model, kept_files, classifier.preprocessing,

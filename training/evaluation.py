@@ -165,7 +165,8 @@ def find_test_data(root, known_classes, recorded_split, log=print, missing_hint=
     absent = [c for c in classes if c not in present]
     log(f"test set: every image of {folder}: " + ", ".join(f"{c} {sum(k == i for _, k in val)}"
                                                           for i, c in enumerate(classes) if c in present)
-        + (f"; no folder for {', '.join(absent)}, so scored on the {len(present)} classes it has" if absent else ""))
+        + (f"; no folder for {', '.join(absent)}, so scored on the {len(present)} "
+           f"{'classes' if len(present) > 1 else 'class'} it has" if absent else ""))
     if held:
         log(f"note: {folder} holds {len(held)} of the {len(recorded)} val images these weights were validated on "
             f"(same names, {held[0]} first) but not all: if it is the folder they were trained on, they have seen "

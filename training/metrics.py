@@ -115,11 +115,13 @@ def print_unknowns(known_top, unknown_top, min_confidence, folder):
           f"{calibration.auroc(known_top, unknown_top):.4f} of the top probability telling the "
           f"{len(known_top)} test images from them")
     ninety = calibration.choose_min_confidence(known_top, 0.9)
-    rows = [("90% of the known answered", ninety)]
+    rows = [("90% of the known answered", ninety)] if ninety > 0 else []
     if min_confidence > 0:
         rows.insert(0, ("the \"not sure\" threshold", min_confidence))
     else:
         print("  no \"not sure\" threshold in these weights: every image is answered")
+    if not ninety:
+        print(f"  {len(known_top)} test images are too few for a threshold that answers 90% of them")
     for name, threshold in rows:
         print(f"  at {name} ({threshold:.4f}): {100 * (unknown_top < threshold).mean():.1f}% of the unknowns "
               f"caught (answered unknown), {100 * (known_top >= threshold).mean():.1f}% of the known answered")
