@@ -77,7 +77,7 @@ class Photo:
     label: int  # class index
     part: str  # "train" or "val"
     size: int = -1  # bytes
-    digest: Optional[bytes] = None  # BLAKE2b of the bytes, only when another file has the same size
+    digest: Optional[bytes] = None  # BLAKE2b of the bytes, only when decoded and another file has the same size
     near: Optional[int] = None  # near_hash; None when the file could not be decoded
     width: int = 0
     height: int = 0
@@ -91,14 +91,15 @@ def _hash_photo(photo, with_digest):
     except OSError as e:
         photo.error = f"{type(e).__name__}: {e.strerror or e}"
         return
-    if with_digest:
-        photo.digest = hashlib.blake2b(raw, digest_size=16).digest()
     try:
         with Image.open(io.BytesIO(raw)) as img:
             photo.width, photo.height = img.size
         photo.near = near_hash(images.load_image(io.BytesIO(raw), min_side=HASH_DECODE_SIDE))
     except Exception as e:  # Pillow raises many kinds for a bad file; any of them means the same here
         photo.error = images.unreadable(photo.path) or f"{type(e).__name__}: {e}"
+        return  # no picture, so no copy of one: byte-identical bad files (empty ones, say) are no group
+    if with_digest:
+        photo.digest = hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _hash_chunk(chunk):
@@ -283,7 +284,7 @@ def report(root, classes, photos, groups, threshold, log=print):
     near = [g for g in groups if g.kind == "near"]
     log(_summary("exact copies", exact, "identical bytes"))
     log(_summary("near copies", near, f"perceptual hashes within {threshold} bits, not all identical"))
-    val = sum(p.part == "val" for p in photos)
+    val = sum(p.part == "val" and p.error is None for p in photos)  # the photos a val accuracy counts
     leaked = {id(p) for g in groups if g.crosses_split for p in g.photos if p.part == "val"}
     log(f"leakage: {len(leaked):,} of {val:,} val photos ({100 * len(leaked) / max(val, 1):.1f}%) have an exact "
         "or near copy in train")

@@ -173,6 +173,37 @@ def test_unreadable_files_are_listed_and_the_run_still_succeeds(tmp_path, capsys
     assert re.search(r"^  roses/broken\.jpg \(.+\)$", out, re.M)
 
 
+def test_byte_identical_unreadable_files_are_listed_once_and_are_no_copies(tmp_path, capsys):
+    # three empty files and three copies of one broken file, across classes and across train/val:
+    # the same bytes, but no picture, so no copy of one, no label conflict and no leakage
+    root = tmp_path / "split"
+    make_folder(root / "train", per_class=3)
+    make_folder(root / "val", per_class=1, first_seed=100)
+    places = (("train", "daisy"), ("train", "roses"), ("val", "daisy"))
+    bad = [root / part / name / f"{kind}.jpg" for part, name in places for kind in ("empty", "broken")]
+    for path in bad:
+        if path.stem == "empty":
+            path.write_bytes(b"")
+        else:
+            write_corrupt(path)
+    table = tmp_path / "groups.csv"
+
+    code, out, err = run_check(capsys, root, "--output", table)
+
+    assert code == 0, err
+    assert "unreadable: 6 file(s):" in out
+    for path in bad:  # listed once, as unreadable, and nowhere else
+        (listed,) = [text for text in out.splitlines() if str(path.relative_to(root)) in text]
+        assert listed.startswith(f"  {path.relative_to(root)} (")
+    assert line(out, "exact copies").startswith("exact copies (identical bytes): 0 group(s) of 0 files")
+    assert line(out, "near copies").startswith("near copies (perceptual hashes within 8 bits, not all identical): "
+                                               "0 group(s) of 0 files")
+    assert line(out, "leakage:").startswith("leakage: 0 of 2 val photos (0.0%)")  # the 2 that can be read
+    assert "crossing train/val: 0 group(s)" in out and "conflicting labels (one picture in several classes): " \
+        "0 group(s)" in out
+    assert read_groups(table) == {}
+
+
 def test_a_folder_where_nothing_decodes_still_gets_its_report(tmp_path, capsys):
     write_corrupt(tmp_path / "photos" / "daisy" / "broken.jpg")
     code, out, err = run_check(capsys, tmp_path / "photos")
