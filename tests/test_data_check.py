@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import train
 from data_set import check
-from helpers import TEXTURE_SIZE, texture, write_corrupt
+from helpers import TEXTURE_SIZE, call, texture, train_argv, write_corrupt
 from training.data import find_classes, list_images, split_samples
 
 pytestmark = pytest.mark.quick
@@ -251,6 +252,19 @@ def test_an_empty_class_folder_of_a_split_is_named_by_its_part(tmp_path, capsys)
                                     "add images or remove the folder")
     assert line(out, "empty class folders:") == f"empty class folders: 1: {os.path.join('train', 'roses')}"
     assert line(out, "leakage:").startswith("leakage: 0 of 2 val photos")
+
+
+def test_the_check_ends_with_the_line_and_status_train_py_stops_with(tmp_path, capsys):
+    root = tmp_path / "photos"
+    make_folder(root, per_class=2)
+    (root / "tulips").mkdir()
+
+    code, _, err = run_check(capsys, root)
+    train_code, _, train_err = call(train, train_argv(root, tmp_path / "out"))
+
+    assert train_code == code == 2
+    assert err.splitlines()[-1] == train_err.splitlines()[-1] == (
+        f"error: class folder {root / 'tulips'} has no images {NO_IMAGES}: add images or remove the folder")
 
 
 def test_a_folder_of_empty_class_folders_still_gets_its_report(tmp_path, capsys):
