@@ -7,10 +7,11 @@ carry conflicting labels.
 
 DIR is what train.py's --data-path takes: a folder of class folders (DIR/<class>/<images>), split
 here exactly as train.py splits it (--val-ratio, --split-seed), or a split made beforehand
-(DIR/train/<class>/, DIR/val/<class>/). Each file is read once: the files whose size another file
-shares have their bytes hashed (BLAKE2b), and every file is decoded at a reduced scale for its
-perceptual hash (near_hash). Near pairs are found with a multi-index search over bands of the
-hashes, not by comparing every pair.
+(DIR/train/<class>/, DIR/val/<class>/). A class folder without images is reported with the rest,
+and the command then exits with train.py's error for it (EXIT_STATUS). Each file is read once: the
+files whose size another file shares have their bytes hashed (BLAKE2b), and every file is decoded
+at a reduced scale for its perceptual hash (near_hash). Near pairs are found with a multi-index
+search over bands of the hashes, not by comparing every pair.
 """
 import argparse
 import csv
@@ -40,6 +41,9 @@ MAX_THRESHOLD = 32  # two unrelated photos differ in about 32 of the 64 bits
 CHUNK = 32  # files per task of the thread pool: one future per file would cost more than a small file's hash
 LISTED = 10  # groups shown per kind of problem; --output lists them all
 CSV_FIELDS = ["group", "kind", "file", "class", "part", "distance"]
+EXIT_STATUS = ("exit status: 0 whatever copies and unreadable files the report finds; 2 after the whole report "
+               "when a class folder holds no image (train.py stops at it), or at once for a missing folder, one "
+               "without class folders, or a bad option")
 
 
 class CheckError(data.DataError):
@@ -77,7 +81,7 @@ class Photo:
     label: int  # class index
     part: str  # "train" or "val"
     size: int = -1  # bytes
-    digest: Optional[bytes] = None  # BLAKE2b of the bytes, only when another file has the same size
+    digest: Optional[bytes] = None  # BLAKE2b of the bytes, only when decoded and another file has the same size
     near: Optional[int] = None  # near_hash; None when the file could not be decoded
     width: int = 0
     height: int = 0
@@ -91,14 +95,15 @@ def _hash_photo(photo, with_digest):
     except OSError as e:
         photo.error = f"{type(e).__name__}: {e.strerror or e}"
         return
-    if with_digest:
-        photo.digest = hashlib.blake2b(raw, digest_size=16).digest()
     try:
         with Image.open(io.BytesIO(raw)) as img:
             photo.width, photo.height = img.size
         photo.near = near_hash(images.load_image(io.BytesIO(raw), min_side=HASH_DECODE_SIDE))
     except Exception as e:  # Pillow raises many kinds for a bad file; any of them means the same here
         photo.error = images.unreadable(photo.path) or f"{type(e).__name__}: {e}"
+        return  # no picture, so no copy of one: byte-identical bad files (empty ones, say) are no group
+    if with_digest:
+        photo.digest = hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _hash_chunk(chunk):
@@ -190,7 +195,7 @@ def hamming_threshold(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m data_set.check", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_STATUS)
     p.add_argument("data", metavar="DIR", help=f"the data: {data.LAYOUTS}")
     p.add_argument("--threshold", metavar="BITS", type=hamming_threshold, default=DEFAULT_THRESHOLD,
                    help="near copies: the most bits in which two photos' 64-bit perceptual hashes may differ "
@@ -206,28 +211,44 @@ def get_args_parser():
     return p
 
 
+@dataclass
+class Found:
+    """The photos of a data folder with the class and part train.py gives them."""
+
+    classes: list
+    photos: list
+    how: str  # a line saying which layout and split that is
+    empty: list  # the class folders that hold no image (train.py stops at the first): reported with the rest
+
+
 def find_photos(root, val_ratio=0.1, split_seed=0):
-    """(classes, photos, how): the photos of root with the class and part train.py gives them, and a
-    line saying which layout and split that is."""
+    """The Found photos of root."""
     if not os.path.isdir(root):
         raise CheckError(f"data folder {root} does not exist: DIR is {data.LAYOUTS}")
     data.find_classes(root)  # a folder without folders: its own line, not train.py's --data-path hint
-    found = data.find_data(root, val_ratio, split_seed, log=lambda line: None)
+    found = data.find_data(root, val_ratio, split_seed, log=lambda line: None, allow_empty=True)
     photos = ([Photo(path, label, "train") for path, label in found.train]
               + [Photo(path, label, "val") for path, label in found.val])
+    counts = Counter(p.label if found.split else (p.label, p.part) for p in photos)
+    if found.split:  # one folder per class, split here
+        empty = [os.path.join(root, name) for label, name in enumerate(found.classes) if not counts[label]]
+    else:  # a folder per class in train/ and in val/
+        empty = [os.path.join(root, part, name) for part in ("train", "val")
+                 for label, name in enumerate(found.classes) if not counts[label, part]]
     how = (f"a folder of class folders, split as train.py splits it (val ratio {val_ratio}, split seed {split_seed})"
            if found.split else "a split (train/ and val/)")
-    return found.classes, photos, how
+    return Found(found.classes, photos, how, empty)
 
 
 def check(args, log=print):
-    """Hash the photos of args.data and group the copies: (classes, photos, exact groups, near groups)."""
+    """Hash the photos of args.data and group the copies: (Found, exact groups, near groups)."""
     if args.output and not args.output.lower().endswith(".csv"):
         raise CheckError(f"--output {args.output}: the file name must end in .csv")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise CheckError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
-    classes, photos, how = find_photos(args.data, args.val_ratio, args.split_seed)
-    log(f"data: {args.data}: {how}")
+    found = find_photos(args.data, args.val_ratio, args.split_seed)
+    photos = found.photos
+    log(f"data: {args.data}: {found.how}")
     start = time.perf_counter()
     hash_photos(photos, args.workers)
     hashed = time.perf_counter()
@@ -235,10 +256,11 @@ def check(args, log=print):
     searched = time.perf_counter()
     decoded = sum(p.near is not None for p in photos)
     bands, radius = search_plan(len({p.near for p in photos if p.near is not None}), args.threshold)
-    log(f"hashed {len(photos):,} photos in {hashed - start:.1f} s ({1e3 * (hashed - start) / len(photos):.2f} ms "
+    each = 1e3 * (hashed - start) / max(len(photos), 1)  # every class folder may be empty
+    log(f"hashed {len(photos):,} photos in {hashed - start:.1f} s ({each:.2f} ms "
         f"a photo, {args.workers} thread(s)); compared {decoded:,} hashes in {searched - hashed:.2f} s "
         f"({bands} band(s), radius {radius})")
-    return classes, photos, exact, near
+    return found, exact, near
 
 
 def _count_table(classes, photos, log):
@@ -269,8 +291,10 @@ def _summary(kind, groups, what):
             "stay in one class and one part")
 
 
-def report(root, classes, photos, groups, threshold, log=print):
-    """The report's lines after the hashing: counts, sizes, unreadable files, the groups and what they mean."""
+def report(root, found, groups, threshold, log=print):
+    """The report's lines after the hashing: counts, sizes, unreadable files, empty class folders, the
+    groups and what they mean."""
+    classes, photos = found.classes, found.photos
     _count_table(classes, photos, log)
     log(_sizes_line(photos))
     bad = [p for p in photos if p.error is not None]
@@ -279,11 +303,13 @@ def report(root, classes, photos, groups, threshold, log=print):
         log(f"  {os.path.relpath(p.path, root)} ({p.error})")
     if len(bad) > LISTED:
         log(f"  ... and {len(bad) - LISTED:,} more")
+    log(f"empty class folders: {len(found.empty):,}"
+        + (": " + ", ".join(os.path.relpath(folder, root) for folder in found.empty) if found.empty else ""))
     exact = [g for g in groups if g.kind == "exact"]
     near = [g for g in groups if g.kind == "near"]
     log(_summary("exact copies", exact, "identical bytes"))
     log(_summary("near copies", near, f"perceptual hashes within {threshold} bits, not all identical"))
-    val = sum(p.part == "val" for p in photos)
+    val = sum(p.part == "val" and p.error is None for p in photos)  # the photos a val accuracy counts
     leaked = {id(p) for g in groups if g.crosses_split for p in g.photos if p.part == "val"}
     log(f"leakage: {len(leaked):,} of {val:,} val photos ({100 * len(leaked) / max(val, 1):.1f}%) have an exact "
         "or near copy in train")
@@ -312,12 +338,14 @@ def write_groups_csv(path, classes, groups):
 
 
 def main(args):
-    classes, photos, exact, near = check(args)
+    found, exact, near = check(args)
     groups = exact + near
-    report(args.data, classes, photos, groups, args.threshold)
+    report(args.data, found, groups, args.threshold)
     if args.output:
-        write_groups_csv(args.output, classes, groups)
+        write_groups_csv(args.output, found.classes, groups)
         print(f"{len(groups):,} group(s) written to {args.output}")
+    if found.empty:  # the report is whole; the exit says train.py would stop at this folder
+        raise data.no_images_error(found.empty)
     return 0
 
 

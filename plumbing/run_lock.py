@@ -7,9 +7,16 @@ A second taker is refused with FolderInUse, one line naming the holder (pid, hos
 command) and what to do. A lock whose process is gone (killed with SIGKILL, the machine rebooted) is
 taken over with a line through log saying so; one written on another machine, or in another pid
 namespace (a container), is never taken over, since its process cannot be seen from here: the message
-says how to clear it. Short commands that write beside a run (train.py --eval-only, report.py) take
-the same lock for their duration with their own purpose, so a training refuses them and they refuse
-to start beside one; check_free() only looks, for an early refusal before slow work.
+says how to clear it. Machines are told apart by their machine id (/etc/machine-id), not only by
+host name: two machines of one name may share the folder (cloned nodes on a network file system),
+and a lock from another boot is taken over only when its machine id is this machine's. A lock that
+cannot say (written before locks recorded the machine, or on a machine without an id) is refused
+with a line saying how to clear it. Where neither boot nor machine ids exist (no /proc, no
+machine-id), the host name is all there is to go by.
+
+Short commands that write beside a run (train.py --eval-only, report.py) take the same lock for
+their duration with their own purpose, so a training refuses them and they refuse to start beside one;
+check_free() only looks, for an early refusal before slow work.
 
 Under torchrun one process holds the lock for all of them: rank 0 takes it, the others do not call
 acquire (release() of a lock never acquired does nothing), e.g.
@@ -39,6 +46,8 @@ from plumbing.options import UserError
 
 LOCK_NAME = ".lock"
 OTHER_FOLDER = "choose another --output-dir"
+# systemd's file, then D-Bus's older one (the same id where both exist)
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 # os.link fails with these where the file system has no hard links (FAT, exFAT, some network shares)
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
@@ -76,6 +85,7 @@ class LockHolder:
     process_start: Optional[str] = None  # /proc/PID/stat start time: a reused pid is another process
     boot_id: Optional[str] = None  # a lock from before a reboot is stale whatever its pid
     pid_namespace: Optional[str] = None  # a container's pids are not ours: never judged from here
+    machine_id: Optional[str] = None  # which machine of that host name (None: written before it was recorded)
 
     def to_json(self):
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -174,8 +184,10 @@ def _stale_holder(folder, instead):
     state = _state(holder)
     if state is _ALIVE:
         raise FolderInUse(in_use_message(folder, holder, instead), holder)
-    if state is _ELSEWHERE:
-        raise FolderInUse(elsewhere_message(folder, path, holder, instead), holder)
+    if state in (_ANOTHER_HOST, _SAME_NAME, _CONTAINER):
+        raise FolderInUse(elsewhere_message(folder, path, holder, instead, state), holder)
+    if state is _UNSURE:
+        raise FolderInUse(unsure_message(folder, path, holder, instead), holder)
     return holder
 
 
@@ -201,8 +213,10 @@ def in_use_message(folder, holder, instead=OTHER_FOLDER):
             + _choices("wait for it to end", f"stop it with `kill {holder.pid}`", instead))
 
 
-def elsewhere_message(folder, path, holder, instead=OTHER_FOLDER):
-    where = "on another machine" if holder.host != socket.gethostname() else "in another container"
+def elsewhere_message(folder, path, holder, instead=OTHER_FOLDER, state=None):
+    where = {_ANOTHER_HOST: "on another machine",
+             _SAME_NAME: f"on another machine named {holder.host} (its machine id differs from this one's)",
+             _CONTAINER: "in another container"}[state or _state(holder)]
     return (f"{folder} is in use by a process {where}: {holder.describe()}; "
             + _choices("wait for it to end", instead)
             + f"; once sure no run on {holder.host} uses the folder, delete {path}")
@@ -211,6 +225,15 @@ def elsewhere_message(folder, path, holder, instead=OTHER_FOLDER):
 def unreadable_message(folder, path, reason, instead=OTHER_FOLDER):
     return (f"{folder} is locked by {path}, which does not say by whom ({reason}): once sure no run "
             f"uses the folder, delete {path}{', or ' + instead if instead else ''}")
+
+
+def unsure_message(folder, path, holder, instead=OTHER_FOLDER):
+    """A lock of this host name from another boot that no machine id vouches for."""
+    reason = ("the lock, written by an older version, does not say which machine wrote it" if not holder.machine_id
+              else "this machine has no machine id (/etc/machine-id) to compare with the lock's")
+    return (f"{folder} is locked by a process on {holder.host} under another boot, either this machine before a "
+            f"restart or another machine named {holder.host} ({reason}): {holder.describe()}; once sure no run on "
+            f"a machine named {holder.host} uses the folder, delete {path}{', or ' + instead if instead else ''}")
 
 
 def takeover_message(folder, path, holder):
@@ -226,7 +249,10 @@ class _Unreadable(Exception):
         self.reason = reason
 
 
-_ALIVE, _GONE, _ELSEWHERE = "alive", "gone", "elsewhere"
+# what a lock's holder is to this process: running, gone, or out of sight (on another machine, one of
+# the same host name, in another container), or from another boot of a machine it cannot name
+_ALIVE, _GONE, _ANOTHER_HOST, _SAME_NAME, _CONTAINER, _UNSURE = (
+    "alive", "gone", "another host", "same name", "container", "unsure")
 
 
 def _new_holder(purpose):
@@ -236,7 +262,7 @@ def _new_holder(purpose):
                       started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       command=shlex.join(argv), purpose=purpose, token=uuid.uuid4().hex,
                       process_start=_process_stat(os.getpid())[1], boot_id=_boot_id(),
-                      pid_namespace=_pid_namespace("self"))
+                      pid_namespace=_pid_namespace("self"), machine_id=_machine_id())
 
 
 def _create(path, holder, over_dead=False):
@@ -352,14 +378,21 @@ def _take_over(path, dead, mine):
 
 
 def _state(holder):
-    """_ALIVE, _GONE (its process ended: the lock is stale) or _ELSEWHERE (its process cannot be seen
-    from here: another machine or pid namespace)."""
+    """_ALIVE, _GONE (its process ended: the lock is stale), _ANOTHER_HOST, _SAME_NAME, _CONTAINER (its
+    process cannot be seen from here) or _UNSURE (another boot, of this machine or of another one of
+    its name: nothing tells which)."""
     if holder.host != socket.gethostname():
-        return _ELSEWHERE
+        return _ANOTHER_HOST
+    boot, machine = _boot_id(), _machine_id()
+    # A boot id is random per boot: the same one is this very machine. Otherwise only the machine id
+    # tells a reboot of this machine from another machine of this name, whose processes are not ours.
+    if not (holder.boot_id and holder.boot_id == boot):
+        if holder.machine_id and machine and holder.machine_id != machine:
+            return _SAME_NAME
+        if holder.boot_id and boot:  # boots differ
+            return _GONE if holder.machine_id and holder.machine_id == machine else _UNSURE
     if holder.pid_namespace and _pid_namespace("self") and holder.pid_namespace != _pid_namespace("self"):
-        return _ELSEWHERE
-    if holder.boot_id and _boot_id() and holder.boot_id != _boot_id():
-        return _GONE
+        return _CONTAINER
     if os.name == "nt":
         return _ALIVE  # os.kill would terminate the process: cannot tell, so never take it over
     try:
@@ -395,6 +428,19 @@ def _boot_id():
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def _machine_id():
+    """This machine's id, from the first of MACHINE_ID_FILES that holds one; None without any."""
+    for path in MACHINE_ID_FILES:
+        try:
+            with open(path) as f:
+                machine = f.read().strip()
+        except OSError:
+            continue
+        if machine:
+            return machine
+    return None
 
 
 def _pid_namespace(pid):

@@ -1,6 +1,7 @@
 """data_set/check.py: exact and near copies, leakage across the split, conflicting labels, the CSV,
 the exit codes, and the band search against comparing every pair."""
 import csv
+import os
 import re
 import shutil
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import train
 from data_set import check
-from helpers import TEXTURE_SIZE, texture, write_corrupt
+from helpers import TEXTURE_SIZE, call, texture, train_argv, write_corrupt
 from training.data import find_classes, list_images, split_samples
 
 pytestmark = pytest.mark.quick
@@ -173,12 +175,110 @@ def test_unreadable_files_are_listed_and_the_run_still_succeeds(tmp_path, capsys
     assert re.search(r"^  roses/broken\.jpg \(.+\)$", out, re.M)
 
 
+def test_byte_identical_unreadable_files_are_listed_once_and_are_no_copies(tmp_path, capsys):
+    # three empty files and three copies of one broken file, across classes and across train/val:
+    # the same bytes, but no picture, so no copy of one, no label conflict and no leakage
+    root = tmp_path / "split"
+    make_folder(root / "train", per_class=3)
+    make_folder(root / "val", per_class=1, first_seed=100)
+    places = (("train", "daisy"), ("train", "roses"), ("val", "daisy"))
+    bad = [root / part / name / f"{kind}.jpg" for part, name in places for kind in ("empty", "broken")]
+    for path in bad:
+        if path.stem == "empty":
+            path.write_bytes(b"")
+        else:
+            write_corrupt(path)
+    table = tmp_path / "groups.csv"
+
+    code, out, err = run_check(capsys, root, "--output", table)
+
+    assert code == 0, err
+    assert "unreadable: 6 file(s):" in out
+    for path in bad:  # listed once, as unreadable, and nowhere else
+        (listed,) = [text for text in out.splitlines() if str(path.relative_to(root)) in text]
+        assert listed.startswith(f"  {path.relative_to(root)} (")
+    assert line(out, "exact copies").startswith("exact copies (identical bytes): 0 group(s) of 0 files")
+    assert line(out, "near copies").startswith("near copies (perceptual hashes within 8 bits, not all identical): "
+                                               "0 group(s) of 0 files")
+    assert line(out, "leakage:").startswith("leakage: 0 of 2 val photos (0.0%)")  # the 2 that can be read
+    assert "crossing train/val: 0 group(s)" in out and "conflicting labels (one picture in several classes): " \
+        "0 group(s)" in out
+    assert read_groups(table) == {}
+
+
 def test_a_folder_where_nothing_decodes_still_gets_its_report(tmp_path, capsys):
     write_corrupt(tmp_path / "photos" / "daisy" / "broken.jpg")
     code, out, err = run_check(capsys, tmp_path / "photos")
     assert code == 0, err
     assert "unreadable: 1 file(s):" in out and "image sizes: no photo could be decoded" in out
     assert "leakage: 0 of 0 val photos" in out
+
+
+NO_IMAGES = "(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .gif)"
+
+
+def test_empty_class_folders_are_findings_and_the_rest_is_still_checked(tmp_path, capsys):
+    root = tmp_path / "photos"
+    paths = make_folder(root, per_class=4, classes=("daisy", "tulips"))
+    shutil.copy(paths["daisy"][1], root / "daisy" / "copy_of_1.jpg")
+    (root / "roses").mkdir()
+    (root / "sunflowers").mkdir()
+    (root / "sunflowers" / "notes.txt").write_text("no photos yet")  # no image either
+    table = tmp_path / "groups.csv"
+
+    code, out, err = run_check(capsys, root, "--output", table)
+
+    # the whole report, then the one line train.py would stop at, with its exit status
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert err.splitlines()[-1] == (f"error: class folders {root / 'roses'}, {root / 'sunflowers'} have no images "
+                                    f"{NO_IMAGES}: add images or remove them")
+    assert line(out, "empty class folders:") == "empty class folders: 2: roses, sunflowers"
+    assert re.search(r"^roses +0 +0 +0$", out, re.M) and re.search(r"^total +7 +2 +9$", out, re.M)
+    assert line(out, "exact copies").startswith("exact copies (identical bytes): 1 group(s) of 2 files")
+    assert len(read_groups(table)) == 1
+
+
+def test_an_empty_class_folder_of_a_split_is_named_by_its_part(tmp_path, capsys):
+    root = tmp_path / "split"
+    make_folder(root / "train", per_class=3)
+    make_folder(root / "val", per_class=1, first_seed=100)
+    for photo in (root / "train" / "roses").iterdir():
+        photo.unlink()
+
+    code, out, err = run_check(capsys, root)
+
+    assert code == 2 and err.count("error:") == 1
+    assert err.splitlines()[-1] == (f"error: class folder {root / 'train' / 'roses'} has no images {NO_IMAGES}: "
+                                    "add images or remove the folder")
+    assert line(out, "empty class folders:") == f"empty class folders: 1: {os.path.join('train', 'roses')}"
+    assert line(out, "leakage:").startswith("leakage: 0 of 2 val photos")
+
+
+def test_the_check_ends_with_the_line_and_status_train_py_stops_with(tmp_path, capsys):
+    root = tmp_path / "photos"
+    make_folder(root, per_class=2)
+    (root / "tulips").mkdir()
+
+    code, _, err = run_check(capsys, root)
+    train_code, _, train_err = call(train, train_argv(root, tmp_path / "out"))
+
+    assert train_code == code == 2
+    assert err.splitlines()[-1] == train_err.splitlines()[-1] == (
+        f"error: class folder {root / 'tulips'} has no images {NO_IMAGES}: add images or remove the folder")
+
+
+def test_a_folder_of_empty_class_folders_still_gets_its_report(tmp_path, capsys):
+    for name in ("daisy", "roses"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    code, out, err = run_check(capsys, tmp_path / "photos")
+    assert code == 2 and err.splitlines()[-1].startswith("error: class folders ") and err.count("error:") == 1
+    assert "empty class folders: 2: daisy, roses" in out and "hashed 0 photos" in out
+
+
+def test_a_folder_train_py_takes_exits_with_0(tmp_path, capsys):
+    make_folder(tmp_path / "photos", per_class=2)
+    code, out, err = run_check(capsys, tmp_path / "photos")
+    assert code == 0 and "error" not in err and line(out, "empty class folders:") == "empty class folders: 0"
 
 
 @pytest.mark.parametrize("layout", ["missing", "no class folders"])

@@ -4,11 +4,12 @@ import csv
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 import train
-from helpers import TEXTURE_SIZE, call, texture, train_argv
+from helpers import TEXTURE_SIZE, call, texture, train_argv, write_truncated_jpeg
 from inference.images import HASH_DECODE_SIDE, Preprocessing, hash_distance, load_image, near_hash, reduced_for_hash
 from plumbing.cache import SharedImageCache
 from training import data
@@ -91,6 +92,25 @@ def test_no_line_and_no_list_when_no_val_image_copies_a_training_one(tmp_path):
 
     assert lines == []
     assert not (tmp_path / "leakage.csv").exists()
+
+
+@pytest.mark.quick
+def test_byte_identical_unreadable_files_in_train_and_val_are_no_leakage(tmp_path):
+    # Empty files never reach the datasets (the start-up check skips them), but a photo whose header
+    # passes and whose pixels end early does: copies of one such file in train and val are the same
+    # bytes and no picture. Only a decoded image leaves a hash in the cache, so they are no pair.
+    root = make_split(tmp_path / "data")
+    for part in ("train", "val"):
+        (root / part / "daisy" / "empty.jpg").write_bytes(b"")
+        write_truncated_jpeg(root / part / "daisy" / "truncated.jpg")
+    train_set, val_set = datasets(root)
+    lines = []
+
+    data.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
+
+    assert sorted(val_set.unreadable()) == [str(root / "val" / "daisy" / name) for name in ("empty.jpg",
+                                                                                           "truncated.jpg")]
+    assert lines == [] and not (tmp_path / "leakage.csv").exists()
 
 
 def test_the_hashes_are_kept_with_the_cache_off_and_by_loader_workers(tmp_path):

@@ -283,3 +283,102 @@ def test_probe_writable_uses_a_name_of_its_own(tmp_path):
     assert os.listdir(tmp_path) == [".write-test"]
     with pytest.raises(FileNotFoundError):
         probe_writable(str(tmp_path / "nothing"))
+
+
+# Two machines of one host name sharing the folder (a cluster's nodes cloned from one image, say): the
+# boot id tells two boots apart, not two machines, and both hosts' first pid namespace looks the same.
+HERE = dict(boot_id="boot-of-this-machine", machine_id="machine-id-of-this-machine")
+
+
+@pytest.fixture
+def this_machine(monkeypatch):
+    """This process runs on a machine with HERE's ids, whatever the test machine's are."""
+    monkeypatch.setattr(run_lock, "_boot_id", lambda: HERE["boot_id"])
+    monkeypatch.setattr(run_lock, "_machine_id", lambda: HERE["machine_id"], raising=False)
+
+
+def test_a_lock_records_the_machine_it_was_taken_on(tmp_path, this_machine):
+    with RunLock(str(tmp_path)):
+        record = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert (record["boot_id"], record["machine_id"]) == (HERE["boot_id"], HERE["machine_id"])
+
+
+def test_a_lock_of_another_machine_with_the_same_host_name_is_refused_and_left_alone(tmp_path, this_machine):
+    # its pid is dead here, and its boot differs from ours: once judged left over from a reboot and taken
+    record = write_lock(tmp_path, pid=dead_pid(), boot_id="boot-of-the-twin", machine_id="machine-id-of-the-twin")
+    before = (tmp_path / LOCK_NAME).read_bytes()
+    with pytest.raises(FolderInUse) as refused:
+        RunLock(str(tmp_path)).acquire()
+    host = socket.gethostname()
+    assert str(refused.value) == (
+        f"{tmp_path} is in use by a process on another machine named {host} (its machine id differs from this "
+        f"one's): training, pid {record['pid']} on {host} since 2024-05-01T10:00:00+02:00 (python train.py "
+        f"--output-dir w); wait for it to end or choose another --output-dir; once sure no run on {host} uses "
+        f"the folder, delete {tmp_path / LOCK_NAME}")
+    assert (tmp_path / LOCK_NAME).read_bytes() == before
+    with pytest.raises(FolderInUse, match="another machine named"):
+        check_free(str(tmp_path))
+
+
+def test_a_lock_of_this_machine_from_before_a_reboot_is_taken_over(tmp_path, this_machine):
+    record = write_lock(tmp_path, pid=os.getppid(), boot_id="an-earlier-boot", machine_id=HERE["machine_id"])
+    said = []
+    with RunLock(str(tmp_path), log=said.append):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["machine_id"] == HERE["machine_id"]
+    assert len(said) == 1 and f"pid {record['pid']} " in said[0] and "is gone" in said[0]
+
+
+@pytest.mark.parametrize("whose", ["an older lock", "a machine without an id"])
+def test_a_lock_from_another_boot_that_no_machine_id_vouches_for_is_refused(tmp_path, monkeypatch, this_machine,
+                                                                            whose):
+    if whose == "an older lock":  # written before locks recorded the machine: readable, but says less
+        write_lock(tmp_path, pid=dead_pid(), boot_id="another-boot")
+        reason = "the lock, written by an older version, does not say which machine wrote it"
+    else:
+        monkeypatch.setattr(run_lock, "_machine_id", lambda: None)
+        write_lock(tmp_path, pid=dead_pid(), boot_id="another-boot", machine_id="some-machine-id")
+        reason = "this machine has no machine id (/etc/machine-id) to compare with the lock's"
+    before = (tmp_path / LOCK_NAME).read_bytes()
+    with pytest.raises(FolderInUse) as refused:
+        RunLock(str(tmp_path)).acquire()
+    host = socket.gethostname()
+    message = str(refused.value)
+    assert message.startswith(
+        f"{tmp_path} is locked by a process on {host} under another boot, either this machine before a restart "
+        f"or another machine named {host} ({reason}): training, pid ")
+    assert message.endswith(f"; once sure no run on a machine named {host} uses the folder, delete "
+                            f"{tmp_path / LOCK_NAME}, or choose another --output-dir")
+    assert "\n" not in message and (tmp_path / LOCK_NAME).read_bytes() == before
+
+
+def test_an_older_lock_of_this_boot_is_still_judged_by_its_pid(tmp_path, this_machine):
+    write_lock(tmp_path, pid=dead_pid(), boot_id=HERE["boot_id"])  # no machine_id: the boot id is this one's
+    said = []
+    with RunLock(str(tmp_path), log=said.append):
+        pass
+    assert len(said) == 1 and "is gone" in said[0]
+    write_lock(tmp_path, boot_id=HERE["boot_id"])  # our own pid: alive
+    with pytest.raises(FolderInUse, match=f"is in use by another process: training, pid {os.getpid()} "):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_the_machine_id_comes_from_the_first_file_that_holds_one(tmp_path, monkeypatch):
+    missing, empty, held = tmp_path / "missing", tmp_path / "empty", tmp_path / "held"
+    empty.write_text("\n")
+    held.write_text("0123456789abcdef\n")
+    monkeypatch.setattr(run_lock, "MACHINE_ID_FILES", (str(missing), str(empty), str(held)), raising=False)
+    assert run_lock._machine_id() == "0123456789abcdef"
+    monkeypatch.setattr(run_lock, "MACHINE_ID_FILES", (str(missing), str(empty)))
+    assert run_lock._machine_id() is None
+
+
+@pytest.mark.skipif(run_lock._boot_id() is None, reason="needs a boot id to tell boots apart")
+def test_a_command_refused_by_a_twin_machines_lock_says_so_in_one_line(tmp_path):
+    # the real ids of this machine, in a real command: the twin's are made up, so they differ from them
+    write_lock(tmp_path, pid=dead_pid(), boot_id="boot-of-the-twin", machine_id="machine-id-of-the-twin")
+    proc = run_script(REPO / "report.py", [tmp_path])
+    line = assert_clean_error(proc.returncode, proc.stderr, f"delete {tmp_path / LOCK_NAME}")
+    assert proc.returncode == FolderInUse.exit_code and proc.stderr.count("\n") == 1
+    assert (f"on another machine named {socket.gethostname()}" in line if run_lock._machine_id()
+            else "under another boot" in line)
+    assert leftovers(tmp_path) == [LOCK_NAME]

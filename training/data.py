@@ -111,17 +111,25 @@ def find_classes(root):
     return classes
 
 
-def list_images(root, classes):
-    """(path, class index) pairs in sorted order; every class must hold at least one image."""
+def list_images(root, classes, allow_empty=False):
+    """(path, class index) pairs in sorted order; every class must hold at least one image, unless
+    allow_empty (data_set.check, which reports such a class with its other findings)."""
     samples = []
     for index, name in enumerate(classes):
         folder = os.path.join(root, name)
         files = images.find_image_files(folder, within=root)
-        if not files:
-            raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                            "add images or remove the folder")
+        if not files and not allow_empty:
+            raise no_images_error([folder])
         samples.extend((f, index) for f in files)
     return samples
+
+
+def no_images_error(folders):
+    """The one line for class folders that hold no image: what train.py stops at, and data_set.check ends with."""
+    kinds = ", ".join(IMAGE_EXTENSIONS)
+    if len(folders) == 1:
+        return DataError(f"class folder {folders[0]} has no images ({kinds}): add images or remove the folder")
+    return DataError(f"class folders {', '.join(folders)} have no images ({kinds}): add images or remove them")
 
 
 def val_count(n, val_ratio):
@@ -165,13 +173,13 @@ class FoundData:
 
 
 def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=False, missing_hint=None,
-              log=print):
+              log=print, allow_empty=False):
     """The data under root, in one of two layouts.
 
     root/train/<class>/ with root/val/<class>/, a split made beforehand (by data_set/split_data.py,
     say), is used as it is. root/<class>/, a plain folder of class folders, is split here: val_ratio
     of each class held out with split_samples (split_data.py's rule, so the same split); a
-    recorded split (resume, --eval-only) is used again exactly as it was.
+    recorded split (resume, --eval-only) is used again exactly as it was. allow_empty: see list_images.
     """
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(root):
@@ -189,15 +197,15 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
             for name in (c for c in classes if not os.path.isdir(os.path.join(val_dir, c))):
                 raise DataError(f"class {name} has a folder in {train_dir} but none in {val_dir}: it would never "
                                 f"be evaluated; add {os.path.join(val_dir, name)} or remove the class")
-        train = [] if eval_only else list_images(train_dir, classes)
-        return FoundData(classes, train, list_images(val_dir, classes), None)
+        train = [] if eval_only else list_images(train_dir, classes, allow_empty)
+        return FoundData(classes, train, list_images(val_dir, classes, allow_empty), None)
 
     folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
     if not folders:
         files = sum(1 for e in os.scandir(root) if e.is_file())
         raise DataError(f"{root} holds {files} file(s) and no folders: pass --data-path with {LAYOUTS}")
     classes = sorted(folders)
-    samples = list_images(root, classes)
+    samples = list_images(root, classes, allow_empty)
     if recorded_split is not None:
         val = [(os.path.join(root, *f.split("/")), classes.index(f.split("/")[0]))
                for f in recorded_split["val_files"] if f.split("/")[0] in classes]
