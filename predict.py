@@ -34,6 +34,7 @@ from inference.classify import (
     write_output,
 )
 from plumbing import options
+from plumbing.atomic import SaveError
 
 # More photos than this with --output or --sort-into: a progress bar on stderr instead of the table
 TABLE_ROWS = 50
@@ -52,8 +53,8 @@ def get_args_parser():
                    help="show only the K most likely classes for one image")
     p.add_argument("--output", default=None,
                    help="also write the predictions to this .csv or .json file. A .csv gets its rows as the photos "
-                        "are classified, and a run with the same .csv skips the photos it holds and adds the rest; "
-                        "a .json is written at the end")
+                        "are classified, and a run with the same .csv skips the photos it holds (however their "
+                        "paths are typed) and adds the rest; a .json is written at the end")
     p.add_argument("--sort-into", default=None, metavar="OUT_DIR",
                    help="also put each photo into OUT_DIR/<class>/, as a hard link (a copy where the file system "
                         "has none); the photos are never moved or changed, a name already taken gets a suffix, and "
@@ -147,7 +148,7 @@ def outside_sorted_folder(files, sort_into):
 def classify(args, classifier, files, rows):
     """Classify the photos a batch at a time, writing and sorting each batch as it comes; the exit code."""
     classes, threshold = classifier.classes, classifier.min_confidence
-    done = {f: rows.done[f] for f in files if f in rows.done} if rows else {}
+    done = rows.classes_of(files) if rows else {}
     todo = [f for f in files if f not in done]
     if rows and (done or rows.torn):
         torn = "; its last row had been cut short and that photo is classified again" if rows.torn else ""
@@ -181,7 +182,11 @@ def classify(args, classifier, files, rows):
                     errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold))
                                   for f, p in zip(good_files, good_probabilities, strict=True))
                 if rows:
-                    rows.append(good_files, classes, good_probabilities, threshold)
+                    try:
+                        rows.append(good_files, classes, good_probabilities, threshold)
+                    except SaveError as e:  # a full disk: what the file holds, and how to go on
+                        raise SaveError(e.path, e, f"{len(done) + rows.written:,} of {len(files):,} photos are in "
+                                        "it; free some disk space and run the same command again to continue") from e
                 if streamed_table and good_files:
                     print_table(good_files, classes, good_probabilities, threshold, width=max(map(len, todo)),
                                 header=not table_started)
