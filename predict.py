@@ -58,7 +58,7 @@ def get_args_parser():
     p.add_argument("--sort-into", default=None, metavar="OUT_DIR",
                    help="also put each photo into OUT_DIR/<class>/, as a hard link (a copy where the file system "
                         "has none); the photos are never moved or changed, a name already taken gets a suffix, and "
-                        "a photo already there is not added again")
+                        "a photo already there is not added again. OUT_DIR lies outside the folders of photos given")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="threads that decode images ahead of the model (default: 1 on a CPU, none for a "
@@ -108,6 +108,8 @@ class StopRequest:
 def main(args):
     if args.output and not args.output.lower().endswith((".csv", ".json")):
         raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
+    if args.sort_into:
+        check_sort_folder_outside(args.sort_into, args.images)
     files = collect_images(args.images)
     if args.sort_into:
         files = outside_sorted_folder(files, args.sort_into)
@@ -130,6 +132,17 @@ def main(args):
     finally:
         if rows:
             rows.close()
+
+
+def check_sort_folder_outside(sort_into, paths):
+    """A --sort-into folder inside a folder of photos given would be read as more photos by every
+    later run over that folder (each photo twice, once as its link): refused."""
+    sorted_folder = os.path.realpath(sort_into)
+    for path in paths:
+        if os.path.isdir(path) and images.inside(sorted_folder, os.path.realpath(path)):
+            raise PredictionError(f"--sort-into {sort_into} lies inside {path}, the photos' own folder: a later run "
+                                  f"over {path} would count each sorted photo twice; pass a --sort-into folder "
+                                  f"outside {path}")
 
 
 def outside_sorted_folder(files, sort_into):

@@ -1,6 +1,7 @@
 """predict.py's .csv --output continued by a later run, without a trained model: a row cut short
 anywhere (in the middle of a multi-byte character of a file name, or of a quoted name), the same
-folder typed another way, and a write that fails half way (a full disk: /dev/full).
+folder typed another way, a write that fails half way (a full disk: /dev/full), and --sort-into
+inside the photos' own folder.
 
 The model is a stand-in (predict.load_classifier patched): each class's logit is the mean of one
 colour channel, so a photo's row depends on that photo alone, whatever its batch. The photos'
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import predict
-from helpers import CLASSES, COLORS, call, save_image
+from helpers import CLASSES, COLORS, assert_clean_error, call, save_image
 from inference import classify, images
 from plumbing.atomic import SaveError
 
@@ -145,3 +146,21 @@ def test_a_failed_write_is_one_error_and_closing_adds_none(tmp_path):
     rows.close()  # the failed write was reported once: closing raises nothing more
     assert rows.written == 1
     assert [row[0] for row in rows_of(path)[1:]] == ["a.jpg"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. --sort-into inside the photos' folder
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inside", ["sorted", "."], ids=["a-folder-in-it", "the-folder-itself"])
+def test_sort_into_inside_the_photos_folder_is_refused(photos, tmp_path, inside):
+    sort_into = os.path.normpath(photos / inside)
+    before = sorted(photos.rglob("*"))
+    code, out, err = run_predict(photos, "--output", tmp_path / "p.csv", "--sort-into", sort_into)
+    assert_clean_error(code, err, f"--sort-into {sort_into}", str(photos), "outside")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(photos.rglob("*")) == before and not (tmp_path / "p.csv").exists()
+
+    code, _, err = run_predict(photos, "--output", tmp_path / "q.csv")  # a later run sees the 12 photos
+    assert code == 0, err
+    assert len(rows_of(tmp_path / "q.csv")) == 13
+
