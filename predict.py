@@ -34,6 +34,7 @@ from inference.classify import (
     write_output,
 )
 from plumbing import options
+from plumbing.atomic import SaveError
 
 # More photos than this with --output or --sort-into: a progress bar on stderr instead of the table
 TABLE_ROWS = 50
@@ -52,12 +53,12 @@ def get_args_parser():
                    help="show only the K most likely classes for one image")
     p.add_argument("--output", default=None,
                    help="also write the predictions to this .csv or .json file. A .csv gets its rows as the photos "
-                        "are classified, and a run with the same .csv skips the photos it holds and adds the rest; "
-                        "a .json is written at the end")
+                        "are classified, and a run with the same .csv skips the photos it holds (however their "
+                        "paths are typed) and adds the rest; a .json is written at the end")
     p.add_argument("--sort-into", default=None, metavar="OUT_DIR",
                    help="also put each photo into OUT_DIR/<class>/, as a hard link (a copy where the file system "
                         "has none); the photos are never moved or changed, a name already taken gets a suffix, and "
-                        "a photo already there is not added again")
+                        "a photo already there is not added again. OUT_DIR lies outside the folders of photos given")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="threads that decode images ahead of the model (default: 1 on a CPU, none for a "
@@ -107,6 +108,8 @@ class StopRequest:
 def main(args):
     if args.output and not args.output.lower().endswith((".csv", ".json")):
         raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
+    if args.sort_into:
+        check_sort_folder_outside(args.sort_into, args.images)
     files = collect_images(args.images)
     if args.sort_into:
         files = outside_sorted_folder(files, args.sort_into)
@@ -131,6 +134,17 @@ def main(args):
             rows.close()
 
 
+def check_sort_folder_outside(sort_into, paths):
+    """A --sort-into folder inside a folder of photos given would be read as more photos by every
+    later run over that folder (each photo twice, once as its link): refused."""
+    sorted_folder = os.path.realpath(sort_into)
+    for path in paths:
+        if os.path.isdir(path) and images.inside(sorted_folder, os.path.realpath(path)):
+            raise PredictionError(f"--sort-into {sort_into} lies inside {path}, the photos' own folder: a later run "
+                                  f"over {path} would count each sorted photo twice; pass a --sort-into folder "
+                                  f"outside {path}")
+
+
 def outside_sorted_folder(files, sort_into):
     """The photos that do not lie in --sort-into already (a folder sorted into itself would grow by
     its own links at every run)."""
@@ -147,7 +161,7 @@ def outside_sorted_folder(files, sort_into):
 def classify(args, classifier, files, rows):
     """Classify the photos a batch at a time, writing and sorting each batch as it comes; the exit code."""
     classes, threshold = classifier.classes, classifier.min_confidence
-    done = {f: rows.done[f] for f in files if f in rows.done} if rows else {}
+    done = rows.classes_of(files) if rows else {}
     todo = [f for f in files if f not in done]
     if rows and (done or rows.torn):
         torn = "; its last row had been cut short and that photo is classified again" if rows.torn else ""
@@ -181,7 +195,11 @@ def classify(args, classifier, files, rows):
                     errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold))
                                   for f, p in zip(good_files, good_probabilities, strict=True))
                 if rows:
-                    rows.append(good_files, classes, good_probabilities, threshold)
+                    try:
+                        rows.append(good_files, classes, good_probabilities, threshold)
+                    except SaveError as e:  # a full disk: what the file holds, and how to go on
+                        raise SaveError(e.path, e, f"{len(done) + rows.written:,} of {len(files):,} photos are in "
+                                        "it; free some disk space and run the same command again to continue") from e
                 if streamed_table and good_files:
                     print_table(good_files, classes, good_probabilities, threshold, width=max(map(len, todo)),
                                 header=not table_started)

@@ -251,6 +251,7 @@ def main(args, given, cleanup):
     lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
     cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
     distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
+    distributed.run_on_main(placement.device, evaluation.lock_weights_folder, args, cleanup, log)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)

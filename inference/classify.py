@@ -203,50 +203,61 @@ CONTINUE_HINT = "free some disk space and run the same command again: it continu
 
 
 class CsvOutput:
-    """A predictions .csv that grows a batch at a time, each batch flushed: a run stopped at any moment
-    leaves every row written before, and a run with the same file skips the photos it already holds.
+    """A predictions .csv that grows a batch at a time, each batch written whole or not at all: a run
+    stopped at any moment leaves every row written before, and a run with the same file skips the
+    photos it already holds.
 
-    done: {file: class} of the rows already in the file when it was opened; torn: whether its last row
-    had been cut short (a kill mid-write) and was cut off, so that its photo is classified again."""
+    done: {photo: class} of the rows already in the file when it was opened, each photo by its
+    resolved path (photos/a.jpg, ./photos/a.jpg and its absolute path are one photo: classes_of
+    looks files up that way); torn: whether its last row had been cut short (a kill mid-write) and
+    was cut off, so that its photo is classified again."""
 
     def __init__(self, path, classes):
         self.path, self.header = path, csv_header(classes)
         self.done, self.torn, self.written = {}, False, 0
+        self._real_folders = {}  # resolving each row's folder once: a big table has many rows per folder
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             self._read_existing()
         else:  # the header appears whole or not at all: a full disk leaves no file behind
             atomic_write_text(path, _csv_text([self.header]))
-        try:
-            self.file = open(path, "a", encoding="utf-8", newline="")
+        try:  # unbuffered: a failed write leaves nothing behind to be written (and fail again) on close
+            self.file = open(path, "ab", buffering=0)
+            self.end = os.fstat(self.file.fileno()).st_size
         except OSError as e:
             raise SaveError(path, e, "pass another --output") from e
 
+    def classes_of(self, files):
+        """{file: class} of the files whose photo has a row in the file already, however it was typed."""
+        return {f: self.done[key] for f in files if (key := self._photo(f)) in self.done}
+
+    def _photo(self, path):
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in self._real_folders:
+            self._real_folders[folder] = os.path.realpath(folder)
+        return os.path.join(self._real_folders[folder], name)
+
     def _read_existing(self):
-        end_of_rows = 0
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 rows = _rows_with_ends(f)
-                header, end_of_rows = next(rows)
+                header, end_of_rows, whole = next(rows)
                 if header != self.header:
                     raise PredictionError(f"--output {self.path} holds {_describe(header, self.header)}, so this "
                                           f"run cannot continue it: pass another --output, or delete {self.path} "
                                           "to start again")
-                if end_of_rows == size and not _ends_with_newline(f, size):
+                if not whole:
                     end_of_rows = None  # a header alone, without its newline: the first row would join it
-                for line, (row, end) in enumerate(rows, start=2):
-                    torn = end == size and not _ends_with_newline(f, size)
-                    if torn:
+                for line, (row, end, whole) in enumerate(rows, start=2):
+                    if not whole:
                         self.torn = True
                         break
-                    if not row:
-                        end_of_rows = end
-                        continue
-                    if len(row) != len(self.header):
+                    if row and len(row) != len(self.header):
                         raise PredictionError(f"line {line} of --output {self.path} is not a row of predictions "
                                               f"({len(row)} columns, not {len(self.header)}): pass another "
                                               f"--output, or delete {self.path} to start again")
-                    self.done[row[0]] = row[1]
+                    if row:
+                        self.done[self._photo(row[0])] = row[1]
                     end_of_rows = end
         except (UnicodeDecodeError, csv.Error) as e:
             raise PredictionError(f"--output {self.path} is not a predictions table ({e}): pass another "
@@ -262,44 +273,57 @@ class CsvOutput:
                 raise SaveError(self.path, e, "pass another --output") from e
 
     def append(self, files, classes, probabilities, min_confidence=0.0):
-        """Write the rows of one batch and flush them to the file."""
-        text = _csv_text(csv_rows(files, classes, probabilities, min_confidence))
+        """Write the rows of one batch to the file, straight through to it. Where a write fails (a
+        full disk), the file is cut back to the rows before the batch and SaveError raised."""
+        data = memoryview(_csv_text(csv_rows(files, classes, probabilities, min_confidence)).encode("utf-8"))
+        size = len(data)
         try:
-            self.file.write(text)
-            self.file.flush()
+            while data:
+                data = data[self.file.write(data):]
         except OSError as e:
+            try:
+                os.ftruncate(self.file.fileno(), self.end)
+            except OSError:
+                pass  # the next run drops a row cut short
             raise SaveError(self.path, e, CONTINUE_HINT) from e
+        self.end += size
         self.written += len(files)
 
     def close(self):
         try:
-            self.file.flush()
             os.fsync(self.file.fileno())
         except OSError:
-            pass  # append() reported a failed write already; this only hurries the rows to the disk
+            pass  # every row is in the file already; this only hurries them to the disk
         finally:
             self.file.close()
 
 
 def _rows_with_ends(f):
-    """(row, byte offset after it) of a binary CSV file, rows that span lines (a quoted newline) whole."""
-    end = 0
+    """(row, byte offset after it, whether it is whole) of a binary CSV file, rows that span lines
+    (a quoted newline) whole. A last row without its newline, cut short by a kill mid-write wherever
+    its bytes end (inside a character, inside a quoted name), comes last and not whole."""
+    end, ended, exhausted = 0, True, False
 
     def lines():
-        nonlocal end
+        nonlocal end, ended, exhausted
         for raw in f:
             end += len(raw)
-            yield raw.decode("utf-8")
+            ended = raw.endswith(b"\n")  # only the file's last line can lack it
+            yield raw.decode("utf-8", errors="strict" if ended else "replace")
+        exhausted = True
 
-    for row in csv.reader(lines()):
-        yield row, end
-
-
-def _ends_with_newline(f, size):
-    f.seek(size - 1)
-    last = f.read(1)
-    f.seek(size)
-    return last == b"\n"
+    rows = csv.reader(lines(), strict=True)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error:
+            if ended and not exhausted:
+                raise  # a broken line before the last: not a table this program wrote
+            yield [], end, False  # the last row, cut inside a quoted field
+            return
+        yield row, end, ended
 
 
 def _describe(header, expected):

@@ -6,6 +6,10 @@ them held out: 24 val photos, enough for a fit and a threshold that refuses one)
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,9 +17,23 @@ import torch
 
 import predict
 import train
-from helpers import COLORS, FP32, assert_clean_error, call, load, save_image, train_argv, write_corrupt
-from inference import calibration, classify
+from helpers import (
+    CLASSES,
+    COLORS,
+    FP32,
+    REPO,
+    assert_clean_error,
+    call,
+    eval_argv,
+    load,
+    save_image,
+    train_argv,
+    write_corrupt,
+)
+from inference import calibration, classify, images
 from inference import checkpoint as ckpt
+from model import GoogLeNet
+from plumbing.run_lock import LOCK_NAME
 
 PER_CLASS = 24
 VAL_RATIO = 0.5
@@ -70,6 +88,77 @@ def test_risk_coverage_rows():
     labels = np.array([0, 1, 1, 0])  # right, wrong, right, wrong in that order of confidence: .9 .8 .7 .55
     rows = calibration.risk_coverage(probabilities, labels, coverages=(1.0, 0.75, 0.5))
     assert rows == [(1.0, 0.55, 4, 0.5), (0.75, 0.7, 3, pytest.approx(2 / 3)), (0.5, 0.8, 2, 0.5)]
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval-only --calibrate writes into the folder of --weights: that folder's lock
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def untrained_run(tmp_path):
+    """tmp_path/run/best.pth of an untrained 3-class GoogLeNet (nothing is trained in the quick tier)
+    and tmp_path/test, 7 photos a class to score it on: more than calibration.MIN_FIT_IMAGES."""
+    torch.manual_seed(0)
+    model = GoogLeNet(num_classes=len(CLASSES), aux_logits=True, init_weights=True, variant="torchvision")
+    record = ckpt.Record(list(CLASSES), "torchvision", (32, 32), images.Preprocessing(32, 32), None, {})
+    (tmp_path / "run").mkdir()
+    ckpt.save_checkpoint(record.describe(model), str(tmp_path / "run" / "best.pth"))
+    for k, name in enumerate(CLASSES):
+        for i in range(7):
+            save_image(tmp_path / "test" / name / f"{name}_{i}.jpg", COLORS[k], seed=10 * k + i, size=(32, 32))
+    return tmp_path / "run"
+
+
+HOLD = """
+import os, sys, time
+from plumbing.run_lock import RunLock
+with RunLock(sys.argv[1], purpose="training"):
+    open(sys.argv[2], "w").close()
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.01)
+"""
+
+
+@pytest.mark.quick
+def test_calibrating_the_weights_of_a_run_still_training_is_refused(untrained_run, tmp_path):
+    before = (untrained_run / "best.pth").read_bytes()
+    ready, let_go = tmp_path / "ready", tmp_path / "let-go"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(untrained_run), str(ready), str(let_go)], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, holder.stderr.read()
+            time.sleep(0.01)
+        code, out, err = call(train, eval_argv(untrained_run / "best.pth", tmp_path / "test", tmp_path / "ev",
+                                               "--calibrate"))
+    finally:
+        let_go.touch()
+        holder.wait(timeout=30)
+    assert_clean_error(code, err, f"{untrained_run} is in use by another process: training, pid {holder.pid}",
+                       f"kill {holder.pid}", "calibrate a copy")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert (untrained_run / "best.pth").read_bytes() == before
+    assert not (tmp_path / "ev" / "confusion_matrix.csv").exists()
+
+
+@pytest.mark.parametrize("output_dir", [pytest.param("ev", id="another-output-dir", marks=pytest.mark.quick),
+                                        pytest.param("run", id="the-run-itself")])
+def test_calibration_holds_the_lock_of_the_folder_it_writes(untrained_run, tmp_path, monkeypatch, output_dir):
+    held = []
+    real_save = ckpt.save_checkpoint
+
+    def save_checkpoint(obj, path, *args):
+        held.append(json.loads((untrained_run / LOCK_NAME).read_text()))
+        return real_save(obj, path, *args)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_checkpoint)
+    code, out, err = call(train, eval_argv(untrained_run / "best.pth", tmp_path / "test", tmp_path / output_dir,
+                                           "--calibrate"))
+    assert code == 0, err
+    assert "saved in" in out and "temperature" in load(untrained_run / "best.pth")
+    assert len(held) == 1 and held[0]["pid"] == os.getpid(), held
+    assert held[0]["purpose"] == ("calibration" if output_dir == "ev" else "evaluation")
+    assert not (untrained_run / LOCK_NAME).exists()  # released at the end
 
 
 # ---------------------------------------------------------------------------------------------

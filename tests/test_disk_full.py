@@ -19,7 +19,7 @@ import predict
 import report
 import train
 from data_set import split_data
-from helpers import FP32, SPLIT_DATA, assert_clean_error, call, eval_argv, run_script, train_argv
+from helpers import COLORS, FP32, SPLIT_DATA, assert_clean_error, call, eval_argv, run_script, save_image, train_argv
 
 MB = 2 ** 20
 
@@ -68,6 +68,13 @@ class SmallDisk:
                 pass
         if room:
             os.truncate(self.folder / "filler", os.path.getsize(self.folder / "filler") - room)
+
+    def free(self):
+        """Room again, as after deleting other files."""
+        if self.mode == "fsize":
+            self.size = resource.RLIM_INFINITY
+        else:
+            os.remove(self.folder / "filler")
 
     def run(self, module, args):
         """(exit code, stdout, stderr) of the command: module.run(args) in this process on a tmpfs, the
@@ -161,6 +168,36 @@ def test_prediction_csv_and_json_on_a_full_disk(small_run, small_disk):
         assert_full_disk_line(code, err, "cannot write", name)
         assert not (disk.folder / name).exists()
     assert disk.leftovers() == []
+
+
+def test_a_prediction_csv_that_fills_the_disk_ends_in_one_line_and_the_same_command_continues(
+        small_run, small_disk, tmp_path):
+    """A disk that fills up while the rows stream in: one line saying how many photos are in the
+    file and that the same command continues, no traceback; then, with room again, it does."""
+    photos = tmp_path / "photos"
+    for i in range(24):  # long names: a row of about 300 bytes, so that a page holds a dozen
+        save_image(photos / f"{'long_name_' * 16}{i:02d}.jpg", COLORS[i % 3], seed=i)
+    disk = small_disk(1 * MB)
+    disk.fill(room=4096)
+    output = disk.folder / "p.csv"
+    argv = [*FP32, photos, "--weights", small_run["best"], "--output", output, "--batch-size", 4, "--workers", 0]
+    code, _, err = disk.run(predict, argv)
+    kept = output.read_text(encoding="utf-8").splitlines()
+    assert kept[0].startswith("file,class,") and output.read_bytes().endswith(b"\n")
+    assert all(len(row.split(",")) == 6 and row.count(".jpg") == 1 for row in kept[1:]), kept
+    n = len(kept) - 1
+    assert 0 < n < 24, kept
+    line = assert_full_disk_line(code, err, "cannot write", str(output), f"{n} of 24 photos",
+                                 "run the same command again")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert disk.leftovers() == []
+
+    disk.free()
+    code, out, err = disk.run(predict, argv)
+    assert code == 0, err
+    assert f"{n} of 24 photos are in {output} already" in out, (line, out)
+    files = [row.split(",")[0] for row in output.read_text(encoding="utf-8").splitlines()[1:]]
+    assert sorted(files) == sorted(str(p) for p in photos.iterdir())
 
 
 def test_report_pngs_on_a_full_disk(small_run, small_disk):

@@ -15,6 +15,7 @@ from inference import checkpoint as ckpt
 from model import logits_with_mirror
 from plumbing import device as dev
 from plumbing import distributed
+from plumbing.run_lock import RunLock
 from training import data
 from training.metrics import (
     print_calibration,
@@ -188,6 +189,21 @@ def check_calibrate(args, start):
     if args.weights == "imagenet" or not (start or {}).get("classes"):
         raise TestDataError(f"--calibrate stores the temperature in --weights, and {args.weights} is no checkpoint "
                             "of train.py's: pass a best.pth")
+
+
+def lock_weights_folder(args, cleanup, log):
+    """--calibrate rewrites --weights: take the lock of the folder that holds them too (cleanup
+    releases it), so that a run still training there refuses this one instead of having its newer
+    best.pth replaced by the older one, and no run starts there until the new file is in."""
+    if not args.calibrate:
+        return
+    folder = os.path.dirname(args.weights) or "."
+    if os.path.realpath(folder) == os.path.realpath(args.output_dir):
+        return  # --output-dir's lock, held already
+    lock = RunLock(folder, purpose="calibration", log=log,
+                   instead=f"calibrate a copy of {args.weights} kept in another folder")
+    cleanup.callback(lock.release)
+    lock.acquire()
 
 
 def evaluate_only(run, model, criterion, val_loader, start, log):
