@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data_set import review
 from inference import images
 from inference.images import HASH_DECODE_SIDE, hash_distance, near_hash, near_pairs, search_plan
 from inference.images import NEAR_COPY_BITS as DEFAULT_THRESHOLD
@@ -110,14 +111,17 @@ def _hash_chunk(chunk):
 def hash_photos(photos, workers=2, progress=True):
     """Fill in each photo's size, digest, near hash and pixel size, on workers threads (Pillow
     releases the GIL while it decodes). Files are grouped by size first, so only the files whose
-    size another file shares have their bytes hashed; every file is read once."""
+    size another file shares have their bytes hashed; every file is read once. A photo whose near
+    hash is filled in already (from the review page's cache) is read again only for a digest that
+    a file of the same size now asks for."""
     for photo in photos:
         try:
             photo.size = os.stat(photo.path).st_size
         except OSError as e:
             photo.error = f"{type(e).__name__}: {e.strerror or e}"
     sizes = Counter(p.size for p in photos if p.error is None)
-    tasks = [(p, sizes[p.size] > 1) for p in photos if p.error is None]
+    tasks = [(p, sizes[p.size] > 1) for p in photos
+             if p.error is None and (p.near is None or sizes[p.size] > 1 and p.digest is None)]
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(tasks), desc="hashing", unit="photo", file=sys.stderr, disable=not progress) as bar:
@@ -203,20 +207,26 @@ def get_args_parser():
                    help="for a folder of class folders: the share of each class train.py holds out for val")
     p.add_argument("--split-seed", metavar="N", type=options.seed, default=0,
                    help="for a folder of class folders: the seed of train.py's split")
+    p.add_argument("--review", default="on", choices=review.MODES,
+                   help="DIR/review.csv (python app.py --review): on checks the photos as train.py trains them, "
+                        "without the excluded ones and with the relabelled ones under their new class; off: as "
+                        "the folders have them")
     return p
 
 
-def find_photos(root, val_ratio=0.1, split_seed=0):
-    """(classes, photos, how): the photos of root with the class and part train.py gives them, and a
-    line saying which layout and split that is."""
+def find_photos(root, val_ratio=0.1, split_seed=0, review_mode="off", log=lambda line: None, recorded_split=None):
+    """(classes, photos, how): the photos of root with the class and part train.py gives them (with
+    review_mode on, after root/review.csv, as train.py applies it; recorded_split: a run's split of
+    root, used as it was), and a line saying which layout and split that is."""
     if not os.path.isdir(root):
         raise CheckError(f"data folder {root} does not exist: DIR is {data.LAYOUTS}")
     data.find_classes(root)  # a folder without folders: its own line, not train.py's --data-path hint
-    found = data.find_data(root, val_ratio, split_seed, log=lambda line: None)
+    found = data.find_data(root, val_ratio, split_seed, recorded_split, log=lambda line: None)
+    found = review.apply(found, root, review_mode, log)
     photos = ([Photo(path, label, "train") for path, label in found.train]
               + [Photo(path, label, "val") for path, label in found.val])
-    how = (f"a folder of class folders, split as train.py splits it (val ratio {val_ratio}, split seed {split_seed})"
-           if found.split else "a split (train/ and val/)")
+    how = (f"a folder of class folders, split as train.py splits it (val ratio {found.split['val_ratio']}, "
+           f"split seed {found.split['seed']})" if found.split else "a split (train/ and val/)")
     return found.classes, photos, how
 
 
@@ -226,7 +236,7 @@ def check(args, log=print):
         raise CheckError(f"--output {args.output}: the file name must end in .csv")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise CheckError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
-    classes, photos, how = find_photos(args.data, args.val_ratio, args.split_seed)
+    classes, photos, how = find_photos(args.data, args.val_ratio, args.split_seed, args.review, log)
     log(f"data: {args.data}: {how}")
     start = time.perf_counter()
     hash_photos(photos, args.workers)
