@@ -20,7 +20,6 @@ import os
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from plumbing.options import UserError
 
@@ -211,9 +210,3 @@ def counts(decisions):
         found[d.action] += 1
     return found
 
-
-def describe(record: Optional[dict]):
-    """A checkpoint's review record in words."""
-    if not record:
-        return "no review.csv"
-    return f"review.csv: {len(record['excluded'])} excluded, {len(record['relabelled'])} relabelled"

@@ -3,6 +3,8 @@ the line, appended by concurrent writers without losing a row, and applied the s
 train.py (its start-up line, its counts, its checkpoint), --eval-only and data_set.check; --review
 off ignores it."""
 import csv
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 import train
 from data_set import check, review
 from helpers import COLORS, REPO, assert_clean_error, call, eval_argv, load, save_image, script_env, train_argv
+from training import step
 
 CLASSES = ("daisy", "roses", "tulips")
 HEADER = "file,action,class,time\n"
@@ -173,3 +176,20 @@ def test_eval_only_and_data_set_check_apply_it_the_same_way_and_review_off_ignor
         ["roses", "6", "1", "7"], ["tulips", "7", "1", "8"], ["total", "19", "2", "21"]]
     assert check.run([str(photos), "--review", "off"]) == 0
     assert ["total", "21", "3", "24"] in [line.split() for line in capsys.readouterr().out.splitlines()]
+
+
+def test_a_resumed_run_trains_on_the_review_it_started_with(reviewed, tmp_path, monkeypatch):
+    photos = shutil.copytree(reviewed["photos"], tmp_path / "photos")
+    argv = train_argv(photos, tmp_path / "out", "--image-size", 32)
+    with monkeypatch.context() as m:  # stop after the first step, as a SIGTERM would
+        m.setattr(step.StopRequest, "check", lambda self, device, diverged=False, unreadable=False:
+                  (diverged, True, unreadable))
+        code, out, err = call(train, argv)
+    assert code == 128 + signal.SIGTERM, err
+    assert "19 train, 2 val images" in data_line(out)
+    review.append(photos, [("roses/roses_02.jpg", "exclude", "")])  # decided while the run was stopped
+    code, out, err = call(train, argv + ["--resume", tmp_path / "out" / "last.pth"])
+    assert code == 0, err
+    assert "review.csv: 3 excluded, 1 relabelled (as recorded when this run started" in out
+    assert "19 train, 2 val images" in data_line(out)
+    assert load(tmp_path / "out" / "best.pth")["review"] == load(reviewed["out"] / "best.pth")["review"]
