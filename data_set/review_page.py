@@ -152,7 +152,9 @@ def read_cache(path, root, weights_key):
         return {}
     if not isinstance(cached, dict) or cached.get("version") != CACHE_VERSION or cached.get("data") != root:
         return {}
-    files = cached.get("files") or {}
+    fields = {"key", "near", "width", "height", "error", "digest", "p"}
+    files = {name: entry for name, entry in (cached.get("files") or {}).items()
+             if isinstance(entry, dict) and set(entry) == fields}  # an entry of another shape is computed again
     if cached.get("weights") != weights_key:
         for entry in files.values():
             entry["p"] = None
@@ -272,8 +274,12 @@ def prepare(root, weights, default_weights, device="auto", amp="auto", min_confi
         split = None  # a run of another folder: DIR is split as train.py splits it afresh
     classes, photos, how = check.find_photos(root, recorded_split=split)
     if classifier is not None and list(classifier.classes) != list(classes):
-        raise ReviewPageError(f"{weights} knows the classes {', '.join(classifier.classes)} and {root} has "
-                              f"{', '.join(classes)}: pass the --weights of a run trained on {root}, or none")
+        mismatch = (f"{weights} knows the classes {', '.join(classifier.classes)} and {root} has "
+                    f"{', '.join(classes)}: pass the --weights of a run trained on {root}")
+        if weights != default_weights:
+            raise ReviewPageError(mismatch + ", or none")
+        log(f"note: {mismatch}; without them the page lists copies, leakage and unreadable files")
+        classifier, loaded = None, {}
     review.check(review.read(root, FIX), root, classes, FIX)  # a bad file is refused now, not on the first key
     names = [review.relative(p.path, root) for p in photos]
     run_dir = os.path.dirname(os.path.abspath(weights)) if classifier is not None else None
