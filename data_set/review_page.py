@@ -168,8 +168,8 @@ def hash_with_cache(photos, names, entries):
     for photo, name, key in zip(photos, names, keys):
         entry = entries.get(name)
         if key is not None and entry and entry.get("key") == key:
-            photo.near, photo.width, photo.height, photo.error = entry["near"], entry["width"], entry["height"], \
-                entry["error"]
+            photo.near, photo.error = entry["near"], entry["error"]
+            photo.width, photo.height = entry["width"], entry["height"]
             photo.digest = bytes.fromhex(entry["digest"]) if entry.get("digest") else None
     check.hash_photos(photos)
     return keys
@@ -226,7 +226,7 @@ def suspect_rows(run_dir, run_cwd, root):
     return rows
 
 
-def model_lists(d, classifier, run_dir, run_cwd, threshold, log):
+def model_lists(d, run_dir, run_cwd, threshold, log):
     """The suspects, not sure and confidently wrong lists of the training photos."""
     train = [i for i, p in enumerate(d.photos) if p.part == "train" and p.error is None]
     index = {name: i for i, name in enumerate(d.names)}
@@ -297,7 +297,7 @@ def prepare(root, weights, default_weights, device="auto", amp="auto", min_confi
     groups = check.exact_groups(photos) + check.near_groups(photos, images.NEAR_COPY_BITS)
     if classifier is not None:
         threshold = classifier.min_confidence if min_confidence is None else min_confidence
-        d.lists.update(model_lists(d, classifier, run_dir, (loaded.get("args") or {}).get("cwd") or os.getcwd(),
+        d.lists.update(model_lists(d, run_dir, (loaded.get("args") or {}).get("cwd") or os.getcwd(),
                                    threshold, log))
     d.lists.update(group_lists(d, groups))
     d.lists["unreadable"] = [Item((i,), p.error) for i, p in enumerate(photos) if p.error is not None]

@@ -196,3 +196,20 @@ def test_the_page_refuses_weights_of_other_classes_and_a_missing_folder_in_one_l
                               env=script_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error:") and words in proc.stderr, proc.stderr
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+def test_the_suspects_come_in_the_order_of_the_runs_suspect_labels_csv(small_run, tmp_path):
+    import csv
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(small_run["best"], run / "best.pth")
+    # the run's rows the other way round: an order the page cannot have computed from these weights
+    header, *rows = (small_run["out"] / "suspect_labels.csv").read_text().splitlines()
+    (run / "suspect_labels.csv").write_text("\n".join([header, *rows[::-1]]) + "\n")
+    with open(run / "suspect_labels.csv", newline="") as f:
+        expected = [review.relative(row["file"], str(small_run["data"])) for row in csv.DictReader(f)]
+    d = review_page.prepare(str(small_run["data"]), str(run / "best.pth"), "unused", device="cpu", amp="off",
+                            log=lambda line: None)
+    assert [d.names[item.photos[0]] for item in d.lists["suspects"]] == expected and len(expected) == 12
