@@ -67,6 +67,11 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (.pth weights)")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py")
+    p.add_argument("--review", action="store_true",
+                   help="serve the data review page instead: --data-path's suspect labels, copies, train/val "
+                        "leakage and unreadable files, kept, relabelled or excluded with a key press into "
+                        "DIR/review.csv, which train.py applies (--weights: optional, for the model's view)")
+    p.add_argument("--data-path", default=None, metavar="DIR", help="with --review: the data folder, as train.py's")
     return p
 
 
@@ -259,6 +264,10 @@ def build_page(demo, folder, examples=None):
 def main(args):
     if importlib.util.find_spec("gradio") is None:
         raise UserError(MISSING)
+    if args.review:  # the data review page: data_set/review_page.py
+        from data_set import review_page
+
+        return review_page.main(args, default_weights=get_args_parser().get_default("weights"))
     examples = None
     if args.examples:
         if not os.path.isdir(args.examples):

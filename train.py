@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data_set import review
 from inference import checkpoint as ckpt
 from inference.images import Preprocessing
 from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet
@@ -128,6 +129,10 @@ def get_args_parser():
                         "on a CPU 0 with the cache and 1 without, so loading does not fight the compute)")
     p.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
                    help="keep decoded images in memory (auto: when they fit in half the free memory)")
+    p.add_argument("--review", default="on", choices=review.MODES,
+                   help="DIR/review.csv, the decisions of python app.py --review: on leaves its excluded photos "
+                        "out and trains its relabelled ones under their new class (train and val, after the split); "
+                        "off ignores it")
     p.add_argument("--bad-images", default="skip", choices=["skip", "error"],
                    help="unreadable image files: skip and list them, or stop with an error naming the first")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -247,7 +252,8 @@ def main(args, given, cleanup):
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
     evaluation.check_calibrate(args, start)
-    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"))  # lists files only
+    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"),  # lists files only
+                      resume)
     lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
     cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
     distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
@@ -267,7 +273,7 @@ def main(args, given, cleanup):
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
     run = Run(args, rank, world_size, placement,
               ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split,
-                          run_state.recorded_options(args)))
+                          run_state.recorded_options(args), found.review))
     criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
                                          args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
@@ -464,22 +470,26 @@ def read_checkpoints(args):
     return None, {"model": state_dict, "variant": "torchvision"}, IMAGENET_URL
 
 
-def load_data(args, device, recorded_split, log, weights_classes=None):
+def load_data(args, device, recorded_split, log, weights_classes=None, resume=None):
     """The classes and samples of --data-path (downloaded first with --download); a recorded split
-    (resume) is used as it was. --eval-only scores a test set: evaluation.find_test_data."""
+    and review (resume) are used as they were. --eval-only scores a test set:
+    evaluation.find_test_data. Then DIR/review.csv's decisions (--review)."""
     if args.download:
         distributed.run_on_main(device, download_if_missing, args.data_path, args.data_url, args.data_sha256, log)
     hint = ("run `python train.py --download` to fetch and split the flower photos"
             if os.path.normpath(args.data_path) == os.path.normpath(DEFAULT_DATA) else None)
     if args.eval_only:
-        return evaluation.find_test_data(args.data_path, weights_classes, recorded_split, log, hint)
-    found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, missing_hint=hint, log=log)
-    if len(found.classes) < 2:
+        found = evaluation.find_test_data(args.data_path, weights_classes, recorded_split, log, hint)
+    else:
+        found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, missing_hint=hint,
+                               log=log)
+    if len(found.classes) < 2 and not args.eval_only:
         only = found.classes[0]
         raise data.DataError(f"{args.data_path} has one class folder ({only}): a classifier needs two or "
                              f"more; if {only} holds the class folders, pass --data-path "
                              f"{os.path.join(args.data_path, only)}")
-    return found
+    return review.apply(found, args.data_path, args.review, log, resumed=resume is not None,
+                        recorded=(resume or {}).get("review"))
 
 
 def download_if_missing(root, url, sha256, log):

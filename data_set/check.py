@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data_set import review
 from inference import images
 from inference.images import HASH_DECODE_SIDE, hash_distance, near_hash, near_pairs, search_plan
 from inference.images import NEAR_COPY_BITS as DEFAULT_THRESHOLD
@@ -115,14 +116,17 @@ def _hash_chunk(chunk):
 def hash_photos(photos, workers=2, progress=True):
     """Fill in each photo's size, digest, near hash and pixel size, on workers threads (Pillow
     releases the GIL while it decodes). Files are grouped by size first, so only the files whose
-    size another file shares have their bytes hashed; every file is read once."""
+    size another file shares have their bytes hashed; every file is read once. A photo whose near
+    hash is filled in already (from the review page's cache) is read again only for a digest that
+    a file of the same size now asks for."""
     for photo in photos:
         try:
             photo.size = os.stat(photo.path).st_size
         except OSError as e:
             photo.error = f"{type(e).__name__}: {e.strerror or e}"
     sizes = Counter(p.size for p in photos if p.error is None)
-    tasks = [(p, sizes[p.size] > 1) for p in photos if p.error is None]
+    tasks = [(p, sizes[p.size] > 1) for p in photos
+             if p.error is None and (p.near is None or sizes[p.size] > 1 and p.digest is None)]
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(tasks), desc="hashing", unit="photo", file=sys.stderr, disable=not progress) as bar:
@@ -208,6 +212,10 @@ def get_args_parser():
                    help="for a folder of class folders: the share of each class train.py holds out for val")
     p.add_argument("--split-seed", metavar="N", type=options.seed, default=0,
                    help="for a folder of class folders: the seed of train.py's split")
+    p.add_argument("--review", default="on", choices=review.MODES,
+                   help="DIR/review.csv (python app.py --review): on checks the photos as train.py trains them, "
+                        "without the excluded ones and with the relabelled ones under their new class; off: as "
+                        "the folders have them")
     return p
 
 
@@ -221,22 +229,25 @@ class Found:
     empty: list  # the class folders that hold no image (train.py stops at the first): reported with the rest
 
 
-def find_photos(root, val_ratio=0.1, split_seed=0):
-    """The Found photos of root."""
+def find_photos(root, val_ratio=0.1, split_seed=0, review_mode="off", log=lambda line: None, recorded_split=None):
+    """The Found photos of root (with review_mode on, after root/review.csv, as train.py applies it;
+    recorded_split: a run's split of root, used as it was)."""
     if not os.path.isdir(root):
         raise CheckError(f"data folder {root} does not exist: DIR is {data.LAYOUTS}")
     data.find_classes(root)  # a folder without folders: its own line, not train.py's --data-path hint
-    found = data.find_data(root, val_ratio, split_seed, log=lambda line: None, allow_empty=True)
-    photos = ([Photo(path, label, "train") for path, label in found.train]
-              + [Photo(path, label, "val") for path, label in found.val])
-    counts = Counter(p.label if found.split else (p.label, p.part) for p in photos)
+    found = data.find_data(root, val_ratio, split_seed, recorded_split, log=lambda line: None, allow_empty=True)
+    counts = Counter(label for _, label in found.train + found.val) if found.split else Counter(
+        [(label, "train") for _, label in found.train] + [(label, "val") for _, label in found.val])
     if found.split:  # one folder per class, split here
         empty = [os.path.join(root, name) for label, name in enumerate(found.classes) if not counts[label]]
     else:  # a folder per class in train/ and in val/
         empty = [os.path.join(root, part, name) for part in ("train", "val")
                  for label, name in enumerate(found.classes) if not counts[label, part]]
-    how = (f"a folder of class folders, split as train.py splits it (val ratio {val_ratio}, split seed {split_seed})"
-           if found.split else "a split (train/ and val/)")
+    found = review.apply(found, root, review_mode, log)
+    photos = ([Photo(path, label, "train") for path, label in found.train]
+              + [Photo(path, label, "val") for path, label in found.val])
+    how = (f"a folder of class folders, split as train.py splits it (val ratio {found.split['val_ratio']}, "
+           f"split seed {found.split['seed']})" if found.split else "a split (train/ and val/)")
     return Found(found.classes, photos, how, empty)
 
 
@@ -246,7 +257,7 @@ def check(args, log=print):
         raise CheckError(f"--output {args.output}: the file name must end in .csv")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise CheckError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
-    found = find_photos(args.data, args.val_ratio, args.split_seed)
+    found = find_photos(args.data, args.val_ratio, args.split_seed, args.review, log)
     photos = found.photos
     log(f"data: {args.data}: {found.how}")
     start = time.perf_counter()

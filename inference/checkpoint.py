@@ -32,7 +32,8 @@ class CheckpointError(UserError):
 @dataclass(frozen=True)
 class Record:
     """What every checkpoint of a run says besides the weights: the classes, the network's layout,
-    the training crop and the evaluation preprocessing, the val split and the run's arguments."""
+    the training crop and the evaluation preprocessing, the val split, the run's arguments and the
+    review.csv decisions it applied."""
 
     classes: list
     variant: str
@@ -40,6 +41,7 @@ class Record:
     preprocessing: Preprocessing
     split: Optional[dict]
     args: dict
+    review: Optional[dict] = None  # {"file", "excluded": [files], "relabelled": {file: class}}, paths as in split
 
     def describe(self, model):
         """A checkpoint of model's weights (best.pth; last.pth adds the training state)."""
@@ -47,7 +49,8 @@ class Record:
                 "image_size": self.image_size[1], "image_size_schedule": list(self.image_size),
                 "val_resize": self.preprocessing.resize,
                 "val_crop": self.preprocessing.crop, "mean": list(self.preprocessing.mean),
-                "std": list(self.preprocessing.std), "split": self.split, "args": self.args}
+                "std": list(self.preprocessing.std), "split": self.split, "args": self.args,
+                "review": self.review}
 
 
 def preprocessing_of(loaded):

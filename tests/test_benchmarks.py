@@ -1,7 +1,9 @@
 """The benchmark scripts run and report what they measured (their figures are never asserted: speed
 is measured by benchmarks, not by tests)."""
 import io
+import os
 import re
+from pathlib import Path
 
 from helpers import CLASSES, COLORS, REPO, make_tree, needs, run_script, save_image
 
@@ -90,3 +92,36 @@ def test_startup_times_a_linked_folder_and_stops_after_the_first_step(tmp_path):
     linked = sorted(p.relative_to(work / "24") for p in (work / "24").rglob("*.jpg"))
     assert len(linked) == 24 and {p.parts[0] for p in linked} == set(CLASSES)  # classes kept, 5 photos cycled
     assert all((work / "24" / p).stat().st_nlink > 1 for p in linked)  # hard links, no copies
+
+
+def test_label_noise_flips_labels_accepts_the_first_suspects_and_trains_on_the_review(tmp_path):
+    import csv
+
+    photos, work = tmp_path / "photos", tmp_path / "work"
+    for k, name in enumerate(CLASSES):
+        for i in range(10):
+            save_image(photos / name / f"{name}_{i:02d}.jpg", COLORS[k], seed=100 * k + i)
+    proc = run("label_noise.py", "--data-path", photos, "--work", work, "--fraction", 0.2, "--accept", 6,
+               "--skip-clean", "--epochs", 1, "--image-size", 32, "--batch-size", 8, "--device", "cpu", "--amp", "off",
+               "--workers", 0)
+    assert proc.returncode == 0, proc.stderr
+    noisy = work / "noisy"
+    # 9 training photos a class (1 held out), 2 of each linked under another class
+    flipped = {str(p.relative_to(noisy)): Path(os.readlink(p)).parent.name for p in (noisy / "train").glob("*/*")
+               if Path(os.readlink(p)).parent.name != p.parent.name}
+    assert len(flipped) == 6 and "6 training photos under another class" in proc.stdout
+    with open(work / "runs" / "noisy" / "suspect_labels.csv", newline="") as f:
+        first = [(str(Path(r["file"]).relative_to(noisy)), r["given_class"], r["suggested_class"])
+                 for r in list(csv.DictReader(f))[:6]]
+    with open(noisy / "review.csv", newline="") as f:
+        decided = [(r["file"], r["action"], r["class"]) for r in csv.DictReader(f)]
+    assert decided == [(name, "keep", "") if given == suggested else (name, "relabel", suggested)
+                       for name, given, suggested in first]
+    relabelled = [(name, suggested) for name, given, suggested in first if given != suggested]
+    found = sum(name in flipped for name, _, _ in first)
+    restored = sum(flipped.get(name) == suggested for name, suggested in relabelled)
+    assert (f"the first 6 suspects hold {found} of the 6 flipped photos; accepting their suggestions gave "
+            f"{restored} flipped photos back their class and relabelled "
+            f"{sum(name not in flipped for name, _ in relabelled)} clean ones") in proc.stdout
+    assert f"review.csv: 0 excluded, {len(relabelled)} relabelled" in proc.stdout  # the reviewed run applied it
+    assert re.search(r"^\| noisy \| [01]\.\d{3} \|\n\| reviewed \| [01]\.\d{3} \|$", proc.stdout, re.M)

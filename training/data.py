@@ -164,12 +164,14 @@ def split_samples(samples, classes, val_ratio=0.1, seed=0):
 @dataclass
 class FoundData:
     """The classes and the (path, class index) samples to train and validate on; split is the
-    record of a split made here (None for a train/ and val/ tree), saved in the checkpoints."""
+    record of a split made here (None for a train/ and val/ tree), review that of the DIR/review.csv
+    applied (data_set/review.py; None for none): both saved in the checkpoints."""
 
     classes: list
     train: list
     val: list
     split: Optional[dict]
+    review: Optional[dict] = None
 
 
 def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=False, missing_hint=None,

@@ -1,0 +1,215 @@
+"""The data review page (python app.py --review, data_set/review_page.py): in a real headless
+Chromium driven by Playwright, a suspect relabelled with a key press and a copy excluded are in
+DIR/review.csv and on the page after a reload, and a short training on the folder then counts
+them; what the page computed is kept beside the run and used again while the files are the same;
+photos go out downscaled, inline; the page leaves no files behind. Offline, 127.0.0.1 only."""
+import base64
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from data_set import review, review_page
+from helpers import CLASSES, REPO, SMALL_RUN, call, free_port, needs, script_env, train_argv
+from inference import classify
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+                 if p and os.path.exists(p)), None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def folder_and_run(small_run, tmp_path):
+    """A copy of the small run's photos with an exact copy of one training photo added, and a run
+    folder holding a copy of its best.pth (the page writes its cache beside the weights)."""
+    data = tmp_path / "photos"
+    shutil.copytree(small_run["data"], data)
+    shutil.copy(data / "train" / "daisy" / "daisy_01.jpg", data / "train" / "daisy" / "daisy_01_again.jpg")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(small_run["best"], run / "best.pth")
+    return data, run / "best.pth"
+
+
+class ReviewServer:
+    """python app.py --review ... in its own process, until stop()."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--review", *map(str, args), "--port",
+                                      str(self.port)], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.output = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + 300
+        while True:
+            assert self.proc.poll() is None, "".join(self.output)
+            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(self.output)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.3)
+
+    @property
+    def folder(self):
+        found = re.search(r"the page's own files are in (\S+) until it stops", "".join(self.output))
+        assert found, "".join(self.output)
+        return Path(found.group(1))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for_text(locator, text):
+    locator.get_by_text(text).first.wait_for(timeout=120_000)
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_a_key_press_relabels_a_suspect_and_another_excludes_a_copy_and_both_survive_a_reload(folder_and_run,
+                                                                                              tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements-dev.txt)")
+    data, weights = folder_and_run
+    server = ReviewServer("--data-path", data, "--weights", weights, "--device", "cpu", "--amp", "off")
+    folder = server.folder
+    assert folder.is_dir()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            try:
+                tab = browser.new_page(viewport={"width": 1100, "height": 900})
+                tab.goto(server.url)
+                item = tab.locator("#review-item")
+                wait_for_text(item, "suspect labels: 1 of 13")
+                suspect = item.locator("figure.current").get_attribute("data-name")
+                given = suspect.split("/")[1]
+                other = next(c for c in CLASSES if c != given)
+                tab.keyboard.press(str(CLASSES.index(other) + 1))  # the digit of another class
+                wait_for_text(item, "suspect labels: 2 of 13")
+
+                tab.get_by_label("copies (2)").check()
+                wait_for_text(item, "copies: 1 of 2")
+                copy = item.locator("figure.current").get_attribute("data-name")
+                assert {copy, item.locator("figure.other").get_attribute("data-name")} == {
+                    "train/daisy/daisy_01.jpg", "train/daisy/daisy_01_again.jpg"}
+                if copy == suspect:  # the suspect was one of the copies: exclude the other one
+                    tab.keyboard.press("ArrowRight")
+                    wait_for_text(item, "copies: 2 of 2")
+                    copy = item.locator("figure.current").get_attribute("data-name")
+                tab.keyboard.press("x")
+                recent = tab.locator("#review-recent")
+                wait_for_text(recent, copy)
+                sources = item.locator("img").evaluate_all("images => images.map(i => i.getAttribute('src'))")
+                assert sources and all(s.startswith("data:image/jpeg;base64,") for s in sources)  # no path served
+
+                tab.reload()
+                wait_for_text(recent, copy)
+                assert suspect in recent.inner_text() and other in recent.inner_text()
+                tab.get_by_label("copies (2)").check()
+                wait_for_text(item, "copies: 1 of 2")
+                assert "decision: exclude" in item.locator(f'figure[data-name="{copy}"]').inner_text()
+                tab.get_by_label("suspect labels (13)").check()
+                wait_for_text(item, "suspect labels: 1 of 13")
+                assert f"decision: relabelled to {other}" in item.locator("figure.current").inner_text()
+                wait_for_text(tab.locator("#review-summary"), "1 excluded, 1 relabelled, 0 kept")
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    output = "".join(server.output)
+    assert not folder.exists() and "Traceback" not in output, output
+    decisions = review.read(data)
+    assert {name: (d.action, d.new_class) for name, d in decisions.items()} == {suspect: ("relabel", other),
+                                                                                copy: ("exclude", "")}
+    assert {p.name for p in data.iterdir()} == {"train", "val", "review.csv"}  # no photo moved, no file added
+
+    # a short training on the folder counts the decisions: 13 training photos less the excluded copy
+    code, out, err = call(train, train_argv(data, tmp_path / "out", *SMALL_RUN))
+    assert code == 0, err
+    assert "review.csv: 1 excluded, 1 relabelled" in out
+    assert re.search(r"^data: .*; 12 train, 6 val images", out, re.M), out
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+def test_what_the_page_computed_is_used_again_until_a_file_changes(folder_and_run, monkeypatch):
+    data, weights = folder_and_run
+    first = review_page.prepare(str(data), str(weights), "unused", device="cpu", amp="off", log=lambda line: None)
+    assert (weights.parent / review_page.CACHE).is_file()
+    assert len(first.lists["suspects"]) == 13 and len(first.lists["duplicates"]) == 2
+    classified = []
+    real_predict = classify.predict
+
+    def predict(classifier, files, *args, **kwargs):
+        classified.extend(files)
+        return real_predict(classifier, files, *args, **kwargs)
+
+    monkeypatch.setattr(classify, "predict", predict)
+    again = review_page.prepare(str(data), str(weights), "unused", device="cpu", amp="off", log=lambda line: None)
+    assert classified == []  # nothing classified again
+    np.testing.assert_allclose(again.probabilities, first.probabilities, atol=1e-6)
+    assert [p.near for p in again.photos] == [p.near for p in first.photos]
+
+    changed = data / "val" / "roses" / "roses_00.jpg"
+    Image.new("RGB", (64, 48), (40, 200, 60)).save(changed)  # another picture under the same name
+    review_page.prepare(str(data), str(weights), "unused", device="cpu", amp="off", log=lambda line: None)
+    assert classified == [str(changed)]
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+@pytest.mark.quick
+def test_photos_are_sent_downscaled(tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)).save(big)
+    url = review_page.preview(str(big), review_page.PHOTO_SIDE)
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as sent:
+        assert sent.size == (640, 480) and sent.format == "JPEG"
+
+
+def test_the_page_refuses_weights_of_other_classes_and_a_missing_folder_in_one_line(small_run, tmp_path):
+    other = tmp_path / "other"
+    for name in ("cats", "dogs"):
+        shutil.copytree(small_run["data"] / "train" / "daisy", other / name)
+    mistakes = {(): "--review needs --data-path DIR",
+                ("--data-path", other, "--weights", small_run["best"]): "knows the classes daisy, roses, tulips",
+                ("--data-path", tmp_path / "nowhere"): "does not exist"}
+    for argv, words in mistakes.items():
+        proc = subprocess.run([sys.executable, str(REPO / "app.py"), "--review", *map(str, argv)], cwd=REPO,
+                              env=script_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error:") and words in proc.stderr, proc.stderr
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+def test_the_suspects_come_in_the_order_of_the_runs_suspect_labels_csv(small_run, tmp_path):
+    import csv
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(small_run["best"], run / "best.pth")
+    # the run's rows the other way round: an order the page cannot have computed from these weights
+    header, *rows = (small_run["out"] / "suspect_labels.csv").read_text().splitlines()
+    (run / "suspect_labels.csv").write_text("\n".join([header, *rows[::-1]]) + "\n")
+    with open(run / "suspect_labels.csv", newline="") as f:
+        expected = [review.relative(row["file"], str(small_run["data"])) for row in csv.DictReader(f)]
+    d = review_page.prepare(str(small_run["data"]), str(run / "best.pth"), "unused", device="cpu", amp="off",
+                            log=lambda line: None)
+    assert [d.names[item.photos[0]] for item in d.lists["suspects"]] == expected and len(expected) == 12
