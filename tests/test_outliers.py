@@ -75,6 +75,40 @@ def test_a_blended_outlier_averages_three_different_photos_none_weighing_much_mo
     assert chosen.min() > 0.2 and chosen.max() < 0.47
 
 
+def blends_of(images, outliers):
+    """Which outliers are blends of the batch's photos: those that lie in the photos' span (a least-squares
+    fit leaves nothing over), with each one's largest weight. A drawn or shuffled outlier lies far from it."""
+    basis = images.flatten(1).T.double()
+    found = []
+    for o in outliers.flatten(1).double():
+        weights = torch.linalg.lstsq(basis, o[:, None]).solution[:, 0]
+        if (basis @ weights - o).norm() < 1e-4 * o.norm():
+            found.append(weights.max().item())
+    return found
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_batch_of_fewer_than_three_photos_gets_no_blend_of_the_same_photo_again(batch):
+    """A last batch of one photo once got that photo back as a "blended" outlier (three copies of it
+    averaged), which taught the model to answer a flower with uniform probabilities; with two photos one
+    of them weighed two thirds. Such batches get the other kinds instead, as many outliers in all."""
+    maker = OutlierMaker(len(KINDS) * 4, MEAN, STD, seed=5)
+    images = photos(batch)
+    for step_ in range(3):
+        out = maker.make(images, epoch=0, step=step_)
+        assert len(out) == len(KINDS) * 4 and torch.isfinite(out).all()
+        assert blends_of(images, out) == []
+        assert torch.equal(out, maker.make(images, epoch=0, step=step_))  # still drawn again the same
+
+
+@pytest.mark.quick
+def test_a_batch_of_three_photos_gets_its_share_of_blends_of_all_three():
+    images = photos(3)
+    blends = blends_of(images, OutlierMaker(len(KINDS) * 4, MEAN, STD, seed=5).make(images, epoch=0, step=0))
+    assert len(blends) == 4 and max(blends) < 0.47
+
+
 @pytest.mark.quick
 def test_every_kind_is_made_in_equal_shares():
     maker = OutlierMaker(len(KINDS) * 3, MEAN, STD, seed=0)
