@@ -386,9 +386,10 @@ def train_one_epoch(training, loaders, run, progress):
                 logits, aux2, aux1 = (o.float()[:n] for o in out)
                 y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
                 loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
-                if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform
-                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight)
                 loss = loss * chunk.share  # chunks add up to the mean over the batch
+                if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform,
+                    # weighed by the chunk's share of the outliers: their mean over the step, however it is split
+                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight) * chunk.outlier_share
                 state.scaler.scale(loss).backward()
             step_loss += loss.item()
             if training.mix is None:
