@@ -246,7 +246,7 @@ def main(args, given, cleanup):
     preprocessing = evaluation_sizes(args, start)
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
-    evaluation.check_calibrate(args, start)
+    evaluation.check_calibrate(args, start, preprocessing)
     found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"))  # lists files only
     lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
     cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
@@ -445,6 +445,9 @@ def silent(*args, **kwargs):
 def read_checkpoints(args):
     """(--resume's last.pth, --weights' checkpoint, where --weights came from); None where not given.
     Read before the images, so a wrong path fails before minutes of decoding."""
+    if args.eval_only and args.resume:  # it would score neither file's weights
+        raise UserError("--eval-only scores --weights and --resume continues a training run: leave out --resume "
+                        "(to score a run, pass its best.pth or last.pth as --weights)")
     resume = ckpt.load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None and "optimizer" not in resume:
         raise ckpt.CheckpointError(f"{args.resume} holds weights only, not a run to resume: "
