@@ -477,6 +477,8 @@ def load_data(args, device, recorded_split, log, weights_classes=None):
     if args.eval_only:
         return evaluation.find_test_data(args.data_path, weights_classes, recorded_split, log, hint)
     found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, missing_hint=hint, log=log)
+    if data.not_sure_class(found.classes):
+        raise data.DataError(f"{data.not_sure_class(found.classes)}: rename the folder")
     if len(found.classes) < 2:
         only = found.classes[0]
         raise data.DataError(f"{args.data_path} has one class folder ({only}): a classifier needs two or "

@@ -272,6 +272,8 @@ def _summary(kind, groups, what):
 def report(root, classes, photos, groups, threshold, log=print):
     """The report's lines after the hashing: counts, sizes, unreadable files, the groups and what they mean."""
     _count_table(classes, photos, log)
+    if data.not_sure_class(classes):
+        log(f"class names: {data.not_sure_class(classes)}: train.py refuses it; rename the folder")
     log(_sizes_line(photos))
     bad = [p for p in photos if p.error is not None]
     log(f"unreadable: {len(bad):,} file(s)" + (":" if bad else ""))
