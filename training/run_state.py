@@ -144,8 +144,7 @@ def resumed_args(args, given, resume, path, world_size, log):
         raise ResumeError(f"{flag} {given[key]}: {path} does not record {flag} (its run is older than the "
                           f"option): leave {flag} out to continue the run with its default, or start a new run with it")
     if unrecorded:
-        log(f"resume: {path} does not record " + ", ".join("--" + k.replace("_", "-") for k in unrecorded)
-            + " (options newer than its run): continuing with their defaults, "
+        log(f"resume: {path} does not record the options newer than its run, which keep their defaults: "
             + ", ".join(f"--{k.replace('_', '-')} {merged[k]}" for k in unrecorded))
     for key, value in given.items():
         old = merged[key]
