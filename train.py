@@ -251,7 +251,7 @@ def main(args, given, cleanup):
     preprocessing = evaluation_sizes(args, start)
     # a run continues on its own split; fine-tuning from --weights splits the new data afresh
     recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
-    evaluation.check_calibrate(args, start)
+    evaluation.check_calibrate(args, start, preprocessing)
     found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"),  # lists files only
                       resume)
     lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
@@ -393,9 +393,10 @@ def train_one_epoch(training, loaders, run, progress):
                 logits, aux2, aux1 = (o.float()[:n] for o in out)
                 y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
                 loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
-                if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform
-                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight)
                 loss = loss * chunk.share  # chunks add up to the mean over the batch
+                if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform,
+                    # weighed by the chunk's share of the outliers: their mean over the step, however it is split
+                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight) * chunk.outlier_share
                 state.scaler.scale(loss).backward()
             step_loss += loss.item()
             if training.mix is None:
@@ -451,6 +452,9 @@ def silent(*args, **kwargs):
 def read_checkpoints(args):
     """(--resume's last.pth, --weights' checkpoint, where --weights came from); None where not given.
     Read before the images, so a wrong path fails before minutes of decoding."""
+    if args.eval_only and args.resume:  # it would score neither file's weights
+        raise UserError("--eval-only scores --weights and --resume continues a training run: leave out --resume "
+                        "(to score a run, pass its best.pth or last.pth as --weights)")
     resume = ckpt.load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None and "optimizer" not in resume:
         raise ckpt.CheckpointError(f"{args.resume} holds weights only, not a run to resume: "
@@ -483,6 +487,8 @@ def load_data(args, device, recorded_split, log, weights_classes=None, resume=No
     else:
         found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, missing_hint=hint,
                                log=log)
+        if data.not_sure_class(found.classes):
+            raise data.DataError(f"{data.not_sure_class(found.classes)}: rename the folder")
     if len(found.classes) < 2 and not args.eval_only:
         only = found.classes[0]
         raise data.DataError(f"{args.data_path} has one class folder ({only}): a classifier needs two or "

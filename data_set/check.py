@@ -307,6 +307,8 @@ def report(root, found, groups, threshold, log=print):
     groups and what they mean."""
     classes, photos = found.classes, found.photos
     _count_table(classes, photos, log)
+    if data.not_sure_class(classes):
+        log(f"class names: {data.not_sure_class(classes)}: train.py refuses it; rename the folder")
     log(_sizes_line(photos))
     bad = [p for p in photos if p.error is not None]
     log(f"unreadable: {len(bad):,} file(s)" + (":" if bad else ""))

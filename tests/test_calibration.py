@@ -26,12 +26,14 @@ from helpers import (
     call,
     eval_argv,
     load,
+    make_tree,
     save_image,
     train_argv,
     write_corrupt,
 )
 from inference import calibration, classify, images
 from inference import checkpoint as ckpt
+from inference.images import Preprocessing
 from model import GoogLeNet
 from plumbing.run_lock import LOCK_NAME
 
@@ -229,6 +231,66 @@ def test_eval_only_calibrate_fits_old_weights_as_training_does(run, tmp_path):
     code, _, err = call(train, [*FP32, "--eval-only", "--calibrate", "--tta", "--weights", weights, "--data-path",
                                 run["photos"], "--output-dir", tmp_path / "ev", "--device", "cpu"])
     assert_clean_error(code, err, "--calibrate", "--tta")
+
+
+# ---------------------------------------------------------------------------------------------
+# --calibrate on the pixels predict.py will see; --eval-only with --resume
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A best.pth as train.py writes it (untrained weights: no training needed) that records evaluation at
+    40 px crops of images resized to 48, and a split tree with 21 val images, enough for a fit."""
+    root = tmp_path_factory.mktemp("untrained")
+    torch.manual_seed(0)
+    model = GoogLeNet(num_classes=len(CLASSES), aux_logits=True, variant="torchvision")
+    record = ckpt.Record(list(CLASSES), "torchvision", (32, 32), Preprocessing(48, 40), None, {})
+    torch.save(record.describe(model), root / "best.pth")
+    return {"best": root / "best.pth", "data": make_tree(root / "data", n_train=1, n_val=7), "root": root}
+
+
+def calibrate_argv(weights, data, out, *extra):
+    return [*FP32, "--eval-only", "--calibrate", "--weights", weights, "--data-path", data, "--output-dir", out,
+            "--device", "cpu", "--workers", 0, *extra]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("sizes", [["--val-crop", 36], ["--val-resize", 56], ["--val-crop", 40]])
+def test_calibrate_refuses_other_pixels_than_predict_sees(untrained, tmp_path, sizes):
+    """--calibrate with another --val-crop or --val-resize than the weights record fitted the temperature
+    on other pixels than predict.py (which uses the recorded ones) feeds the model, and stored it. (A
+    --val-crop 40 alone is another resize too: the crop is then taken from images resized to 40.)"""
+    weights = tmp_path / "best.pth"
+    weights.write_bytes(untrained["best"].read_bytes())
+    code, _, err = call(train, calibrate_argv(weights, untrained["data"], tmp_path / "ev", *sizes))
+    assert_clean_error(code, err, "--calibrate", f"{sizes[0]} {sizes[1]}", "40 px crops of images resized to 48")
+    assert weights.read_bytes() == untrained["best"].read_bytes()
+
+
+def test_calibrate_takes_the_recorded_sizes_given_again(untrained, tmp_path):
+    weights = tmp_path / "best.pth"
+    weights.write_bytes(untrained["best"].read_bytes())
+    code, stdout, err = call(train, calibrate_argv(weights, untrained["data"], tmp_path / "ev",
+                                                   "--val-crop", 40, "--val-resize", 48))
+    assert code == 0, err
+    assert "evaluation at 40 px" in stdout and "fitted here on these 21 images" in stdout
+    assert "temperature" in load(weights)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("calibrate", [[], ["--calibrate"]])
+def test_eval_only_with_resume_is_one_line(untrained, tmp_path, calibrate):
+    """--eval-only --resume R --weights W, with W the run's own --weights, ran --eval-only on the run's
+    freshly initialised model (neither file's weights loaded) and crashed in the calibration step."""
+    run = tmp_path / "run"
+    run.mkdir()
+    recorded = vars(train.get_args_parser().parse_args(
+        train_argv(untrained["data"], run, "--image-size", 32, "--weights", untrained["best"])))
+    last = dict(load(untrained["best"]), args={**recorded, "cwd": str(tmp_path)}, optimizer={}, rng=[None])
+    torch.save(last, run / "last.pth")
+    code, _, err = call(train, [*FP32, "--eval-only", *calibrate, "--resume", run / "last.pth", "--weights",
+                                untrained["best"], "--device", "cpu", "--workers", 0])
+    assert_clean_error(code, err, "--eval-only", "--resume", "--weights")
+    assert sorted(p.name for p in run.iterdir()) == ["last.pth"]
 
 
 def noise_image(path, seed=5):

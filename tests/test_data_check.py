@@ -281,6 +281,19 @@ def test_a_folder_train_py_takes_exits_with_0(tmp_path, capsys):
     assert code == 0 and "error" not in err and line(out, "empty class folders:") == "empty class folders: 0"
 
 
+def test_a_class_folder_named_like_the_not_sure_answer_is_a_finding(tmp_path, capsys):
+    """train.py refuses a class "unknown" (predict.py's answer when not sure); the check says so and
+    reports the rest."""
+    make_folder(tmp_path / "photos", per_class=3, classes=("daisy", "unknown"))
+    code, out, _ = run_check(capsys, tmp_path / "photos")
+    assert code == 0
+    assert "class folder unknown" in line(out, "class names:") and "train.py refuses it" in out
+    assert "exact copies (identical bytes): 0 group(s)" in out
+    make_folder(tmp_path / "fine", per_class=3)
+    code, out, _ = run_check(capsys, tmp_path / "fine")
+    assert code == 0 and "class names:" not in out
+
+
 @pytest.mark.parametrize("layout", ["missing", "no class folders"])
 def test_one_line_errors(tmp_path, capsys, layout):
     root = tmp_path / "photos"

@@ -131,6 +131,24 @@ def test_one_class_folder_points_at_the_folder_inside(tmp_path):
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("layout", ["plain", "split"])
+@pytest.mark.parametrize("name", ["unknown", "Unknown"])
+def test_a_class_folder_named_like_the_not_sure_answer_is_refused(tmp_path, layout, name):
+    """A class "unknown" would be trained, and predictions.csv, the page and --sort-into (whose folders
+    may ignore case) could not tell it from their "unknown" answer for a photo the model is not sure of."""
+    root = tmp_path / "data"
+    if layout == "plain":
+        plain_folder(root)
+        save_image(root / name / "0.jpg", COLORS[3])
+        save_image(root / name / "1.jpg", COLORS[3], seed=1)
+    else:
+        make_tree(root, classes=("daisy", "roses", name), n_train=1, n_val=1)
+    code, out, err = call(train, train_argv(root, tmp_path / "out"))
+    assert_clean_error(code, err, f"class folder {name}", '"unknown"', "rename")
+    assert "train 1/" not in out
+
+
+@pytest.mark.quick
 def test_a_split_without_class_folders_is_one_line(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()

@@ -10,7 +10,10 @@ import torch
 import train
 from helpers import COLORS, call, load, save_image, train_argv
 from inference import calibration, classify
-from training import step
+from inference import checkpoint as ckpt
+from inference.images import Preprocessing
+from plumbing import device as dev
+from training import data, recipe, run_state, schedule, step
 from training.data import MEAN, STD
 from training.outliers import KINDS, OutlierMaker, blended, noise, shapes, shuffled, textures, uniform_loss
 
@@ -75,6 +78,40 @@ def test_a_blended_outlier_averages_three_different_photos_none_weighing_much_mo
     assert chosen.min() > 0.2 and chosen.max() < 0.47
 
 
+def blends_of(images, outliers):
+    """Which outliers are blends of the batch's photos: those that lie in the photos' span (a least-squares
+    fit leaves nothing over), with each one's largest weight. A drawn or shuffled outlier lies far from it."""
+    basis = images.flatten(1).T.double()
+    found = []
+    for o in outliers.flatten(1).double():
+        weights = torch.linalg.lstsq(basis, o[:, None]).solution[:, 0]
+        if (basis @ weights - o).norm() < 1e-4 * o.norm():
+            found.append(weights.max().item())
+    return found
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_batch_of_fewer_than_three_photos_gets_no_blend_of_the_same_photo_again(batch):
+    """A last batch of one photo once got that photo back as a "blended" outlier (three copies of it
+    averaged), which taught the model to answer a flower with uniform probabilities; with two photos one
+    of them weighed two thirds. Such batches get the other kinds instead, as many outliers in all."""
+    maker = OutlierMaker(len(KINDS) * 4, MEAN, STD, seed=5)
+    images = photos(batch)
+    for step_ in range(3):
+        out = maker.make(images, epoch=0, step=step_)
+        assert len(out) == len(KINDS) * 4 and torch.isfinite(out).all()
+        assert blends_of(images, out) == []
+        assert torch.equal(out, maker.make(images, epoch=0, step=step_))  # still drawn again the same
+
+
+@pytest.mark.quick
+def test_a_batch_of_three_photos_gets_its_share_of_blends_of_all_three():
+    images = photos(3)
+    blends = blends_of(images, OutlierMaker(len(KINDS) * 4, MEAN, STD, seed=5).make(images, epoch=0, step=0))
+    assert len(blends) == 4 and max(blends) < 0.47
+
+
 @pytest.mark.quick
 def test_every_kind_is_made_in_equal_shares():
     maker = OutlierMaker(len(KINDS) * 3, MEAN, STD, seed=0)
@@ -103,8 +140,56 @@ def test_a_steps_outliers_are_shared_among_its_micro_batches_in_proportion(micro
     chunks = step.micro_batches(images, labels, labels, micro_batch, outliers)
     assert [0 if c.outliers is None else len(c.outliers) for c in chunks] == expected
     assert torch.equal(torch.cat([c.outliers for c in chunks if c.outliers is not None]), outliers)  # once, in order
+    assert [c.outlier_share for c in chunks] == [n / 8 for n in expected]  # their loss x share: the step's mean
     assert all(len(c.inputs) == len(c.images) + (0 if c.outliers is None else len(c.outliers)) for c in chunks)
     assert step.micro_batches(images, labels, labels, micro_batch)[0].outliers is None
+
+
+class Heads(torch.nn.Module):
+    """GoogLeNet's three outputs (logits, aux2, aux1) from linear heads: no BatchNorm and no dropout,
+    so every image's answer is the same whichever chunk it is in."""
+
+    def __init__(self, classes=3, pixels=3 * 16 * 16):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(pixels, classes) for _ in range(3))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return tuple(head(x) for head in self.heads)
+
+
+def one_step_gradients(outliers, micro_batch, batch=8):
+    """The gradients and the loss of train.py's one step on one batch (train_one_epoch) with these options."""
+    args = train.get_args_parser().parse_args(["--batch-size", str(batch), "--outliers", str(outliers),
+                                               "--micro-batch", str(micro_batch), "--outlier-weight", "1"])
+    torch.manual_seed(0)
+    model = Heads()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
+                                    dev.grad_scaler(torch.device("cpu"), None), None)
+    maker = OutlierMaker(outliers, MEAN, STD, seed=0)
+    training = train.Training(model, state, recipe.ClassWeightedLoss(), None, maker, step.StopRequest())
+    record = ckpt.Record(["a", "b", "c"], "paper", (16, 16), Preprocessing(16, 16), None, {})
+    run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
+    generator = torch.Generator().manual_seed(1)
+    batch_ = (torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8, generator=generator),
+              torch.arange(batch) % 3, torch.ones(batch, dtype=torch.bool))
+    progress = run_state.Progress(plan=schedule.fixed_plan(1))
+    train.train_one_epoch(training, data.Loaders([batch_], None, 0, 16), run, progress)
+    assert progress.step == 1
+    return [p.grad.clone() for p in model.parameters()], progress.loss_sum / progress.seen
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("outliers, micro_batch", [(1, 2), (3, 3), (5, 2), (8, 1)])
+def test_a_steps_loss_and_gradients_do_not_depend_on_its_micro_batches(outliers, micro_batch):
+    """--outliers 1 --micro-batch 8 once weighed the outliers' loss a quarter of the whole batch's: each
+    chunk's outlier loss was scaled by its share of the photos, not of the outliers."""
+    whole, whole_loss = one_step_gradients(outliers, 0)
+    split, split_loss = one_step_gradients(outliers, micro_batch)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.quick

@@ -125,6 +125,46 @@ def test_a_last_pth_without_the_ema_asks_to_resume_without_it(stopped, tmp_path)
     assert "train 2/" not in out
 
 
+def older_last_pth(tmp_path, missing="outliers"):
+    """A last.pth's contents as resumed_args reads them, from a run of a version before `missing` existed."""
+    recorded = vars(train.get_args_parser().parse_args(["--data-path", str(tmp_path / "data")]))
+    del recorded[missing]
+    return {"args": {**recorded, "cwd": str(tmp_path)}, "rng": [None]}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("value", ["8", "0"])
+def test_resume_refuses_an_option_the_run_never_recorded(tmp_path, value):
+    """--outliers on a run saved before --outliers existed was taken (and its absence read as the
+    new option's default), changing the run halfway: refused like any option that changes it."""
+    parser = train.get_args_parser()
+    argv = ["--resume", str(tmp_path / "last.pth"), "--outliers", value]
+    with pytest.raises(run_state.ResumeError, match=f"--outliers {value}: .*last.pth does not record --outliers"):
+        run_state.resumed_args(parser.parse_args(argv), train.given_options(parser, argv), older_last_pth(tmp_path),
+                               str(tmp_path / "last.pth"), 1, print)
+
+
+@pytest.mark.quick
+def test_resume_without_an_option_the_run_never_recorded_says_what_it_runs_with(tmp_path):
+    parser = train.get_args_parser()
+    argv = ["--resume", str(tmp_path / "last.pth"), "--workers", "1"]  # a how-it-runs option may be given anew
+    said = []
+    args = run_state.resumed_args(parser.parse_args(argv), train.given_options(parser, argv),
+                                  older_last_pth(tmp_path), str(tmp_path / "last.pth"), 1, said.append)
+    assert args.outliers == 0 and args.workers == 1
+    assert any("options newer than its run" in line and "defaults: --outliers 0" in line for line in said), said
+
+
+def test_a_resume_with_an_option_its_last_pth_never_recorded_is_one_line(stopped, tmp_path):
+    resume = load(stopped["cut"] / "last.pth")
+    del resume["args"]["outliers"]  # as a run saved before --outliers existed
+    (tmp_path / "run").mkdir()
+    torch.save(resume, tmp_path / "run" / "last.pth")
+    code, out, err = call(train, ["--resume", tmp_path / "run" / "last.pth", "--outliers", 4])
+    assert_clean_error(code, err, "--outliers 4", "does not record --outliers")
+    assert "train 2/" not in out
+
+
 @pytest.mark.quick
 def test_resume_of_a_missing_file_is_one_line(tmp_path):
     missing = tmp_path / "gone" / "last.pth"

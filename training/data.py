@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
 
-from inference import images
+from inference import calibration, images
 from inference.images import IMAGE_EXTENSIONS, MEAN, STD
 from plumbing import cache, distributed
 from plumbing.atomic import atomic_write_text
@@ -109,6 +109,14 @@ def find_classes(root):
     if not classes:
         raise DataError(f"{root} has no class folders: expected {root}/<class name>/<images>")
     return classes
+
+
+def not_sure_class(classes):
+    """What is wrong with a class named as the answer for a photo the model is not sure of ("unknown",
+    in any case: the folders of --sort-into may ignore it), or None: train.py refuses such a class."""
+    name = next((c for c in classes if c.lower() == calibration.UNKNOWN), None)
+    return name and (f"class folder {name} reads as \"{calibration.UNKNOWN}\", the answer of predict.py, the page "
+                     "and --sort-into for a photo the model is not sure of")
 
 
 def list_images(root, classes, allow_empty=False):

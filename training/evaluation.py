@@ -175,8 +175,9 @@ def find_test_data(root, known_classes, recorded_split, log=print, missing_hint=
     return data.FoundData(classes, [], val, None)
 
 
-def check_calibrate(args, start):
-    """--calibrate's and --unknowns' preconditions, before minutes of decoding."""
+def check_calibrate(args, start, preprocessing):
+    """--calibrate's and --unknowns' preconditions, before minutes of decoding. preprocessing: the
+    evaluation's, which must be what predict.py will feed the weights (the one they record)."""
     if args.unknowns and not args.eval_only:
         raise TestDataError("--unknowns goes with --eval-only: train, then score the weights with it")
     if not args.calibrate:
@@ -189,6 +190,14 @@ def check_calibrate(args, start):
     if args.weights == "imagenet" or not (start or {}).get("classes"):
         raise TestDataError(f"--calibrate stores the temperature in --weights, and {args.weights} is no checkpoint "
                             "of train.py's: pass a best.pth")
+    recorded = ckpt.preprocessing_of(start)
+    if (preprocessing.resize, preprocessing.crop) != (recorded.resize, recorded.crop):
+        given = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("val_crop", "val_resize")
+                         if getattr(args, k))
+        raise TestDataError(f"--calibrate fits the temperature on the pixels predict.py feeds {args.weights}, "
+                            f"{recorded.crop} px crops of images resized to {recorded.resize} as it records: "
+                            + (f"leave out {given}" if given
+                               else f"pass --val-crop {recorded.crop} --val-resize {recorded.resize}"))
 
 
 def lock_weights_folder(args, cleanup, log):

@@ -10,6 +10,7 @@ answers on them towards uniform probabilities: the model learns that a low top p
     shapes     ellipses and rectangles of random colours on a random background
     shuffled   a photo of the batch cut into an 8 x 8 grid and its tiles shuffled
     blended    three different photos of the batch averaged, none weighing much more than a third
+               (a batch of fewer than three photos gets the other four kinds only)
 
 Every image is drawn from a generator seeded by (seed, epoch, step, process), so a resumed run makes
 the same outliers as an unbroken one.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("noise", "textures", "shapes", "shuffled", "blended")
+BLENDED_PHOTOS = 3  # the photos a blended outlier averages: a smaller batch gets none
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,15 @@ class OutlierMaker:
         """count outliers shaped and normalised like images (N x C x H x W, in the same memory format)."""
         generator = torch.Generator(device=images.device)
         generator.manual_seed(hash_seed(self.seed, epoch, step, self.rank))
-        kinds = torch.randperm(self.count, generator=generator, device=images.device) % len(KINDS)
+        # a batch of fewer photos than a blend takes (an epoch's last, say) gets the other kinds instead:
+        # a blend of one photo with itself would be that photo, trained towards "none of my classes"
+        kinds_made = KINDS if len(images) >= BLENDED_PHOTOS else tuple(k for k in KINDS if k != "blended")
+        kinds = torch.randperm(self.count, generator=generator, device=images.device) % len(kinds_made)
         out = torch.empty((self.count, *images.shape[1:]), device=images.device, dtype=images.dtype)
         size = images.shape[-2:]
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        for k, kind in enumerate(KINDS):
+        for k, kind in enumerate(kinds_made):
             where = (kinds == k).nonzero().flatten()
             if not len(where):
                 continue
@@ -151,10 +156,11 @@ def shuffled(images, n, generator):
     return out
 
 
-def blended(images, n, generator, parts=3):
+def blended(images, n, generator, parts=BLENDED_PHOTOS):
     """n averages of `parts` different photos of the batch, each weighing 1 / parts +- 0.1: no one photo shows."""
-    order = rand((n, len(images)), generator, images.device).argsort(dim=1)
-    picks = order[:, :parts] if len(images) >= parts else order[:, torch.arange(parts) % len(images)]
+    if len(images) < parts:
+        raise ValueError(f"a blend of {parts} different photos needs a batch of at least {parts}, got {len(images)}")
+    picks = rand((n, len(images)), generator, images.device).argsort(dim=1)[:, :parts]
     weights = 1 / parts + 0.2 * (rand((n, parts), generator, images.device) - 0.5)
     weights = (weights / weights.sum(dim=1, keepdim=True)).view(n, parts, 1, 1, 1)
     return (images[picks] * weights).sum(dim=1)

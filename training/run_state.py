@@ -137,6 +137,15 @@ def resumed_args(args, given, resume, path, world_size, log):
     if world_size != saved_processes:
         raise ResumeError(f"{path} was saved by a run of {saved_processes} process(es) and this one has "
                           f"{world_size}: their data order differs; resume it with as many processes")
+    # options newer than the run: not recorded, so no value given can be told to be the run's
+    unrecorded = [k for k in vars(args) if k not in recorded and k not in HOW_IT_RUNS + NOT_THE_RUNS]
+    for key in (k for k in unrecorded if k in given):
+        flag = "--" + key.replace("_", "-")
+        raise ResumeError(f"{flag} {given[key]}: {path} does not record {flag} (its run is older than the "
+                          f"option): leave {flag} out to continue the run with its default, or start a new run with it")
+    if unrecorded:
+        log(f"resume: {path} does not record the options newer than its run, which keep their defaults: "
+            + ", ".join(f"--{k.replace('_', '-')} {merged[k]}" for k in unrecorded))
     for key, value in given.items():
         old = merged[key]
         if key in PATHS and isinstance(value, str) and value not in ("", "imagenet"):

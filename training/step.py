@@ -53,7 +53,9 @@ def train_mode(model, freeze_layers):
 @dataclass
 class Chunk:
     """One micro-batch of a step: its images, (soft) targets and class labels, its share of the batch,
-    and its share of the step's generated outliers (--outliers; None without)."""
+    and its part of the step's generated outliers (--outliers; None without) with their share of them.
+    A chunk's photo loss is weighed by share and its outlier loss by outlier_share, so both add up to
+    their means over the whole step however it is split."""
 
     images: object
     targets: object
@@ -61,6 +63,7 @@ class Chunk:
     share: float
     last: bool
     outliers: object = None
+    outlier_share: float = 0.0
 
     @property
     def inputs(self):
@@ -79,7 +82,8 @@ def micro_batches(images, targets, labels, size, outliers=None):
         bounds = [(n * end + total // 2) // total for end in range(0, total, size)]
         bounds.append(n)
         shares = [outliers[a:b] if b > a else None for a, b in zip(bounds, bounds[1:])]
-    return [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1, extra)
+    return [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1, extra,
+                  0.0 if extra is None else len(extra) / len(outliers))
             for i, ((x, y, hard), extra) in enumerate(zip(parts, shares))]
 
 
