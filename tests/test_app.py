@@ -1,7 +1,7 @@
 """app.py: the demo page, served on a free local port by a real process and called the way people
 call it: through gradio_client (the probabilities equal predict.py's; what is not a photo gets a
 message and the next good request still works; many requests leave the memory flat) and through a
-real headless Chromium driven by Playwright (upload a photo, see the class). What the page
+real headless Chromium driven by Playwright (upload three photos, see the class). What the page
 stores (uploads, over the limit or not) does not outlive the answer or the page; what a request
 names in place of an upload (a file on the server, a link, a data: URL over the limit) is refused in
 one line of the log, as any HTTP client can send it. Offline."""
@@ -345,23 +345,42 @@ def test_app_mistakes_are_one_line(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_a_real_browser_uploads_a_photo_and_sees_the_class(page, trained, tmp_path):
+def test_a_real_browser_sees_the_class_and_its_uploads_do_not_outlive_the_page(trained, tmp_path, temp_folder):
+    """Three photos uploaded in a browser, as a person would: each is gone once its answer is shown,
+    the button answers again, and when the page stops (the browser still open) none is left."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements-dev.txt)")
-    photo = trained["data"] / "val" / "roses" / "roses_01.jpg"
-    expected = page.classify(photo)[0]["label"]
+    photos = [save_image(tmp_path / f"photo_{i}.jpg", (60 + 60 * i, 160, 40), seed=40 + i) for i in range(3)]
+    classifier = classify.load_classifier(str(trained["best"]), device="cpu", amp="off")
+    expected = classifier.classes[int(classify.predict(classifier, [str(photos[-1])], 1, 0)[0][0].argmax())]
+    server = Server("--weights", trained["best"], "--examples", trained["data"] / "val", "--device", "cpu",
+                    "--amp", "off")
+    folder = server.folder
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
-        try:
-            tab = browser.new_page(viewport={"width": 1100, "height": 760})
-            tab.goto(page.url)
-            tab.locator("input[type=file]").first.set_input_files(str(photo))
-            tab.get_by_role("button", name="Classify").click()
-            shown = tab.locator("#classes").get_by_text(expected, exact=True).first
-            shown.wait_for(timeout=120_000)
-            assert shown.is_visible()
-            tab.screenshot(path=str(tmp_path / "page.png"))
-        finally:
-            browser.close()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+            try:
+                tab = browser.new_page(viewport={"width": 1100, "height": 760})
+                tab.goto(server.url)
+                for photo in photos:
+                    shown = [img.get_attribute("src") for img in tab.locator("img[src*=where-it-looked]").all()]
+                    tab.locator("input[type=file]").first.set_input_files(str(photo))
+                    tab.wait_for_function("shown => [...document.querySelectorAll('img[src*=where-it-looked]')]"
+                                          ".some(img => !shown.includes(img.src))", arg=shown, timeout=120_000)
+                    # answered: the upload is gone (at most the one in flight is on disk)
+                    assert [p for p in files_in(folder) if p.name.startswith("photo_")] == [], files_in(folder)
+                tab.get_by_role("button", name="Classify").click()  # the last photo again, its file gone
+                answer = tab.locator("#classes").get_by_text(expected, exact=True).first
+                answer.wait_for(timeout=120_000)
+                assert answer.is_visible()
+                tab.screenshot(path=str(tmp_path / "page.png"))
+                server.stop()  # with the browser still open
+            finally:
+                browser.close()
+    finally:
+        server.stop()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+    assert server.proc.returncode == 0 and not folder.exists(), "".join(server.output)
+    assert [p for p in temp_folder.rglob("*") if p.name.startswith("photo_")] == []  # nor anywhere else
+    assert "Traceback" not in "".join(server.output)
