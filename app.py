@@ -12,14 +12,19 @@ always a photo: every file the loader cannot use gets a message on the page and 
 server's log, and the server goes on serving.
 
 What the page stores lives in one folder of its own (holding Gradio's temporary folder,
-GRADIO_TEMP_DIR): an upload larger than --max-upload-mb is refused while it arrives, an upload is
+GRADIO_TEMP_DIR): an upload larger than --max-upload-mb is refused while it arrives (an image sent
+as a data: URL instead, before it is decoded; it is read from memory, never written), an upload is
 deleted once answered, what Gradio keeps (the heat maps sent, uploads never asked about) goes after
-a few minutes, and the folder is removed when the page stops (Ctrl-C or a terminate).
+a few minutes, and the folder is removed when the page stops (Ctrl-C or a terminate). The page reads
+only what was uploaded to it: a request that names a file on the server, or a link for the server
+to fetch, is refused like a file that is no photo, with one line in the log.
 """
 import argparse
 import base64
 import collections
 import importlib.util
+import io
+import math
 import os
 import shutil
 import signal
@@ -58,7 +63,8 @@ def get_args_parser():
     p.add_argument("--port", type=options.positive_int, default=7860, help="the port to serve on")
     p.add_argument("--max-upload-mb", type=options.positive_int, default=20, metavar="MB",
                    help="the largest upload the server accepts (1 MB = 2^20 bytes); a larger one is refused "
-                        "while it arrives, and the page says so")
+                        "while it arrives, and the page says so (an image sent as a data: URL: before it is "
+                        "decoded)")
     p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS,
                    help="the layer whose output the heat map weighs")
     p.add_argument("--min-confidence", type=options.probability, default=None, metavar="P",
@@ -79,20 +85,21 @@ class Upload(UserError):
     """An upload that is not a usable photo: the page shows the message."""
 
 
-def read_upload(path, name):
-    """The upright RGB photo of an uploaded file, through the project's one loader; an Upload error
-    that says what is wrong for anything else, naming the file by name (the uploader's own file
-    name: the server's paths are not the browser's business). Pillow's decompression-bomb limit
-    (89 megapixels) is a hard limit here: a file that claims more is refused before it is decoded."""
+def read_upload(source, name):
+    """The upright RGB photo of an uploaded file (a path, or the bytes of a pasted image), through
+    the project's one loader; an Upload error that says what is wrong for anything else, naming the
+    file by name (the uploader's own file name: the server's paths are not the browser's business).
+    Pillow's decompression-bomb limit (89 megapixels) is a hard limit here: a file that claims more
+    is refused before it is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return images.load_image(path)
+            return images.load_image(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Upload(f"This image is too large to be a photo ({e}). Upload one of at most "
                      f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.") from None
     except Exception as e:  # any failure of the decoder means the same to the person uploading
-        detail = str(e).replace(path, name).split(":")[0] if str(e) else type(e).__name__
+        detail = str(e).replace(str(source), name).split(":")[0] if str(e) else type(e).__name__
         raise Upload(f"This file cannot be read as an image ({detail}). Upload {FORMATS}.") from None
 
 
@@ -102,10 +109,11 @@ class Demo:
     def __init__(self, classifier, cam_layer):
         self.classifier, self.cam_layer = classifier, cam_layer
 
-    def classify(self, path, name="the upload"):
-        """({class: probability} of the top classes, the Grad-CAM picture or None, a note). A photo the
-        model is not sure about (classify.decided_class: "unknown") gets a note that says so first."""
-        pixels = images.resize_and_crop(read_upload(path, name), self.classifier.preprocessing)
+    def classify(self, source, name="the upload"):
+        """({class: probability} of the top classes, the Grad-CAM picture or None, a note) of a file
+        (a path or a file object). A photo the model is not sure about (classify.decided_class:
+        "unknown") gets a note that says so first."""
+        pixels = images.resize_and_crop(read_upload(source, name), self.classifier.preprocessing)
         probabilities = self.classifier.probabilities(pixels[None])[0]
         order = np.argsort(-probabilities, kind="stable")
         classes = self.classifier.classes
@@ -137,49 +145,71 @@ class Demo:
         return visualize.grad_cam(model, x, torch.tensor([target], device=x.device), self.cam_layer)[0].cpu()
 
 
-def upload_path(payload, folder):
+def upload_path(payload):
     """(the file behind Gradio's upload payload, the name messages call it by). Gradio names an upload
-    after the sender's file; a pasted or webcam image may come as a data: URL instead."""
+    after the sender's file. Whether the file is an upload of this page is Uploads.answer's to say:
+    a request can name any path."""
     if payload is None:
         raise Upload(f"Drop, paste or pick {FORMATS} first.")
     path = payload if isinstance(payload, str) else payload.get("path")
-    if path:
-        return path, os.path.basename(path)
-    url = payload.get("url") or ""
-    if url.startswith("data:") and "," in url:
-        path = os.path.join(folder, "pasted-image")
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(url.split(",", 1)[1]))
-        return path, "the pasted image"
-    raise Upload(f"Nothing was uploaded: drop, paste or pick {FORMATS}.")
+    if not path:
+        raise Upload(f"Nothing was uploaded: drop, paste or pick {FORMATS}.")
+    return path, os.path.basename(path)
+
+
+def data_url(payload):
+    """The data: URL a pasted or webcam image may come as instead of an upload, or None."""
+    url = payload.get("url") if isinstance(payload, dict) and not payload.get("path") else None
+    return url if isinstance(url, str) and url.startswith("data:") and "," in url else None
+
+
+def pasted_image(url, limit):
+    """The bytes of a data: URL as a file object, held to the upload limit (limit bytes, Gradio's
+    max_file_size) before they are decoded: base64's length says the size, 3 bytes in 4 characters."""
+    encoded = url.split(",", 1)[1]
+    size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+    if size > limit:
+        raise Upload(f"This image is {size / 2 ** 20:.1f} MB, over the page's limit of {limit / 2 ** 20:g} MB: "
+                     "send a smaller one.")
+    try:
+        return io.BytesIO(base64.b64decode(encoded, validate=True))
+    except ValueError:  # binascii.Error, or a character that is not ASCII
+        raise Upload(f"This pasted image is not base64 data: drop, paste or pick {FORMATS}.") from None
+
+
+def not_uploaded(what):
+    return Upload(f"{what} is not among the page's uploads (each is deleted once it is answered): "
+                  "drop, paste or pick it again.")
 
 
 HEAT_MAP = "where-it-looked.webp"
 
 
 class Uploads:
-    """Deletes each upload once it is answered, and answers it again once it is gone.
+    """Answers a photo only when it is an upload of this page (or one of its examples), deletes each
+    upload once it is answered, and answers it again once it is gone.
 
+    A request names a file by its path, and without Gradio's meta field its check that the file was
+    uploaded is skipped (the events have preprocess=False): so a path this page did not receive is
+    refused here, with the message of a file that is gone, whether it exists or not.
     Gradio stores an upload under the hash of its bytes and its file name, so one path is one photo:
     the last answers are kept by path, for the button pressed after the automatic answer and for two
     people sending the same photo at once (the first answer deletes the file the second was to read).
     Both events of the page call the same function, so Gradio runs them one at a time."""
 
-    def __init__(self, page, pasted):
-        self.page, self.pasted = page, pasted
+    def __init__(self, page):
+        self.page = page
         self.answers = collections.OrderedDict()
 
     def answer(self, path, name, classify):
         examples = set().union(*(getattr(block, "keep_in_cache", ()) for block in self.page.blocks.values()))
-        pasted = path == self.pasted
         upload = path in self.answers or (path in self.page.upload_file_set and path not in examples)
         try:
             if path in self.answers:
                 self.answers.move_to_end(path)
                 outcome = self.answers[path]
-            elif not os.path.exists(path):
-                outcome = Upload(f"This photo ({name}) is no longer on the server (an upload is deleted once "
-                                 "it is answered): drop, paste or pick it again.")
+            elif not ((upload or path in examples) and os.path.exists(path)):
+                outcome = not_uploaded(f"This photo ({name})")
             else:
                 try:
                     outcome = classify(path, name)
@@ -190,20 +220,17 @@ class Uploads:
                     if len(self.answers) > RECENT_ANSWERS:
                         self.answers.popitem(last=False)
         finally:
-            if upload or pasted:
-                self.delete(path, pasted)
+            if upload:
+                self.delete(path)
         if isinstance(outcome, Upload):
             raise outcome
         return outcome
 
-    def delete(self, path, pasted):
+    def delete(self, path):
         # Gradio's notes of the file go too: its delete_cache skips a file that is already gone,
         # so they would stay in memory for good
         for files in self.page.temp_file_sets:
             files.discard(path)
-        if pasted:
-            os.remove(path)
-            return
         import anyio.from_thread
 
         # in the server's event loop, between two of its steps: its upload route makes the folder of
@@ -223,12 +250,47 @@ def remove_upload(path):
 def build_page(demo, folder, examples=None):
     """The page; folder: where app.py writes files of its own (outside Gradio's temporary folder)."""
     import gradio as gr
+    from gradio.exceptions import InvalidPathError
+    from gradio_client import utils as client_utils
+
+    def refused(name, e):
+        # what someone sent is not a bug: one line in the log, no traceback, the message on the page
+        print(f"refused {name}: {e}", file=sys.stderr, flush=True)
+        return gr.Error(str(e), duration=None, print_exception=False)
+
+    def no_links(payload):
+        if client_utils.is_http_url_like(payload["path"]):
+            raise Upload("The page does not fetch links: download the photo, then drop, paste or pick it.")
+        return payload
+
+    class Page(gr.Blocks):
+        """Blocks that check a request's files before Gradio acts on them: in place of an upload Gradio
+        fetches a link (whatever its size) and refuses a server path with a traceback in the log."""
+
+        async def preprocess_data(self, block_fn, inputs, *args, **kwargs):
+            try:
+                client_utils.traverse(inputs, no_links, client_utils.is_file_obj_with_meta)
+                return await super().preprocess_data(block_fn, inputs, *args, **kwargs)
+            except Upload as e:
+                raise refused("a request", e) from None
+            except InvalidPathError:  # Gradio's own check: not a file uploaded to it
+                raise refused("a request", not_uploaded("The file this request names")) from None
+            except ValueError as e:  # a payload of the wrong shape (pydantic's ValidationError), too few inputs
+                reason = str(e).splitlines()[0]
+                raise refused("a request", Upload(f"This request is not an upload ({reason}): drop, paste or "
+                                                  f"pick {FORMATS}.")) from None
 
     def answer(payload):
         name = "the upload"
         try:
-            path, name = upload_path(payload, folder)
-            top, heat, note = uploads.answer(path, name, demo.classify)
+            url = data_url(payload)
+            if url:
+                name = "the pasted image"
+                pasted = pasted_image(url, getattr(page, "max_file_size", None) or math.inf)
+                top, heat, note = demo.classify(pasted, name)
+            else:
+                path, name = upload_path(payload)
+                top, heat, note = uploads.answer(path, name, demo.classify)
             if heat is not None:
                 # handed to Gradio as a file: it copies a file into its cache whole (a new name, then
                 # a rename), where it would rewrite the picture of the same photo in place, under a
@@ -237,11 +299,9 @@ def build_page(demo, folder, examples=None):
                 heat = os.path.join(folder, HEAT_MAP)
             return top, heat, note
         except Upload as e:
-            # what someone sent is not a bug: one line in the log, no traceback
-            print(f"refused {name}: {e}", file=sys.stderr, flush=True)
-            raise gr.Error(str(e), duration=None, print_exception=False) from None
+            raise refused(name, e) from None
 
-    with gr.Blocks(title="GoogLeNet flower classifier", delete_cache=DELETE_CACHE) as page:
+    with Page(title="GoogLeNet flower classifier", delete_cache=DELETE_CACHE) as page:
         gr.Markdown(f"## GoogLeNet: {', '.join(demo.classifier.classes)}\n"
                     "Drop, paste or pick a photo; the answer appears on the right.")
         with gr.Row():
@@ -252,12 +312,12 @@ def build_page(demo, folder, examples=None):
                 note = gr.Markdown()
         button = gr.Button("Classify", variant="primary")
         # preprocess=False: the upload reaches the project's own loader untouched, so a file that is
-        # no photo gets this page's message, not the framework's
+        # no photo gets this page's message, not the framework's (Uploads checks the file was uploaded)
         button.click(answer, inputs=photo, outputs=[label, heat, note], preprocess=False, api_name="classify")
         photo.upload(answer, inputs=photo, outputs=[label, heat, note], preprocess=False, api_visibility="private")
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=photo)
-    uploads = Uploads(page, os.path.join(folder, "pasted-image"))
+    uploads = Uploads(page)
     return page
 
 

@@ -1,8 +1,12 @@
 """app.py: the demo page, served on a free local port by a real process and called the way people
 call it: through gradio_client (the probabilities equal predict.py's; what is not a photo gets a
 message and the next good request still works; many requests leave the memory flat) and through a
-real headless Chromium driven by Playwright (upload a photo, see the class). What the page stores
-(uploads, over the limit or not) does not outlive the answer or the page. Offline."""
+real headless Chromium driven by Playwright (upload three photos, see the class). What the page
+stores (uploads, over the limit or not) does not outlive the answer or the page; what a request
+names in place of an upload (a file on the server, a link, a data: URL over the limit) is refused in
+one line of the log, as any HTTP client can send it. Offline."""
+import base64
+import json
 import os
 import re
 import shutil
@@ -182,6 +186,39 @@ def files_in(folder):
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
 
 
+def call_raw(server, payload):
+    """One request to /classify as any HTTP client can send it (no gradio_client, no upload first):
+    (the stream's last event, its data)."""
+    import httpx
+
+    event = httpx.post(server.url + "gradio_api/call/classify", json={"data": [payload]}, timeout=120)
+    assert event.status_code == 200, event.text
+    stream = httpx.get(server.url + f"gradio_api/call/classify/{event.json()['event_id']}", timeout=120).text
+    kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, re.MULTILINE)[-1]
+    return kind, json.loads(data)
+
+
+def data_url(path):
+    """A photo as a data: URL, the form a pasted image may take instead of an upload."""
+    return {"url": "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode(),
+            "meta": {"_type": "gradio.FileData"}}
+
+
+def log_after(server, since, lines):
+    """The server's log after its first since lines, once it holds lines more (a thread reads it)."""
+    deadline = time.monotonic() + 60
+    while len(server.output) < since + lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [line.rstrip("\n") for line in server.output[since:]]
+
+
+def noise_png(path, megabytes):
+    """A real photo-like PNG of about this many MB (noise does not compress)."""
+    side = int((megabytes * 2 ** 20 / 3) ** 0.5)
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def test_bad_uploads_are_one_log_line_and_answered_uploads_are_deleted(page, trained, tmp_path):
     folder = page.folder
     kept = set(files_in(folder))  # the examples, and heat maps sent to earlier tests
@@ -221,6 +258,53 @@ def test_an_answered_upload_is_answered_again_once_its_file_is_gone(page, traine
     assert answers[0] == answers[1] and '"label"' in answers[0]
 
 
+@pytest.mark.quick
+def test_a_data_url_is_held_to_the_limit_by_its_length_before_it_is_decoded():
+    import app
+
+    for size in (1026, 1027, 1028):  # base64 with no padding, "==" and "="
+        photo = bytes(range(256)) * 4 + bytes(size - 1024)
+        url = "data:image/png;base64," + base64.b64encode(photo).decode()
+        assert app.pasted_image(url, limit=size).read() == photo  # the limit itself is taken
+        with pytest.raises(app.Upload, match="over the page's limit"):
+            app.pasted_image(url, limit=size - 1)
+    with pytest.raises(app.Upload, match="not base64 data"):
+        app.pasted_image("data:image/png;base64,not*base64", limit=100)
+    with pytest.raises(app.Upload, match=r"cannot be read as an image \(cannot identify image file the pasted"):
+        app.read_upload(app.pasted_image("data:text/plain;base64,bm90ZXM=", limit=100), "the pasted image")
+
+
+def test_a_request_naming_a_server_file_or_a_link_is_refused_in_one_line(page, trained):
+    photo = trained["data"] / "val" / "tulips" / "tulips_00.jpg"  # a photo on the server, never uploaded
+    meta = {"_type": "gradio.FileData"}
+    requests = {
+        # what the browser sends, naming another file: Gradio refuses it before the handler runs
+        "gradio's check": {"path": str(photo), "meta": meta},
+        # without Gradio's meta its check is skipped (preprocess=False): the page's own must hold
+        "the page's check": {"path": str(photo)},
+        "a missing file": {"path": str(photo.parent / "nothing-here.jpg")},  # the same answer: no oracle
+        "a link": {"path": "https://example.invalid/rose.jpg", "meta": meta},  # Gradio would fetch it, unbounded
+        "not a file at all": str(photo),
+    }
+    logged = len(page.output)
+    messages = {}
+    for what, payload in requests.items():
+        kind, data = call_raw(page, payload)
+        assert kind == "error" and data["error"], (what, data)
+        messages[what] = data["error"]
+    assert "not among the page's uploads" in messages["gradio's check"]
+    assert messages["the page's check"] == messages["a missing file"].replace("nothing-here", "tulips_00")
+    assert "does not fetch links" in messages["a link"]
+    assert "not an upload" in messages["not a file at all"]
+    assert photo.exists()  # never the handler's to delete
+    lines = log_after(page, logged, len(requests))  # one line each, no framework traceback
+    assert len(lines) == len(requests), lines
+    assert all(line.startswith("refused ") and line.endswith(f": {message}")
+               for line, message in zip(lines, messages.values())), lines
+    assert "Traceback" not in "".join(page.output)
+    assert page.classify(photo)[0]["label"]  # the same photo, uploaded, is answered
+
+
 def test_the_upload_limit_is_the_servers_and_a_terminated_page_leaves_nothing(trained, tmp_path):
     import httpx
 
@@ -233,6 +317,16 @@ def test_the_upload_limit_is_the_servers_and_a_terminated_page_leaves_nothing(tr
             refused = httpx.post(server.url + "gradio_api/upload", files={"files": ("big.jpg", f)})
         assert refused.status_code == 413 and "maximum allowed size of 1048576 bytes" in refused.text, refused.text
         assert files_in(folder) == []  # refused while it arrived: nothing stored
+        # the same photo as a data: URL in one JSON request, as an attacker sends it: held to the same
+        # limit before it is decoded, so nothing is decoded or written
+        photo = noise_png(tmp_path / "pasted.png", 2)
+        logged = len(server.output)
+        kind, data = call_raw(server, data_url(photo))
+        assert kind == "error" and "over the page's limit of 1 MB" in data["error"], data
+        assert files_in(folder) == []
+        assert log_after(server, logged, 1) == [f"refused the pasted image: {data['error']}"]
+        kind, data = call_raw(server, data_url(save_image(tmp_path / "small.png", (200, 40, 40), seed=5)))
+        assert kind == "complete" and data[0]["label"], data  # a data: URL within the limit is answered
         with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):
             server.classify(big)  # the page tells its clients the limit (the browser says "1.0 MB")
         assert server.classify(trained["data"] / "val" / "roses" / "roses_00.jpg")[0]["label"]
@@ -251,23 +345,42 @@ def test_app_mistakes_are_one_line(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_a_real_browser_uploads_a_photo_and_sees_the_class(page, trained, tmp_path):
+def test_a_real_browser_sees_the_class_and_its_uploads_do_not_outlive_the_page(trained, tmp_path, temp_folder):
+    """Three photos uploaded in a browser, as a person would: each is gone once its answer is shown,
+    the button answers again, and when the page stops (the browser still open) none is left."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements-dev.txt)")
-    photo = trained["data"] / "val" / "roses" / "roses_01.jpg"
-    expected = page.classify(photo)[0]["label"]
+    photos = [save_image(tmp_path / f"photo_{i}.jpg", (60 + 60 * i, 160, 40), seed=40 + i) for i in range(3)]
+    classifier = classify.load_classifier(str(trained["best"]), device="cpu", amp="off")
+    expected = classifier.classes[int(classify.predict(classifier, [str(photos[-1])], 1, 0)[0][0].argmax())]
+    server = Server("--weights", trained["best"], "--examples", trained["data"] / "val", "--device", "cpu",
+                    "--amp", "off")
+    folder = server.folder
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
-        try:
-            tab = browser.new_page(viewport={"width": 1100, "height": 760})
-            tab.goto(page.url)
-            tab.locator("input[type=file]").first.set_input_files(str(photo))
-            tab.get_by_role("button", name="Classify").click()
-            shown = tab.locator("#classes").get_by_text(expected, exact=True).first
-            shown.wait_for(timeout=120_000)
-            assert shown.is_visible()
-            tab.screenshot(path=str(tmp_path / "page.png"))
-        finally:
-            browser.close()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+            try:
+                tab = browser.new_page(viewport={"width": 1100, "height": 760})
+                tab.goto(server.url)
+                for photo in photos:
+                    shown = [img.get_attribute("src") for img in tab.locator("img[src*=where-it-looked]").all()]
+                    tab.locator("input[type=file]").first.set_input_files(str(photo))
+                    tab.wait_for_function("shown => [...document.querySelectorAll('img[src*=where-it-looked]')]"
+                                          ".some(img => !shown.includes(img.src))", arg=shown, timeout=120_000)
+                    # answered: the upload is gone (at most the one in flight is on disk)
+                    assert [p for p in files_in(folder) if p.name.startswith("photo_")] == [], files_in(folder)
+                tab.get_by_role("button", name="Classify").click()  # the last photo again, its file gone
+                answer = tab.locator("#classes").get_by_text(expected, exact=True).first
+                answer.wait_for(timeout=120_000)
+                assert answer.is_visible()
+                tab.screenshot(path=str(tmp_path / "page.png"))
+                server.stop()  # with the browser still open
+            finally:
+                browser.close()
+    finally:
+        server.stop()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+    assert server.proc.returncode == 0 and not folder.exists(), "".join(server.output)
+    assert [p for p in temp_folder.rglob("*") if p.name.startswith("photo_")] == []  # nor anywhere else
+    assert "Traceback" not in "".join(server.output)
