@@ -54,7 +54,7 @@ def atomic_write(path, write, hint=DISK_HINT):
         if isinstance(e, OSError) and not isinstance(e, SaveError):
             raise SaveError(path, e, hint) from e
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def atomic_write_text(path, text, hint=DISK_HINT):
@@ -71,7 +71,8 @@ def remove_stale_temp_files(folder, names=("best.pth", "last.pth", "class_indice
                 pass
 
 
-def _fsync_dir(folder):
+def fsync_dir(folder):
+    """Make a rename or a new file in folder survive a crash (the folder's entry is on disk too)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

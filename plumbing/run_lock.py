@@ -42,6 +42,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from plumbing.atomic import fsync_dir
 from plumbing.options import UserError
 
 LOCK_NAME = ".lock"
@@ -295,7 +296,7 @@ def _create(path, holder, over_dead=False):
             os.remove(tmp)
         except OSError:
             pass
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return True
 
 
@@ -310,7 +311,7 @@ def _create_in_place(path, data):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
     return True
 
 
@@ -448,16 +449,3 @@ def _pid_namespace(pid):
         return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
         return None
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open folders
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
