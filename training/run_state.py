@@ -86,7 +86,8 @@ def restore_training(resume, path, state, rank, plan):
         state.ema.load_state_dict(resume["model_ema"])
     state.optimizer.load_state_dict(resume["optimizer"])
     state.scheduler.load_state_dict(resume["scheduler"])
-    state.scaler.load_state_dict(resume["scaler"])
+    if resume["scaler"]:  # empty from a run without fp16 (--amp auto chose bf16 or fp32 where it ran): a new scale
+        state.scaler.load_state_dict(resume["scaler"])
     restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     saved_plan = resume.get("plan")
     if plan.budget_s:
