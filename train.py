@@ -271,7 +271,8 @@ def main(args, given, cleanup):
                                          args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
-        return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
+        with data.worker_failures():
+            return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
 
     plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
             else schedule.fixed_plan(args.epochs or 25))
@@ -291,7 +292,11 @@ def main(args, given, cleanup):
         tensorboard = distributed.run_on_main(placement.device, open_tensorboard, args.output_dir, next_step)
     run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, started=started,
                               time_before=plan.elapsed_s)
-    return fit(run, training, loaders, progress)
+    try:
+        with data.worker_failures():
+            return fit(run, training, loaders, progress)
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(run, progress) from e
 
 
 def fit(run, training, loaders, progress):
@@ -412,6 +417,18 @@ def train_one_epoch(training, loaders, run, progress):
         [progress.loss_sum, progress.seen, images_timed, progress.correct], run.device)
     accuracy = correct / max(seen, 1) if training.mix is None else None
     return step.EpochResult(loss_sum / max(seen, 1), accuracy, timed / max(clock() - start, 1e-9))
+
+
+def out_of_memory(run, progress):
+    """The line that torch.OutOfMemoryError in training ends with: the options that need less memory
+    (each changes what the run computes, so a new run), and what this one kept."""
+    args = run.args
+    saved = args.resume or progress.epoch > 0 or (args.save_every and progress.step >= args.save_every)
+    kept = (f"{run.last_path} keeps the run as last saved ({run_state.resume_command(run.last_path)} continues "
+            "it as it was, where more memory is free)" if saved else "nothing was saved yet")
+    return TrainingError(f"out of memory on {run.device} in epoch {progress.epoch + 1} with --batch-size "
+                         f"{args.batch_size}: start a new run with a smaller --batch-size, --micro-batch N (each "
+                         f"step in chunks of N images) or a smaller --image-size; {kept}")
 
 
 def epoch_bar(loader, crop, run, progress):
