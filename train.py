@@ -279,11 +279,11 @@ def main(args, given, cleanup):
     training = build_training(args, run, model, forward, criterion, plan)
     progress = run_state.Progress(plan=plan)
     if resume is not None:
-        progress = run_state.restore_training(resume, args.resume, training.state, rank, plan)
+        progress = run_state.restore_training(resume, args.resume, training.state, rank, placement.device, plan)
         for loader in (loaders.train, loaders.val):
             loader.dataset.mark_unreadable(progress.bad_images)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
-            f"best {args.best_metric} {progress.best_score:.3f}")
+            f"best {args.best_metric} {progress.best_score:.3f}; it continues {run_state.resume_promise(run.device)}")
     distributed.run_on_main(placement.device, write_class_indices, args, found.classes)
     steps_per_epoch = math.ceil(loaders.train.sampler.epoch_length / args.batch_size)
     tensorboard = None
@@ -606,7 +606,7 @@ def open_tensorboard(output_dir, next_step):
 def save_last(run, state, progress):
     """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
     progress.plan.elapsed_s = run.elapsed()
-    rngs = distributed.all_gather(run_state.capture_rng_state(), run.device)
+    rngs = distributed.all_gather(run_state.capture_rng_state(run.device), run.device)
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
