@@ -132,7 +132,8 @@ def get_args_parser():
                    help="unreadable image files: skip and list them, or stop with an error naming the first")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision. auto: on CUDA bf16 where supported, else fp16; on a CPU bf16 "
+                   help="mixed precision. auto: on CUDA bf16 where the GPU has it natively (Ampere and later), "
+                        "else fp16 with loss scaling; on a CPU bf16 "
                         "where it has native bf16 (avx512_bf16, amx_bf16), else fp32. off: fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format: faster convolutions on CPUs and tensor cores")
