@@ -188,10 +188,10 @@ def restore_rng_state(state, device):
 
 def resume_promise(device):
     """How closely a resumed run follows the uninterrupted one, for the resuming line."""
-    if device.type != "cuda":
+    if device.type == "cpu":
         return "bit for bit"
-    return ("not bit for bit on a GPU: cudnn.benchmark picks the fastest kernels afresh and some kernels "
-            "add in a varying order, so the weights drift apart within float rounding")
+    return ("not bit for bit on a GPU: the fastest kernels are picked afresh (cudnn.benchmark) and some add "
+            "in a varying order, so the weights drift apart within float rounding")
 
 
 def _as_tuple(x):
