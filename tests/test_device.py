@@ -196,6 +196,7 @@ def test_cuda_device_choice(fake_cuda, monkeypatch):
     assert len(gpus.set_devices) == 8
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", ["cuda", "auto"])
 def test_train_on_a_gpu_gets_past_the_device_set_up(fake_cuda, tmp_path, capsys, device):
     """python train.py --device cuda (and the default, auto) with a GPU: torch's real set_device takes

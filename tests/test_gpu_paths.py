@@ -194,6 +194,7 @@ def test_out_of_memory_is_one_line(tree, tmp_path, monkeypatch, fail_at, kept):
         assert f"python train.py --resume {tmp_path / 'out' / 'last.pth'}" in line
 
 
+@pytest.mark.quick
 def test_a_loader_worker_killed_by_a_bus_error_is_one_line(tree, tmp_path, monkeypatch):
     """A loader worker that hits a full /dev/shm (Docker gives 64 MB) dies of SIGBUS; here it sends
     itself one, and torch's DataLoader reports it as it would."""
