@@ -270,6 +270,24 @@ def needs(*packages, why="requirements-dev.txt"):
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} ({why})")
 
 
+def fp16_on_the_cpu(monkeypatch):
+    """--amp fp16, and --amp auto, take fp16 on the CPU for this test, as on a GPU without native bf16.
+    Users are refused --amp fp16 on a CPU (a GPU's mode, slow there); the suite runs that path on the
+    CPU, where torch's fp16 autocast and GradScaler("cpu") work as CUDA's do."""
+    import torch
+
+    from plumbing import device as dev
+
+    chosen = dev.amp_dtype
+
+    def amp_dtype(device, amp="auto", cpu_flags=None):
+        if device.type == "cpu" and amp in ("auto", "fp16"):
+            return torch.float16
+        return chosen(device, amp, cpu_flags)
+
+    monkeypatch.setattr(dev, "amp_dtype", amp_dtype)
+
+
 class FakeCuda:
     """CUDA GPUs on a machine without one, for the tests of what picks and sets up a GPU.
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import train
-from helpers import assert_clean_error, call, load, make_tree, stop_after_step, train_argv
+from helpers import assert_clean_error, call, fp16_on_the_cpu, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet
 from plumbing import device as dev
 from training import data, run_state, step
@@ -29,20 +29,6 @@ def tree(tmp_path_factory):
 def tiny(tree, out, *extra, amp="auto", epochs=2, batch_size=4):
     return train_argv(tree, out, "--image-size", 32, "--val-resize", 40, *extra, amp=amp, epochs=epochs,
                       batch_size=batch_size)
-
-
-def fp16_on_the_cpu(monkeypatch):
-    """--amp fp16, and --amp auto, take fp16 on the CPU for this test, as on a GPU without native bf16.
-    Users are refused --amp fp16 on a CPU (a GPU's mode, slow there); the suite runs that path on the
-    CPU, where torch's fp16 autocast and GradScaler("cpu") work as CUDA's do."""
-    chosen = dev.amp_dtype
-
-    def amp_dtype(device, amp="auto", cpu_flags=None):
-        if device.type == "cpu" and amp in ("auto", "fp16"):
-            return torch.float16
-        return chosen(device, amp, cpu_flags)
-
-    monkeypatch.setattr(dev, "amp_dtype", amp_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
