@@ -137,7 +137,8 @@ def get_args_parser():
                    help="unreadable image files: skip and list them, or stop with an error naming the first")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision. auto: on CUDA bf16 where supported, else fp16; on a CPU bf16 "
+                   help="mixed precision. auto: on CUDA bf16 where the GPU has it natively (Ampere and later), "
+                        "else fp16 with loss scaling; on a CPU bf16 "
                         "where it has native bf16 (avx512_bf16, amx_bf16), else fp32. off: fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format: faster convolutions on CPUs and tensor cores")
@@ -278,18 +279,19 @@ def main(args, given, cleanup):
                                          args.label_smoothing)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
-        return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
+        with data.worker_failures():
+            return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
 
     plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
             else schedule.fixed_plan(args.epochs or 25))
     training = build_training(args, run, model, forward, criterion, plan)
     progress = run_state.Progress(plan=plan)
     if resume is not None:
-        progress = run_state.restore_training(resume, args.resume, training.state, rank, plan)
+        progress = run_state.restore_training(resume, args.resume, training.state, rank, placement.device, plan)
         for loader in (loaders.train, loaders.val):
             loader.dataset.mark_unreadable(progress.bad_images)
         log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
-            f"best {args.best_metric} {progress.best_score:.3f}")
+            f"best {args.best_metric} {progress.best_score:.3f}; it continues {run_state.resume_promise(run.device)}")
     distributed.run_on_main(placement.device, write_class_indices, args, found.classes)
     steps_per_epoch = math.ceil(loaders.train.sampler.epoch_length / args.batch_size)
     tensorboard = None
@@ -298,7 +300,11 @@ def main(args, given, cleanup):
         tensorboard = distributed.run_on_main(placement.device, open_tensorboard, args.output_dir, next_step)
     run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, started=started,
                               time_before=plan.elapsed_s)
-    return fit(run, training, loaders, progress)
+    try:
+        with data.worker_failures():
+            return fit(run, training, loaders, progress)
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(run, progress) from e
 
 
 def fit(run, training, loaders, progress):
@@ -420,6 +426,18 @@ def train_one_epoch(training, loaders, run, progress):
         [progress.loss_sum, progress.seen, images_timed, progress.correct], run.device)
     accuracy = correct / max(seen, 1) if training.mix is None else None
     return step.EpochResult(loss_sum / max(seen, 1), accuracy, timed / max(clock() - start, 1e-9))
+
+
+def out_of_memory(run, progress):
+    """The line that torch.OutOfMemoryError in training ends with: the options that need less memory
+    (each changes what the run computes, so a new run), and what this one kept."""
+    args = run.args
+    saved = args.resume or progress.epoch > 0 or (args.save_every and progress.step >= args.save_every)
+    kept = (f"{run.last_path} keeps the run as last saved ({run_state.resume_command(run.last_path)} continues "
+            "it as it was, where more memory is free)" if saved else "nothing was saved yet")
+    return TrainingError(f"out of memory on {run.device} in epoch {progress.epoch + 1} with --batch-size "
+                         f"{args.batch_size}: start a new run with a smaller --batch-size, --micro-batch N (each "
+                         f"step in chunks of N images) or a smaller --image-size; {kept}")
 
 
 def epoch_bar(loader, crop, run, progress):
@@ -606,7 +624,7 @@ def open_tensorboard(output_dir, next_step):
 def save_last(run, state, progress):
     """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
     progress.plan.elapsed_s = run.elapsed()
-    rngs = distributed.all_gather(run_state.capture_rng_state(), run.device)
+    rngs = distributed.all_gather(run_state.capture_rng_state(run.device), run.device)
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 

@@ -64,8 +64,8 @@ def _named_device(name, local_rank):
         if device.index is not None and local_rank is not None and processes > 1:
             raise DeviceError(f"--device {name} with {processes} processes (torchrun): each process takes the GPU "
                               "of its LOCAL_RANK; pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
-        if device.index is None and local_rank is not None:
-            device = torch.device("cuda", local_rank)
+        if device.index is None:  # torch.cuda.set_device takes a GPU, not 'cuda': LOCAL_RANK's, else the current
+            device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
@@ -105,14 +105,16 @@ def cpu_bf16_flags(capabilities=None):
 def amp_dtype(device, amp="auto", cpu_flags=None):
     """Mixed-precision dtype, or None for plain fp32.
 
-    CUDA: bf16 where the GPU has it, else fp16 (with a GradScaler). A CPU: bf16 only where it has
+    CUDA: bf16 where the GPU computes it natively (compute capability 8.0 on: Ampere and later), else
+    fp16 with a GradScaler; older GPUs emulate bf16, slowly, and torch counts that unless asked for
+    native support only. A CPU: bf16 only where it has
     native bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 runs many times slower than
     fp32, so 'auto' keeps fp32 and an explicit 'bf16' is obeyed but warned about (see describe_precision).
     """
     if amp == "off":
         return None
     if device.type == "cuda":
-        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
             return torch.bfloat16
         return torch.float16
     if device.type == "cpu":
@@ -128,13 +130,17 @@ def amp_dtype(device, amp="auto", cpu_flags=None):
 def describe_precision(device, dtype, cpu_flags=None):
     """The start-up line's words for the precision, and a warning for bf16 on a CPU without it."""
     name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        native = "native bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no native bf16"
+        return f"{name} (GPU of compute capability {major}.{minor}: {native})", None
     if device.type != "cpu":
         return name, None
     flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
     if flags:
         return f"{name} (CPU has native bf16: {', '.join(flags)})", None
     warning = None
-    if dtype is not None:
+    if dtype == torch.bfloat16:
         warning = ("warning: --amp bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16): "
                    "it runs many times slower than fp32; use --amp auto")
     return f"{name} (CPU has no native bf16)", warning

@@ -85,6 +85,10 @@ def init():
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
+        if max(processes, local_rank + 1) > gpus:  # every process of the machine sees it: all end here, none waits
+            raise UserError(f"torchrun started {processes} processes on this machine, which has {gpus} GPU(s): "
+                            f"pass --nproc-per-node {gpus} or fewer (one process per GPU)")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
     return rank, world_size, local_rank

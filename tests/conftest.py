@@ -1,6 +1,7 @@
 """Put the repo root on sys.path so tests can import the top-level modules (model, train, ...); the
 one small trained run and its ONNX export that many test files share; and the suite's disk use kept
 to about one module's worth."""
+import functools
 import os
 import shutil
 import signal
@@ -21,6 +22,20 @@ def keep_signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """helpers.FakeCuda's maker: fake_cuda(count=2, capability=(7, 0)) gives this test that many GPUs.
+    The flags that device.tune_backends turns on for a GPU are put back afterwards (monkeypatch cannot:
+    torch keeps them in C++, behind properties)."""
+    import torch
+
+    from helpers import FakeCuda
+
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield functools.partial(FakeCuda, monkeypatch)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -268,3 +268,87 @@ def needs(*packages, why="requirements-dev.txt"):
     collecting the tests (python -m pytest -m quick) never pays for importing gradio or onnx."""
     missing = [p for p in packages if importlib.util.find_spec(p) is None]
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} ({why})")
+
+
+def fp16_on_the_cpu(monkeypatch):
+    """--amp fp16, and --amp auto, take fp16 on the CPU for this test, as on a GPU without native bf16.
+    Users are refused --amp fp16 on a CPU (a GPU's mode, slow there); the suite runs that path on the
+    CPU, where torch's fp16 autocast and GradScaler("cpu") work as CUDA's do."""
+    import torch
+
+    from plumbing import device as dev
+
+    chosen = dev.amp_dtype
+
+    def amp_dtype(device, amp="auto", cpu_flags=None):
+        if device.type == "cpu" and amp in ("auto", "fp16"):
+            return torch.float16
+        return chosen(device, amp, cpu_flags)
+
+    monkeypatch.setattr(dev, "amp_dtype", amp_dtype)
+
+
+class FakeCuda:
+    """CUDA GPUs on a machine without one, for the tests of what picks and sets up a GPU.
+
+    Only what the driver answers is faked: how many GPUs there are (torch._C._cuda_getDeviceCount, and
+    NVML's count), the driver's initialisation (which makes one random number generator per GPU and the
+    device properties: the compute capability), the current device (torch._C._cuda_setDevice,
+    _cuda_getDevice, which refuse an ordinal the machine lacks as the driver does), and the probe that
+    tries a bf16 tensor (pre-Ampere cards emulate bf16). Everything torch does before the driver stays
+    torch's own: torch.cuda.set_device's argument rules (torch.cuda._utils._get_device_index),
+    is_available, device_count, current_device, is_bf16_supported, get_rng_state and set_rng_state. A
+    kernel or an allocation on the GPU still fails, as it would on this machine.
+
+    Made with pytest's monkeypatch, which puts torch's state back when the test ends; conftest.py's
+    fake_cuda fixture also puts back the backend flags that device.tune_backends sets for a GPU."""
+
+    def __init__(self, monkeypatch, count=1, capability=(8, 0), emulates_bf16=True):
+        import types
+
+        import torch
+
+        self.count, self.capability, self.current = count, capability, 0
+        self.set_devices = []  # every index torch.cuda.set_device handed to the driver
+        self._torch, self._namespace = torch, types.SimpleNamespace
+        patch = monkeypatch.setattr
+        patch(torch._C, "_cuda_getDeviceCount", lambda: self.count)
+        patch(torch.cuda, "_device_count_nvml", lambda: self.count)
+        patch(torch._C, "_cuda_init", self._init)
+        patch(torch._C, "_cuda_setDevice", self._set_device)
+        patch(torch._C, "_cuda_getDevice", self._get_device)
+        patch(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulates_bf16)
+        # what the driver's initialisation sets, and torch's record of it: all put back afterwards
+        patch(torch.cuda, "_get_device_properties", None, raising=False)
+        patch(torch.cuda, "default_generators", ())
+        patch(torch.cuda, "_initialized", False)
+        patch(torch.cuda, "_queued_calls", [])
+        patch(torch.cuda, "_cached_device_count", None)
+        patch(torch.cuda, "_lazy_seed_tracker", torch.cuda._LazySeedTracker())
+
+    def _init(self):
+        torch = self._torch
+        if self.count == 0:
+            raise RuntimeError("No CUDA GPUs are available")
+        torch.cuda.default_generators = tuple(torch.Generator() for _ in range(self.count))
+        torch.cuda._get_device_properties = self._properties
+
+    def _properties(self, index):
+        major, minor = self.capability
+        return self._namespace(name="fake GPU", major=major, minor=minor, total_memory=16 * 2 ** 30)
+
+    def _check_ordinal(self, index):
+        if not isinstance(index, int):  # the C++ binding takes an int and nothing else
+            raise TypeError(f"invalid argument to setDevice: {index!r}")
+        if not 0 <= index < self.count:
+            raise self._torch.AcceleratorError("CUDA error: invalid device ordinal")
+
+    def _set_device(self, index):
+        self._torch.cuda._lazy_init()  # the binding initialises CUDA first, as the real one does
+        self._check_ordinal(index)
+        self.set_devices.append(index)
+        self.current = index
+
+    def _get_device(self):
+        self._torch.cuda._lazy_init()
+        return self.current

@@ -116,13 +116,13 @@ def test_last_pth_round_trips_the_training_state_and_the_random_generators(tmp_p
                                   bad_images=["x.jpg"], plan=schedule.fixed_plan(4))
     record = ckpt.Record(["a", "b", "c"], "paper", (32, 32), images.Preprocessing(40, 40), None, {})
     random.seed(7)
-    rngs = [run_state.capture_rng_state()]
+    rngs = [run_state.capture_rng_state(CPU)]
     expected_draws = (random.random(), torch.rand(3))
     path = tmp_path / "last.pth"
     run_state.save_training(str(path), record, state, progress, rngs)
 
     fresh = training_state(1)
-    restored = run_state.restore_training(ckpt.load_checkpoint(str(path)), str(path), fresh, 0,
+    restored = run_state.restore_training(ckpt.load_checkpoint(str(path)), str(path), fresh, 0, CPU,
                                           schedule.fixed_plan(4))
     assert random.random() == expected_draws[0] and torch.equal(torch.rand(3), expected_draws[1])  # the same draws
     assert restored == progress
@@ -136,9 +136,9 @@ def test_last_pth_round_trips_the_training_state_and_the_random_generators(tmp_p
 
     budget_run = dict(ckpt.load_checkpoint(str(path)), plan=schedule.budget_plan(0.2).to_dict())
     with pytest.raises(ckpt.CheckpointError, match="is a --time-budget run: resume it with --time-budget 0.2"):
-        run_state.restore_training(budget_run, str(path), training_state(2), 0, schedule.fixed_plan(4))
+        run_state.restore_training(budget_run, str(path), training_state(2), 0, CPU, schedule.fixed_plan(4))
     with pytest.raises(ckpt.CheckpointError, match="was not a --time-budget run: resume it without --time-budget"):
-        run_state.restore_training(ckpt.load_checkpoint(str(path)), str(path), training_state(2), 0,
+        run_state.restore_training(ckpt.load_checkpoint(str(path)), str(path), training_state(2), 0, CPU,
                                    schedule.budget_plan(0.2))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from helpers import assert_clean_error, call, train_argv
+from helpers import assert_clean_error, call, make_tree, train_argv
 from inference import images
 from model import GoogLeNet
 from plumbing import device as dev
@@ -119,15 +119,24 @@ def test_the_start_up_line_names_the_precision(small_run, tmp_path, monkeypatch,
 # the CUDA-only choices, checked on a machine without a GPU
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.quick
-def test_cuda_precision_choice(monkeypatch):
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert dev.amp_dtype(cuda, "auto") is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
-    assert dev.amp_dtype(cuda, "auto") is torch.float16
-    assert dev.amp_dtype(cuda, "bf16") is torch.bfloat16
-    assert dev.amp_dtype(cuda, "fp16") is torch.float16
-    assert dev.amp_dtype(cuda, "off") is None
+@pytest.mark.parametrize("capability,card,expected", [
+    ((7, 0), "V100", torch.float16), ((7, 5), "T4, RTX 20xx", torch.float16),
+    ((8, 0), "A100", torch.bfloat16), ((8, 6), "RTX 30xx", torch.bfloat16), ((9, 0), "H100", torch.bfloat16)])
+def test_cuda_precision_follows_native_bf16(fake_cuda, capability, card, expected):
+    """--amp auto: bf16 where the GPU computes it natively (compute capability 8.0 on, Ampere), fp16 with
+    loss scaling before. Older cards emulate bf16, so torch.cuda.is_bf16_supported() answers yes for
+    them by default (faked here as the driver answers: the emulation probe succeeds), and they would
+    run a slow emulated bf16 instead of fp16."""
+    gpus = fake_cuda(capability=capability)
+    assert torch.cuda.is_bf16_supported()  # the default answer counts emulation: yes on every card here
+    placement = dev.place("cuda", "auto")
+    assert placement.device == torch.device("cuda", 0) and gpus.set_devices == [0]
+    assert placement.amp_dtype is expected, card
+    assert dev.grad_scaler(placement.device, placement.amp_dtype).is_enabled() == (expected is torch.float16)
+    native = "native bf16" if expected is torch.bfloat16 else "no native bf16"
+    assert placement.precision.endswith(f"(GPU of compute capability {capability[0]}.{capability[1]}: {native})")
+    for amp, forced in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("off", None)):
+        assert dev.amp_dtype(placement.device, amp) is forced
 
 
 @pytest.mark.quick
@@ -156,21 +165,27 @@ def test_loader_workers_by_device():
 
 
 @pytest.mark.quick
-def test_cuda_device_choice(monkeypatch):
-    chosen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+def test_cuda_device_choice(fake_cuda, monkeypatch):
+    """The real place() and pick_device(), through torch's own torch.cuda.set_device and its argument
+    rules: only the driver is faked. 'cuda' alone names no GPU, and set_device refuses it."""
+    gpus = fake_cuda(count=2, capability=(8, 0))
+    with pytest.raises(ValueError, match="Expected a torch.device with a specified index"):
+        torch.cuda.set_device(torch.device("cuda"))  # the rule the fake keeps
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert dev.pick_device("auto") == torch.device("cuda")
+    for name in ("auto", "cuda", "cuda:0"):
+        placement = dev.place(name)
+        assert placement.device == torch.device("cuda", 0), name
+        assert torch.cuda.current_device() == 0
     assert dev.pick_device("cuda:1") == torch.device("cuda", 1)  # asked for by name, one process
+    assert torch.cuda.current_device() == 1
+    assert dev.pick_device("cuda") == torch.device("cuda", 1)  # 'cuda': torch's current GPU
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert dev.pick_device("cuda:1", local_rank=0) == torch.device("cuda", 1)  # torchrun of one process
+    assert dev.pick_device("cuda:0", local_rank=0) == torch.device("cuda", 0)  # torchrun of one process
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert dev.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK
-    assert dev.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
-    assert chosen == [torch.device("cuda"), torch.device("cuda", 1), torch.device("cuda", 1), torch.device("cuda", 1),
-                      torch.device("cuda", 1)]
+    for name in ("auto", "cuda"):  # torchrun's LOCAL_RANK
+        assert dev.place(name, local_rank=1).device == torch.device("cuda", 1)
+        assert torch.cuda.current_device() == 1
+    assert gpus.set_devices == [0, 0, 0, 1, 1, 0, 1, 1]
     # by name with several processes: every process would take GPU 0
     with pytest.raises(dev.DeviceError, match=r"^--device cuda:0 with 2 processes \(torchrun\): each process takes "
                                               "the GPU of its LOCAL_RANK; pass --device cuda"):
@@ -178,7 +193,21 @@ def test_cuda_device_choice(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(dev.DeviceError, match="2 GPU"):
         dev.pick_device("cuda:2")
-    assert len(chosen) == 5
+    assert len(gpus.set_devices) == 8
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_train_on_a_gpu_gets_past_the_device_set_up(fake_cuda, tmp_path, capsys, device):
+    """python train.py --device cuda (and the default, auto) with a GPU: torch's real set_device takes
+    the device, the start-up line names it, and the run goes on until its first real allocation on
+    the GPU, which this machine cannot make."""
+    fake_cuda(count=1, capability=(8, 0))
+    argv = train_argv(make_tree(tmp_path / "data", n_train=1, n_val=1), tmp_path / "out", amp="auto")
+    argv[argv.index("--device") + 1] = device
+    with pytest.raises(RuntimeError, match="NVIDIA driver"):  # the first tensor put on the GPU
+        train.run(argv)
+    assert "device cuda:0, bf16 autocast" in capsys.readouterr().out
 
 
 @pytest.mark.quick

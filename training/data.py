@@ -560,6 +560,33 @@ def machine_cache(count, capacity, writers_per_process, device):
     return shared, local_rank * writers_per_process
 
 
+@contextlib.contextmanager
+def worker_failures():
+    """A loader worker that dies for want of shared memory ends the command in one line. Workers hand
+    their batches over through /dev/shm, which Docker makes 64 MB unless told otherwise; a worker that
+    finds it full dies of a bus error, which torch reports as a RuntimeError whose cause says so."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not out_of_shared_memory(e):
+            raise
+        raise DataError("a data loader worker ran out of shared memory (/dev/shm, 64 MB in a Docker container "
+                        "by default): pass --workers 0 to load in the main process, or give the container more "
+                        "(docker run --shm-size 8g ...)") from e
+
+
+def out_of_shared_memory(error):
+    """Whether error (or what caused it) is a DataLoader worker's bus error or full /dev/shm."""
+    text = ""
+    for _ in range(4):  # torch's "exited unexpectedly" holds the worker's own error as its cause
+        if error is None:
+            break
+        text += str(error) + "\n"
+        error = error.__cause__ or error.__context__
+    return "DataLoader worker" in text and any(
+        sign in text for sign in ("Bus error", "shared memory", "No space left on device"))
+
+
 def make_loader(dataset, sampler, batch_size, workers, device):
     return DataLoader(
         dataset,

@@ -1,5 +1,6 @@
-"""What last.pth adds to a checkpoint so that --resume continues a run bit for bit: the training
-objects' state, where the run stands (Progress), and every process's random number generators."""
+"""What last.pth adds to a checkpoint so that --resume continues a run bit for bit (on a CPU; on a GPU
+within float rounding, see resume_promise): the training objects' state, where the run stands
+(Progress), and every process's random number generators."""
 import argparse
 import os
 import random
@@ -75,8 +76,8 @@ def save_training(path, record, state, progress, rngs):
                     "the previous file is intact; free some disk space and resume from it")
 
 
-def restore_training(resume, path, state, rank, plan):
-    """Put last.pth's state back into the training objects and this process's RNGs; the Progress.
+def restore_training(resume, path, state, rank, device, plan):
+    """Put last.pth's state back into the training objects and this process's RNGs (device: its own); the Progress.
     A --time-budget run's saved plan is loaded into plan (which the learning-rate schedule holds);
     any other keeps the plan of this session's --epochs."""
     load_weights(state.model, resume["model"], path)
@@ -86,8 +87,9 @@ def restore_training(resume, path, state, rank, plan):
         state.ema.load_state_dict(resume["model_ema"])
     state.optimizer.load_state_dict(resume["optimizer"])
     state.scheduler.load_state_dict(resume["scheduler"])
-    state.scaler.load_state_dict(resume["scaler"])
-    restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+    if resume["scaler"]:  # empty from a run without fp16 (--amp auto chose bf16 or fp32 where it ran): a new scale
+        state.scaler.load_state_dict(resume["scaler"])
+    restore_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0], device)
     saved_plan = resume.get("plan")
     if plan.budget_s:
         if not saved_plan or not saved_plan["budget_s"]:
@@ -174,18 +176,31 @@ def resume_command(last_path):
     return f"python train.py --resume {shlex.quote(last_path)}"  # quoted: paths may hold spaces
 
 
-def capture_rng_state():
+def capture_rng_state(device):
+    """This process's generators: Python's, the CPU's, and that of its own GPU (device) only, so that
+    a run resumes on a machine with fewer GPUs (one process on cuda:0 of a 4-GPU machine, say)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state):
+def restore_rng_state(state, device):
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    gpu = state.get("cuda") if device.type == "cuda" else None
+    if isinstance(gpu, list):  # a last.pth from before: every GPU's state, in the order of their indices
+        gpu = gpu[device.index] if device.index < len(gpu) else None
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu, device)
+
+
+def resume_promise(device):
+    """How closely a resumed run follows the uninterrupted one, for the resuming line."""
+    if device.type == "cpu":
+        return "bit for bit"
+    return ("not bit for bit on a GPU: the fastest kernels are picked afresh (cudnn.benchmark) and some add "
+            "in a varying order, so the weights drift apart within float rounding")
 
 
 def _as_tuple(x):
