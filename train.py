@@ -604,18 +604,6 @@ def save_last(run, state, progress):
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
-def given_options(parser, argv):
-    """{option: value} of the options typed on the command line (argv), defaults left out."""
-    defaults = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return vars(parser.parse_args(argv))
-    finally:
-        for action in parser._actions:
-            action.default = defaults[action.dest]
-
-
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -627,7 +615,8 @@ def run(argv=None):
             parser.error(f"--calibrate fits the temperature on fp32 logits: leave out --amp {args.amp}")
         args.amp = "off"
     with contextlib.ExitStack() as cleanup:
-        return options.run_command(functools.partial(main, given=given_options(parser, argv), cleanup=cleanup), args)
+        given = options.given_options(parser, argv)
+        return options.run_command(functools.partial(main, given=given, cleanup=cleanup), args)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ def softmax(logits, temperature=1.0):
 
 
 def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print,
-                    runtime="onnxruntime"):
-    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in `runtime`)."""
+                    runtime="onnxruntime", loaded=None):
+    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in `runtime`). loaded:
+    the checkpoint dict of a .pth file its caller has read already (it is read once)."""
     if weights.lower().endswith(".onnx"):
         if not os.path.isfile(weights):
             raise PredictionError(f"weights file {weights} does not exist: export one with "
@@ -77,7 +78,8 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
     placement = dev.place(device, amp)
     if placement.warning:
         warn(placement.warning)
-    loaded = ckpt.load_checkpoint(weights)
+    if loaded is None:
+        loaded = ckpt.load_checkpoint(weights)
     model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device, loaded)
     return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model,
                       calibration.of_checkpoint(loaded))
