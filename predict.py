@@ -58,7 +58,8 @@ def get_args_parser():
     p.add_argument("--sort-into", default=None, metavar="OUT_DIR",
                    help="also put each photo into OUT_DIR/<class>/, as a hard link (a copy where the file system "
                         "has none); the photos are never moved or changed, a name already taken gets a suffix, and "
-                        "a photo already there is not added again. OUT_DIR lies outside the folders of photos given")
+                        "a photo already there is not added again. OUT_DIR lies outside the folders of photos given "
+                        "and the folders that hold the photos given by name")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="threads that decode images ahead of the model (default: 1 on a CPU, none for a "
@@ -135,14 +136,16 @@ def main(args):
 
 
 def check_sort_folder_outside(sort_into, paths):
-    """A --sort-into folder inside a folder of photos given would be read as more photos by every
-    later run over that folder (each photo twice, once as its link): refused."""
+    """A --sort-into folder inside the folder of photos given (a folder given, or the folder that
+    holds a photo given by name) would be read as more photos by every later run over that folder
+    (each photo twice, once as its link): refused."""
     sorted_folder = os.path.realpath(sort_into)
     for path in paths:
-        if os.path.isdir(path) and images.inside(sorted_folder, os.path.realpath(path)):
-            raise PredictionError(f"--sort-into {sort_into} lies inside {path}, the photos' own folder: a later run "
-                                  f"over {path} would count each sorted photo twice; pass a --sort-into folder "
-                                  f"outside {path}")
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or os.getcwd()
+        if images.inside(sorted_folder, os.path.realpath(folder)):
+            raise PredictionError(f"--sort-into {sort_into} lies inside {folder}, the photos' own folder: a later run "
+                                  f"over {folder} would count each sorted photo twice; pass a --sort-into folder "
+                                  f"outside {folder}")
 
 
 def outside_sorted_folder(files, sort_into):

@@ -240,7 +240,7 @@ def noise_image(path, seed=5):
 
 
 def test_predict_answers_unknown_below_the_threshold(run, tmp_path):
-    noise = noise_image(tmp_path / "noise.png")
+    noise = noise_image(tmp_path / "photos" / "noise.png")  # a folder of its own: --sort-into lies outside it
     photo = run["val_files"][0]
     out = tmp_path / "p.csv"
     code, stdout, err = call(predict, [*FP32, noise, photo, "--weights", run["best"], "--min-confidence", 0.99,

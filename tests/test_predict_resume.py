@@ -164,3 +164,23 @@ def test_sort_into_inside_the_photos_folder_is_refused(photos, tmp_path, inside)
     assert code == 0, err
     assert len(rows_of(tmp_path / "q.csv")) == 13
 
+
+
+def test_sort_into_inside_the_folder_of_photos_given_one_by_one_is_refused(photos, tmp_path):
+    """predict.py photos/one/*.jpg --sort-into photos/one/sorted: the same trap as the folder given
+    whole, since a later run over photos/one would read the links as photos."""
+    files = sorted(str(p) for p in (photos / "one").iterdir())
+    sort_into = str(photos / "one" / "sorted")
+    before = sorted(photos.rglob("*"))
+    code, out, err = run_predict(*files, "--output", tmp_path / "p.csv", "--sort-into", sort_into)
+    assert_clean_error(code, err, f"--sort-into {sort_into}", str(photos / "one"), "outside")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(photos.rglob("*")) == before and not (tmp_path / "p.csv").exists()
+
+    code, _, err = run_predict(photos / "one", "--output", tmp_path / "q.csv")  # a later run sees the 6 photos
+    assert code == 0, err
+    assert len(rows_of(tmp_path / "q.csv")) == 7
+
+    code, out, err = run_predict(*files, "--sort-into", tmp_path / "sorted")  # outside their folder: sorted
+    assert code == 0, err
+    assert "6 photos sorted into" in out
