@@ -34,7 +34,6 @@ from inference.classify import (
     write_output,
 )
 from plumbing import options
-from plumbing.atomic import SaveError
 
 # More photos than this with --output or --sort-into: a progress bar on stderr instead of the table
 TABLE_ROWS = 50
@@ -127,7 +126,8 @@ def main(args):
     classifier = load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                  warn=lambda line: print(line, file=sys.stderr), runtime=args.runtime)
     classifier.calibration = classifier.calibration.with_min_confidence(args.min_confidence)
-    rows = CsvOutput(args.output, classifier.classes) if args.output and args.output.lower().endswith(".csv") else None
+    csv_output = args.output and args.output.lower().endswith(".csv")
+    rows = CsvOutput(args.output, classifier.classes, files) if csv_output else None
     try:
         return classify(args, classifier, files, rows)
     finally:
@@ -198,11 +198,7 @@ def classify(args, classifier, files, rows):
                     errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold))
                                   for f, p in zip(good_files, good_probabilities, strict=True))
                 if rows:
-                    try:
-                        rows.append(good_files, classes, good_probabilities, threshold)
-                    except SaveError as e:  # a full disk: what the file holds, and how to go on
-                        raise SaveError(e.path, e, f"{len(done) + rows.written:,} of {len(files):,} photos are in "
-                                        "it; free some disk space and run the same command again to continue") from e
+                    rows.append(good_files, classes, good_probabilities, threshold)  # full disk: SaveError
                 if streamed_table and good_files:
                     print_table(good_files, classes, good_probabilities, threshold, width=max(map(len, todo)),
                                 header=not table_started)

@@ -201,7 +201,6 @@ def write_output(path, files, classes, probabilities, min_confidence=0.0):
     atomic_write_text(path, text)
 
 
-CONTINUE_HINT = "free some disk space and run the same command again: it continues after the rows already written"
 
 
 class CsvOutput:
@@ -212,10 +211,11 @@ class CsvOutput:
     done: {photo: class} of the rows already in the file when it was opened, each photo by its
     resolved path (photos/a.jpg, ./photos/a.jpg and its absolute path are one photo: classes_of
     looks files up that way); torn: whether its last row had been cut short (a kill mid-write) and
-    was cut off, so that its photo is classified again."""
+    was cut off, so that its photo is classified again. photos: the run's photos, which the message
+    of a failed write counts ("7 of 24 photos are in it"); without them it counts the file's rows."""
 
-    def __init__(self, path, classes):
-        self.path, self.header = path, csv_header(classes)
+    def __init__(self, path, classes, photos=None):
+        self.path, self.header, self.photos = path, csv_header(classes), photos
         self.done, self.torn, self.written = {}, False, 0
         self._real_folders = {}  # resolving each row's folder once: a big table has many rows per folder
         if os.path.isfile(path) and os.path.getsize(path) > 0:
@@ -287,9 +287,17 @@ class CsvOutput:
                 os.ftruncate(self.file.fileno(), self.end)
             except OSError:
                 pass  # the next run drops a row cut short
-            raise SaveError(self.path, e, CONTINUE_HINT) from e
+            raise SaveError(self.path, e, self.continue_hint()) from e
         self.end += size
         self.written += len(files)
+
+    def continue_hint(self):
+        """What a failed write leaves in the file, and how to go on: the one message of that failure."""
+        if self.photos is None:
+            held = f"{len(self.done) + self.written:,} photos"
+        else:
+            held = f"{len(self.classes_of(self.photos)) + self.written:,} of {len(self.photos):,} photos"
+        return f"{held} are in it; free some disk space and run the same command again to continue"
 
     def close(self):
         try:

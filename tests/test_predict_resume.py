@@ -148,6 +148,32 @@ def test_a_failed_write_is_one_error_and_closing_adds_none(tmp_path):
     assert [row[0] for row in rows_of(path)[1:]] == ["a.jpg"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_one_message_with_the_row_counts_whoever_writes(photos, tmp_path, monkeypatch):
+    """The disk fills after the first batch: predict.py's last line is CsvOutput's own message,
+    which counts the photos in the file, not a second wording of it."""
+    raised = []
+    real_append = classify.CsvOutput.append
+
+    def append(self, *args, **kwargs):
+        if self.written:  # every write from the second batch on fails with ENOSPC
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, self.file.fileno())
+            os.close(full)
+        try:
+            return real_append(self, *args, **kwargs)
+        except SaveError as e:
+            raised.append(e)
+            raise
+
+    monkeypatch.setattr(classify.CsvOutput, "append", append)
+    output = tmp_path / "p.csv"
+    code, _, err = run_predict(photos, "--output", output)
+    (error,) = raised
+    assert_clean_error(code, err, str(output), "4 of 12 photos are in it", "run the same command again")
+    assert err.strip() == f"error: {error}"
+
+
 # ---------------------------------------------------------------------------------------------
 # 14. --sort-into inside the photos' folder
 # ---------------------------------------------------------------------------------------------
