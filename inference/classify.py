@@ -201,8 +201,6 @@ def write_output(path, files, classes, probabilities, min_confidence=0.0):
     atomic_write_text(path, text)
 
 
-
-
 class CsvOutput:
     """A predictions .csv that grows a batch at a time, each batch written whole or not at all: a run
     stopped at any moment leaves every row written before, and a run with the same file skips the
