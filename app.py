@@ -22,6 +22,7 @@ to fetch, is refused like a file that is no photo, with one line in the log.
 import argparse
 import base64
 import collections
+import functools
 import importlib.util
 import io
 import math
@@ -76,8 +77,11 @@ def get_args_parser():
     p.add_argument("--review", action="store_true",
                    help="serve the data review page instead: --data-path's suspect labels, copies, train/val "
                         "leakage and unreadable files, kept, relabelled or excluded with a key press into "
-                        "DIR/review.csv, which train.py applies (--weights: optional, for the model's view)")
-    p.add_argument("--data-path", default=None, metavar="DIR", help="with --review: the data folder, as train.py's")
+                        "DIR/review.csv, which train.py applies (with the model's view where --weights exists: "
+                        "the default file may be missing); --examples, --max-upload-mb and --cam-layer are the "
+                        "classify page's and refused with it")
+    p.add_argument("--data-path", default=None, metavar="DIR",
+                   help="with --review (and only with it): the data folder, as train.py's")
     return p
 
 
@@ -321,7 +325,9 @@ def build_page(demo, folder, examples=None):
     return page
 
 
-def main(args):
+def main(args, given=()):
+    """given: the options typed on the command line; one the page served would not use is refused."""
+    refuse_unused_options(args, given)
     if importlib.util.find_spec("gradio") is None:
         raise UserError(MISSING)
     if args.review:  # the data review page: data_set/review_page.py
@@ -365,8 +371,24 @@ def main(args):
     return 0
 
 
+CLASSIFY_PAGE_ONLY = ("--examples", "--max-upload-mb", "--cam-layer")  # options --review's page has no use for
+
+
+def refuse_unused_options(args, given):
+    if args.review:
+        unused = [o for o in CLASSIFY_PAGE_ONLY if o[2:].replace("-", "_") in given]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: {'an option' if len(unused) == 1 else 'options'} of the classify "
+                            f"page, which --review does not serve: leave {'it' if len(unused) == 1 else 'them'} out")
+    elif "data_path" in given:
+        raise UserError("--data-path is the folder of the data review page: add --review to review it, or leave "
+                        "--data-path out for the classify page")
+
+
 def run(argv=None):
-    return options.run_command(main, get_args_parser().parse_args(argv))
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    return options.run_command(functools.partial(main, given=options.given_options(parser, argv)), args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from inference.classify import (
     write_output,
 )
 from plumbing import options
-from plumbing.atomic import SaveError
 
 # More photos than this with --output or --sort-into: a progress bar on stderr instead of the table
 TABLE_ROWS = 50
@@ -58,7 +57,8 @@ def get_args_parser():
     p.add_argument("--sort-into", default=None, metavar="OUT_DIR",
                    help="also put each photo into OUT_DIR/<class>/, as a hard link (a copy where the file system "
                         "has none); the photos are never moved or changed, a name already taken gets a suffix, and "
-                        "a photo already there is not added again. OUT_DIR lies outside the folders of photos given")
+                        "a photo already there is not added again. OUT_DIR lies outside the folders of photos given "
+                        "and the folders that hold the photos given by name")
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="threads that decode images ahead of the model (default: 1 on a CPU, none for a "
@@ -126,7 +126,8 @@ def main(args):
     classifier = load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                  warn=lambda line: print(line, file=sys.stderr), runtime=args.runtime)
     classifier.calibration = classifier.calibration.with_min_confidence(args.min_confidence)
-    rows = CsvOutput(args.output, classifier.classes) if args.output and args.output.lower().endswith(".csv") else None
+    csv_output = args.output and args.output.lower().endswith(".csv")
+    rows = CsvOutput(args.output, classifier.classes, files) if csv_output else None
     try:
         return classify(args, classifier, files, rows)
     finally:
@@ -135,14 +136,16 @@ def main(args):
 
 
 def check_sort_folder_outside(sort_into, paths):
-    """A --sort-into folder inside a folder of photos given would be read as more photos by every
-    later run over that folder (each photo twice, once as its link): refused."""
+    """A --sort-into folder inside the folder of photos given (a folder given, or the folder that
+    holds a photo given by name) would be read as more photos by every later run over that folder
+    (each photo twice, once as its link): refused."""
     sorted_folder = os.path.realpath(sort_into)
     for path in paths:
-        if os.path.isdir(path) and images.inside(sorted_folder, os.path.realpath(path)):
-            raise PredictionError(f"--sort-into {sort_into} lies inside {path}, the photos' own folder: a later run "
-                                  f"over {path} would count each sorted photo twice; pass a --sort-into folder "
-                                  f"outside {path}")
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or os.getcwd()
+        if images.inside(sorted_folder, os.path.realpath(folder)):
+            raise PredictionError(f"--sort-into {sort_into} lies inside {folder}, the photos' own folder: a later run "
+                                  f"over {folder} would count each sorted photo twice; pass a --sort-into folder "
+                                  f"outside {folder}")
 
 
 def outside_sorted_folder(files, sort_into):
@@ -195,11 +198,7 @@ def classify(args, classifier, files, rows):
                     errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold))
                                   for f, p in zip(good_files, good_probabilities, strict=True))
                 if rows:
-                    try:
-                        rows.append(good_files, classes, good_probabilities, threshold)
-                    except SaveError as e:  # a full disk: what the file holds, and how to go on
-                        raise SaveError(e.path, e, f"{len(done) + rows.written:,} of {len(files):,} photos are in "
-                                        "it; free some disk space and run the same command again to continue") from e
+                    rows.append(good_files, classes, good_probabilities, threshold)  # full disk: SaveError
                 if streamed_table and good_files:
                     print_table(good_files, classes, good_probabilities, threshold, width=max(map(len, todo)),
                                 header=not table_started)

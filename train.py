@@ -243,6 +243,9 @@ def main(args, given, cleanup):
     rank, world_size, local_rank = distributed.init()
     cleanup.callback(distributed.close)
     log = print if rank == 0 else silent
+    # --calibrate rewrites --weights: their folder's lock comes before they are read or anything is made
+    weights_lock = distributed.run_on_main(distributed.early_device(), evaluation.lock_weights_folder, args,
+                                           cleanup, log)
     resume, start, source = read_checkpoints(args)
     if resume is not None:
         args = run_state.resumed_args(args, given, resume, args.resume, world_size, log)
@@ -257,8 +260,7 @@ def main(args, given, cleanup):
                       resume)
     lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
     cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
-    distributed.run_on_main(placement.device, prepare_output_dir, args, lock)
-    distributed.run_on_main(placement.device, evaluation.lock_weights_folder, args, cleanup, log)
+    distributed.run_on_main(placement.device, prepare_output_dir, args, lock, weights_lock)
     if resume is not None:
         ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
     loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
@@ -521,17 +523,20 @@ def download_if_missing(root, url, sha256, log):
         download.download_and_split(root, url, sha256, log)
 
 
-def prepare_output_dir(args, lock):
+def prepare_output_dir(args, lock, weights_lock=None):
     """Create --output-dir, take its lock (one run per folder), prove it writable, and clear the
     temporary files of a save cut short: only now, since before the lock they could be a live run's.
-    A folder that holds another run is not written over without --overwrite (or --resume)."""
+    A folder that holds another run is not written over without --overwrite (or --resume).
+    weights_lock: --calibrate's lock of the weights' folder, held already: the output folder's too
+    when it is the same folder."""
     folder = args.output_dir
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"cannot write to output folder {folder} ({e.strerror or e}): "
-                            "pass --output-dir with a writable folder, or free some disk space") from e
-    lock.acquire()
+    if weights_lock is None or os.path.realpath(weights_lock.folder) != os.path.realpath(folder):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"cannot write to output folder {folder} ({e.strerror or e}): "
+                                "pass --output-dir with a writable folder, or free some disk space") from e
+        lock.acquire()
     held = [f for f in ("best.pth", "last.pth") if os.path.exists(os.path.join(folder, f))]
     if held and not (args.resume or args.eval_only or args.overwrite):
         raise UserError(f"{folder} already holds a run ({', '.join(held)}): continue it with --resume "
@@ -628,18 +633,6 @@ def save_last(run, state, progress):
     distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
-def given_options(parser, argv):
-    """{option: value} of the options typed on the command line (argv), defaults left out."""
-    defaults = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return vars(parser.parse_args(argv))
-    finally:
-        for action in parser._actions:
-            action.default = defaults[action.dest]
-
-
 def run(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -651,7 +644,8 @@ def run(argv=None):
             parser.error(f"--calibrate fits the temperature on fp32 logits: leave out --amp {args.amp}")
         args.amp = "off"
     with contextlib.ExitStack() as cleanup:
-        return options.run_command(functools.partial(main, given=given_options(parser, argv), cleanup=cleanup), args)
+        given = options.given_options(parser, argv)
+        return options.run_command(functools.partial(main, given=given, cleanup=cleanup), args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ photos out and use the relabelled ones under their new class (--review off: they
 file: the photo's path relative to DIR, with /; action: keep, relabel or exclude; class: the new
 class of a relabel, empty otherwise; time: when it was decided (UTC). Appending takes a lock on the
 file and writes each row with one write to a file opened for appending, so two pages (or two tabs)
-deciding at once lose no row. No torch here: the page and its tests import this alone.
+deciding at once lose no row and write one header; reading takes the lock shared, so it never sees
+half a row. No torch here: the page and its tests import this alone.
 """
 import csv
 import dataclasses
@@ -71,6 +72,8 @@ def read(root, fix=FIX):
     path = path_of(root)
     try:
         with open(path, newline="", encoding="utf-8") as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # an append in progress finishes its row first
             text = f.read()
     except FileNotFoundError:
         return {}

@@ -1,9 +1,11 @@
 """The data review page: what is wrong with a data folder, one photo at a time, decided with a key
 press into DIR/review.csv (data_set/review.py), which training then applies.
 
-    python app.py --review --data-path DIR                        # copies, leakage, unreadable files
-    python app.py --review --data-path DIR --weights RUN/best.pth # and the model's view: suspect labels,
+    python app.py --review --data-path DIR --weights RUN/best.pth # copies, leakage, unreadable files, and
+                                                                  # the model's view: suspect labels,
                                                                   # "not sure", confidently wrong
+    python app.py --review --data-path DIR                        # the same with weights/best.pth, app.py's
+                                                                  # default; without that file, the first three
 
 Its lists: the suspect labels (RUN/suspect_labels.csv's order when it is about DIR, else every
 training photo ranked by 1 - p(given class) under the weights, as training ranks them), the
@@ -18,20 +20,28 @@ last decision for a photo is the one that counts.
 
 What the browser sends is a list's name and a position in it, never a path: the server shows and
 decides only the photos it listed. Photos are sent downscaled, inline in the page; Gradio's
-temporary folder is the page's own and goes when it stops. With weights, what the page computed
-(each file's hashes and class probabilities) is kept in RUN/review_cache.json, each file's entry
-valid while its size and modification time are the same: a second start on the 2,939 flower photos
-decodes nothing.
+temporary folder is the page's own and goes when it stops. What the page computed is kept for the
+next start, each file's entry valid while its size and modification time are the same, so that a
+second start on the 2,939 flower photos decodes nothing: with weights, each file's hashes and class
+probabilities in RUN/review_cache.json; without, its hashes in the user's cache folder
+(~/.cache/googlenet-review/, or $XDG_CACHE_HOME's), one file per data folder, named after a hash of
+its absolute path (the data folder itself gets nothing but review.csv).
+
+A folder where review.csv cannot be written (read-only, full, review.csv a broken link) is refused
+at start; a decision that fails to be written later is a message on the page and one line in the
+log, and the page goes on.
 """
 import base64
 import csv
 import functools
+import hashlib
 import html
 import io
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -42,12 +52,14 @@ import numpy as np
 from data_set import check, review
 from inference import checkpoint as ckpt
 from inference import classify, images
-from plumbing.atomic import SaveError, atomic_write_text
+from plumbing.atomic import atomic_write_text
 from plumbing.options import UserError
+from plumbing.run_lock import probe_writable
 from training import labels
 
 CACHE = "review_cache.json"
 CACHE_VERSION = 1
+USER_CACHE = "googlenet-review"  # the folder, in the user's cache folder, of the caches of pages without weights
 CONFIDENT = 0.9  # "confidently wrong": the model's class for a training photo is another, with at least this
 PHOTO_SIDE = 640  # the longer side in px of a photo sent alone
 GROUP_SIDE = 320  # ... and of each photo of a group, side by side
@@ -122,16 +134,25 @@ class Data:
 # ---------------------------------------------------------------------------------------------
 # Computing the lists
 # ---------------------------------------------------------------------------------------------
-def load_model(weights, default_weights, device, amp, log):
+def load_model(weights, default_weights, device, amp, log, class_indices="class_indices.json"):
     """(Classifier, checkpoint dict or {}) of weights, or (None, {}) where the page runs without a
     model: no weights given, the default file missing."""
     if weights == default_weights and not os.path.exists(weights):
         log(f"no weights ({weights} does not exist): listing copies, leakage and unreadable files; "
             "--weights RUN/best.pth adds the model's view (suspect labels, not sure, confidently wrong)")
         return None, {}
-    classifier = classify.load_classifier(weights, device=device, amp=amp, warn=log)
-    loaded = ckpt.load_checkpoint(weights) if not weights.lower().endswith(".onnx") else {}
-    return classifier, loaded
+    if weights.lower().endswith(".onnx"):
+        return classify.load_classifier(weights, class_indices, device=device, amp=amp, warn=log), {}
+    loaded = ckpt.load_checkpoint(weights)  # read once: the classifier is made of it, the page reads its split
+    return classify.load_classifier(weights, class_indices, device=device, amp=amp, warn=log, loaded=loaded), loaded
+
+
+def user_cache_path(root):
+    """Where the cache of a page without weights goes: the user's cache folder, one file per data
+    folder (named after its absolute path), so that the data folder holds nothing but review.csv."""
+    folder = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = hashlib.sha256(os.path.abspath(root).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return os.path.join(folder, USER_CACHE, name + ".json")
 
 
 def file_key(path):
@@ -266,9 +287,11 @@ def group_lists(d, groups):
     return lists
 
 
-def prepare(root, weights, default_weights, device="auto", amp="auto", min_confidence=None, log=print):
+def prepare(root, weights, default_weights, device="auto", amp="auto", min_confidence=None, log=print,
+            class_indices="class_indices.json"):
     """Data of root: its photos and every list, with the weights' view where there are weights."""
-    classifier, loaded = load_model(weights, default_weights, device, amp, log) if weights else (None, {})
+    classifier, loaded = load_model(weights, default_weights, device, amp, log, class_indices) if weights \
+        else (None, {})
     split = loaded.get("split")
     if split and not all(os.path.isfile(os.path.join(root, *f.split("/"))) for f in split["val_files"]):
         split = None  # a run of another folder: DIR is split as train.py splits it afresh
@@ -284,22 +307,22 @@ def prepare(root, weights, default_weights, device="auto", amp="auto", min_confi
     review.check(review.read(root, FIX), root, classes, FIX)  # a bad file is refused now, not on the first key
     names = [review.relative(p.path, root) for p in photos]
     run_dir = os.path.dirname(os.path.abspath(weights)) if classifier is not None else None
-    cache_path = os.path.join(run_dir, CACHE) if run_dir else None
+    cache_path = os.path.join(run_dir, CACHE) if run_dir else user_cache_path(root)
     weights_key = file_key(weights) if classifier is not None else None
-    entries = read_cache(cache_path, os.path.abspath(root), weights_key) if cache_path else {}
+    entries = read_cache(cache_path, os.path.abspath(root), weights_key)
     keys = hash_with_cache(photos, names, entries)
     table = probabilities_with_cache(classifier, photos, names, keys, entries, log) if classifier else None
-    if cache_path:
-        try:
-            write_cache(cache_path, os.path.abspath(root), weights_key, photos, names, keys, table)
-        except SaveError as e:
-            log(f"note: {e} (the next start computes it again)")
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        write_cache(cache_path, os.path.abspath(root), weights_key, photos, names, keys, table)
+    except OSError as e:  # SaveError too
+        log(f"note: {e} (the next start computes it again)")
     d = Data(root, classes, photos, names, table, {}, how)
     groups = check.exact_groups(photos) + check.near_groups(photos, images.NEAR_COPY_BITS)
     if classifier is not None:
-        threshold = classifier.min_confidence if min_confidence is None else min_confidence
+        classifier.calibration = classifier.calibration.with_min_confidence(min_confidence)
         d.lists.update(model_lists(d, run_dir, (loaded.get("args") or {}).get("cwd") or os.getcwd(),
-                                   threshold, log))
+                                   classifier.min_confidence, log))
     d.lists.update(group_lists(d, groups))
     d.lists["unreadable"] = [Item((i,), p.error) for i, p in enumerate(photos) if p.error is not None]
     return d
@@ -437,7 +460,13 @@ class Page:
         if action == "relabel" and class_index == self.d.photos[photo].label:
             action = "keep"  # relabelled to the class it has: kept
         new_class = self.d.classes[class_index] if action == "relabel" else ""
-        review.append(self.d.root, [(name, action, new_class)])
+        try:
+            review.append(self.d.root, [(name, action, new_class)])
+        except OSError as e:  # the folder turned read-only or full while the page ran: not a bug
+            message = (f"cannot write {review.path_of(self.d.root)} ({e.strerror or e}): this decision about {name} "
+                       "is not recorded; make the folder writable (or free some space) and decide again")
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            raise gr.Error(message, print_exception=False) from None
         print(f"{name}: {action} {new_class}".rstrip(), flush=True)
         return self.view(kind, index + 1)
 
@@ -478,12 +507,29 @@ def build_page(d):
     return blocks
 
 
+def check_writable(root):
+    """Refuse a data folder where no decision could be written (read-only, full, review.csv a link
+    to nowhere) before the lists are computed: each decision would fail, after the work of making it."""
+    if not os.path.isdir(root):
+        return  # find_photos says what is wrong with it
+    path = review.path_of(root)
+    try:
+        probe_writable(root)
+        if os.path.lexists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # opened as append opens it, without making it
+    except OSError as e:
+        raise ReviewPageError(f"cannot write {path} ({e.strerror or e}): the page appends every decision to it; "
+                              f"pass --data-path a writable copy of {root}") from None
+
+
 def main(args, default_weights):
     """app.py --review: compute the lists, then serve the page until Ctrl-C or a terminate."""
     if not args.data_path:
         raise ReviewPageError("--review needs --data-path DIR: the folder of photos to review (as train.py's)")
+    check_writable(args.data_path)
     log = functools.partial(print, flush=True)
-    d = prepare(args.data_path, args.weights, default_weights, args.device, args.amp, args.min_confidence, log)
+    d = prepare(args.data_path, args.weights, default_weights, args.device, args.amp, args.min_confidence, log,
+                args.class_indices)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminate ends as Ctrl-C does: folder removed
     folder = os.path.realpath(tempfile.mkdtemp(prefix="googlenet-review-"))
     try:

@@ -60,8 +60,9 @@ def softmax(logits, temperature=1.0):
 
 
 def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print,
-                    runtime="onnxruntime"):
-    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in `runtime`)."""
+                    runtime="onnxruntime", loaded=None):
+    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in `runtime`). loaded:
+    the checkpoint dict of a .pth file its caller has read already (it is read once)."""
     if weights.lower().endswith(".onnx"):
         if not os.path.isfile(weights):
             raise PredictionError(f"weights file {weights} does not exist: export one with "
@@ -77,7 +78,8 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
     placement = dev.place(device, amp)
     if placement.warning:
         warn(placement.warning)
-    loaded = ckpt.load_checkpoint(weights)
+    if loaded is None:
+        loaded = ckpt.load_checkpoint(weights)
     model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device, loaded)
     return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model,
                       calibration.of_checkpoint(loaded))
@@ -199,9 +201,6 @@ def write_output(path, files, classes, probabilities, min_confidence=0.0):
     atomic_write_text(path, text)
 
 
-CONTINUE_HINT = "free some disk space and run the same command again: it continues after the rows already written"
-
-
 class CsvOutput:
     """A predictions .csv that grows a batch at a time, each batch written whole or not at all: a run
     stopped at any moment leaves every row written before, and a run with the same file skips the
@@ -210,10 +209,11 @@ class CsvOutput:
     done: {photo: class} of the rows already in the file when it was opened, each photo by its
     resolved path (photos/a.jpg, ./photos/a.jpg and its absolute path are one photo: classes_of
     looks files up that way); torn: whether its last row had been cut short (a kill mid-write) and
-    was cut off, so that its photo is classified again."""
+    was cut off, so that its photo is classified again. photos: the run's photos, which the message
+    of a failed write counts ("7 of 24 photos are in it"); without them it counts the file's rows."""
 
-    def __init__(self, path, classes):
-        self.path, self.header = path, csv_header(classes)
+    def __init__(self, path, classes, photos=None):
+        self.path, self.header, self.photos = path, csv_header(classes), photos
         self.done, self.torn, self.written = {}, False, 0
         self._real_folders = {}  # resolving each row's folder once: a big table has many rows per folder
         if os.path.isfile(path) and os.path.getsize(path) > 0:
@@ -285,9 +285,17 @@ class CsvOutput:
                 os.ftruncate(self.file.fileno(), self.end)
             except OSError:
                 pass  # the next run drops a row cut short
-            raise SaveError(self.path, e, CONTINUE_HINT) from e
+            raise SaveError(self.path, e, self.continue_hint()) from e
         self.end += size
         self.written += len(files)
+
+    def continue_hint(self):
+        """What a failed write leaves in the file, and how to go on: the one message of that failure."""
+        if self.photos is None:
+            held = f"{len(self.done) + self.written:,} photos"
+        else:
+            held = f"{len(self.classes_of(self.photos)) + self.written:,} of {len(self.photos):,} photos"
+        return f"{held} are in it; free some disk space and run the same command again to continue"
 
     def close(self):
         try:

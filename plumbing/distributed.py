@@ -94,6 +94,13 @@ def init():
     return rank, world_size, local_rank
 
 
+def early_device():
+    """The device of a collective made before the run's own is placed (device.place): the current
+    GPU where the process group carries CUDA tensors only (NCCL: init made it this process's), else
+    the CPU."""
+    return torch.device("cuda") if served_device_types() == {"cuda"} else torch.device("cpu")
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
 

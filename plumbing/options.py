@@ -26,6 +26,19 @@ def run_command(main, args):
         return 130
 
 
+def given_options(parser, argv):
+    """{option: value} of the options typed on the command line (argv), defaults left out: what
+    was given explicitly, even where its value is the default's."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each option's default, except None: such options say in their help what they default to."""
 

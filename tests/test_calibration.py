@@ -140,26 +140,34 @@ def test_calibrating_the_weights_of_a_run_still_training_is_refused(untrained_ru
                        f"kill {holder.pid}", "calibrate a copy")
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert (untrained_run / "best.pth").read_bytes() == before
-    assert not (tmp_path / "ev" / "confusion_matrix.csv").exists()
+    assert not (tmp_path / "ev").exists()  # refused before its output folder was made
 
 
 @pytest.mark.parametrize("output_dir", [pytest.param("ev", id="another-output-dir", marks=pytest.mark.quick),
                                         pytest.param("run", id="the-run-itself")])
 def test_calibration_holds_the_lock_of_the_folder_it_writes(untrained_run, tmp_path, monkeypatch, output_dir):
-    held = []
-    real_save = ckpt.save_checkpoint
+    """From before the weights are read (what is calibrated is what is rewritten) to after they are saved."""
+    held, read_under = [], []
+    real_save, real_load = ckpt.save_checkpoint, ckpt.load_checkpoint
 
     def save_checkpoint(obj, path, *args):
         held.append(json.loads((untrained_run / LOCK_NAME).read_text()))
         return real_save(obj, path, *args)
 
+    def load_checkpoint(path, *args):
+        if os.path.samefile(path, untrained_run / "best.pth"):
+            read_under.append((untrained_run / LOCK_NAME).exists())
+        return real_load(path, *args)
+
     monkeypatch.setattr(ckpt, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(ckpt, "load_checkpoint", load_checkpoint)
     code, out, err = call(train, eval_argv(untrained_run / "best.pth", tmp_path / "test", tmp_path / output_dir,
                                            "--calibrate"))
     assert code == 0, err
     assert "saved in" in out and "temperature" in load(untrained_run / "best.pth")
     assert len(held) == 1 and held[0]["pid"] == os.getpid(), held
-    assert held[0]["purpose"] == ("calibration" if output_dir == "ev" else "evaluation")
+    assert held[0]["purpose"] == "calibration"  # taken first, for the weights; --output-dir's too when the same
+    assert read_under and all(read_under), read_under
     assert not (untrained_run / LOCK_NAME).exists()  # released at the end
 
 
@@ -302,7 +310,7 @@ def noise_image(path, seed=5):
 
 
 def test_predict_answers_unknown_below_the_threshold(run, tmp_path):
-    noise = noise_image(tmp_path / "noise.png")
+    noise = noise_image(tmp_path / "photos" / "noise.png")  # a folder of its own: --sort-into lies outside it
     photo = run["val_files"][0]
     out = tmp_path / "p.csv"
     code, stdout, err = call(predict, [*FP32, noise, photo, "--weights", run["best"], "--min-confidence", 0.99,

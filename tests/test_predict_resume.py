@@ -148,6 +148,32 @@ def test_a_failed_write_is_one_error_and_closing_adds_none(tmp_path):
     assert [row[0] for row in rows_of(path)[1:]] == ["a.jpg"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_one_message_with_the_row_counts_whoever_writes(photos, tmp_path, monkeypatch):
+    """The disk fills after the first batch: predict.py's last line is CsvOutput's own message,
+    which counts the photos in the file, not a second wording of it."""
+    raised = []
+    real_append = classify.CsvOutput.append
+
+    def append(self, *args, **kwargs):
+        if self.written:  # every write from the second batch on fails with ENOSPC
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, self.file.fileno())
+            os.close(full)
+        try:
+            return real_append(self, *args, **kwargs)
+        except SaveError as e:
+            raised.append(e)
+            raise
+
+    monkeypatch.setattr(classify.CsvOutput, "append", append)
+    output = tmp_path / "p.csv"
+    code, _, err = run_predict(photos, "--output", output)
+    (error,) = raised
+    assert_clean_error(code, err, str(output), "4 of 12 photos are in it", "run the same command again")
+    assert err.strip() == f"error: {error}"
+
+
 # ---------------------------------------------------------------------------------------------
 # 14. --sort-into inside the photos' folder
 # ---------------------------------------------------------------------------------------------
@@ -164,3 +190,23 @@ def test_sort_into_inside_the_photos_folder_is_refused(photos, tmp_path, inside)
     assert code == 0, err
     assert len(rows_of(tmp_path / "q.csv")) == 13
 
+
+
+def test_sort_into_inside_the_folder_of_photos_given_one_by_one_is_refused(photos, tmp_path):
+    """predict.py photos/one/*.jpg --sort-into photos/one/sorted: the same trap as the folder given
+    whole, since a later run over photos/one would read the links as photos."""
+    files = sorted(str(p) for p in (photos / "one").iterdir())
+    sort_into = str(photos / "one" / "sorted")
+    before = sorted(photos.rglob("*"))
+    code, out, err = run_predict(*files, "--output", tmp_path / "p.csv", "--sort-into", sort_into)
+    assert_clean_error(code, err, f"--sort-into {sort_into}", str(photos / "one"), "outside")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(photos.rglob("*")) == before and not (tmp_path / "p.csv").exists()
+
+    code, _, err = run_predict(photos / "one", "--output", tmp_path / "q.csv")  # a later run sees the 6 photos
+    assert code == 0, err
+    assert len(rows_of(tmp_path / "q.csv")) == 7
+
+    code, out, err = run_predict(*files, "--sort-into", tmp_path / "sorted")  # outside their folder: sorted
+    assert code == 0, err
+    assert "6 photos sorted into" in out

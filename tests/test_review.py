@@ -3,10 +3,12 @@ the line, appended by concurrent writers without losing a row, and applied the s
 train.py (its start-up line, its counts, its checkpoint), --eval-only and data_set.check; --review
 off ignores it."""
 import csv
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -83,6 +85,110 @@ def test_a_wrong_header_is_named_as_line_1(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Appending: concurrent writers lose nothing
 # ---------------------------------------------------------------------------------------------
+class Meeting:
+    """Holds the first thread that has looked at review.csv's size (os.fstat in review.append) until
+    a second one has looked too, or is waiting for the file's lock (fcntl.flock): where the lock
+    is taken, the second can only wait, and the first goes on; without it, both see the size of
+    the file before either writes. No clock decides anything (the timeout only ends a test gone
+    wrong)."""
+
+    def __init__(self, monkeypatch):
+        self.condition = threading.Condition()
+        self.looked, self.waiting_for_lock = 0, 0
+        real_fstat, real_flock = os.fstat, review.fcntl.flock
+
+        def fstat(fd):
+            size = real_fstat(fd)
+            with self.condition:
+                self.looked += 1
+                self.condition.notify_all()
+                self.condition.wait_for(lambda: self.looked >= 2 or self.waiting_for_lock, timeout=60)
+            return size
+
+        def flock(fd, operation):
+            with self.condition:
+                self.waiting_for_lock += 1
+                self.condition.notify_all()
+            try:
+                return real_flock(fd, operation)
+            finally:
+                with self.condition:
+                    self.waiting_for_lock -= 1
+
+        monkeypatch.setattr(review.os, "fstat", fstat)
+        monkeypatch.setattr(review.fcntl, "flock", flock)
+
+
+@pytest.mark.quick
+@pytest.mark.skipif(review.fcntl is None, reason="file locks are fcntl's (POSIX)")
+def test_two_first_decisions_at_once_make_one_header(tmp_path, monkeypatch):
+    """Two threads append the first rows of a new review.csv at the same moment: each must see the
+    other's header, or the file gets two (the race the lock is there for: O_APPEND alone keeps
+    each row whole but lets both writers find the file empty)."""
+    Meeting(monkeypatch)
+    errors = []
+
+    def decide(who):
+        try:
+            review.append(tmp_path, [(f"{who}/a.jpg", "exclude", "")])
+        except Exception as e:  # reported below, with the file
+            errors.append(e)
+
+    writers = [threading.Thread(target=decide, args=(who,)) for who in ("first", "second")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    monkeypatch.undo()
+    text = (tmp_path / "review.csv").read_text()
+    assert not errors and text.count("file,action") == 1 and text.startswith(HEADER), (errors, text)
+    assert sorted(review.read(tmp_path)) == ["first/a.jpg", "second/a.jpg"]
+
+
+@pytest.mark.quick
+@pytest.mark.skipif(review.fcntl is None, reason="file locks are fcntl's (POSIX)")
+def test_a_reader_never_sees_half_a_row(tmp_path, monkeypatch):
+    """review.read while a writer holds the lock with half a row written: the reader waits for the
+    whole row (a shared lock), where it would read "roses/b.jpg,rel" and refuse the file."""
+    path = write_review(tmp_path, "roses/a.jpg,exclude,,t")
+    condition, state = threading.Condition(), {"locking": False}
+    real_flock = review.fcntl.flock
+
+    def flock(fd, operation):
+        with condition:
+            state["locking"] = True
+            condition.notify_all()
+        return real_flock(fd, operation)
+
+    result = {}
+
+    def read():
+        try:
+            result["read"] = review.read(tmp_path)
+        except Exception as e:
+            result["read"] = e
+        with condition:
+            condition.notify_all()
+
+    row = b"roses/b.jpg,relabel,tulips,t\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        real_flock(fd, review.fcntl.LOCK_EX)  # a writer, half way through its row
+        os.write(fd, row[:15])
+        monkeypatch.setattr(review.fcntl, "flock", flock)
+        reader = threading.Thread(target=read)
+        reader.start()
+        with condition:  # the reader asks for the lock, or (without one) has read the file already
+            condition.wait_for(lambda: state["locking"] or "read" in result, timeout=60)
+        os.write(fd, row[15:])
+    finally:
+        os.close(fd)  # releases the writer's lock
+    reader.join(timeout=60)
+    assert isinstance(result["read"], dict), result["read"]
+    assert {name: d.action for name, d in result["read"].items()} == {"roses/a.jpg": "exclude",
+                                                                       "roses/b.jpg": "relabel"}
+
+
 WRITER = """
 import os, sys, time
 from data_set import review
@@ -96,11 +202,13 @@ for i in range(count):
 
 @pytest.mark.quick
 def test_two_processes_appending_at_once_lose_no_row(tmp_path):
-    count = 300
+    """Two real processes (two pages) appending at once: every row whole, none lost, one header.
+    The thread tests above pin the header race down; this one is the same story end to end."""
+    count = 20
     go = tmp_path / "go"
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), who, str(count), str(go)], cwd=REPO,
                                 env=script_env()) for who in ("first", "second")]
-    go.touch()  # both start together, on a file that neither has made yet: the header is a race too
+    go.touch()  # both start together, on a file that neither has made yet
     for writer in writers:
         assert writer.wait(timeout=300) == 0
     text = (tmp_path / "review.csv").read_text()

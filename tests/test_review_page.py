@@ -4,6 +4,7 @@ DIR/review.csv and on the page after a reload, and a short training on the folde
 them; what the page computed is kept beside the run and used again while the files are the same;
 photos go out downscaled, inline; the page leaves no files behind. Offline, 127.0.0.1 only."""
 import base64
+import errno
 import io
 import os
 import re
@@ -19,9 +20,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import app
 import train
-from data_set import review, review_page
-from helpers import CLASSES, REPO, SMALL_RUN, call, free_port, needs, script_env, train_argv
+from data_set import check, review, review_page
+from helpers import (
+    CLASSES,
+    REPO,
+    SMALL_RUN,
+    assert_clean_error,
+    call,
+    free_port,
+    make_tree,
+    needs,
+    script_env,
+    train_argv,
+)
 from inference import classify
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
@@ -213,3 +226,179 @@ def test_the_suspects_come_in_the_order_of_the_runs_suspect_labels_csv(small_run
     d = review_page.prepare(str(small_run["data"]), str(run / "best.pth"), "unused", device="cpu", amp="off",
                             log=lambda line: None)
     assert [d.names[item.photos[0]] for item in d.lists["suspects"]] == expected and len(expected) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a trained run: a folder with one exact copy, an untrained checkpoint
+# ---------------------------------------------------------------------------------------------
+NO_WEIGHTS = "no-such-run/best.pth"  # stands for app.py's default --weights, missing
+
+
+@pytest.fixture(autouse=True)
+def own_cache_folder(tmp_path, monkeypatch):
+    """The page's cache without weights goes to the user's cache folder: the test's own, here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache"
+
+
+@pytest.fixture
+def copied(tmp_path):
+    """A generated tree (3 classes, 4 train and 2 val photos each) with an exact copy of one training photo."""
+    data = make_tree(tmp_path / "photos")
+    shutil.copy(data / "train" / "daisy" / "daisy_01.jpg", data / "train" / "daisy" / "daisy_01_again.jpg")
+    return data
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+@pytest.mark.quick
+def test_a_folder_where_no_decision_can_be_written_is_refused_at_start(copied, tmp_path, monkeypatch):
+    """review.csv a link into a folder that is not there: every decision would fail, so the page
+    does not start; one line names the file and says to pass a writable copy."""
+    (copied / "review.csv").symlink_to(tmp_path / "gone" / "review.csv")
+
+    def build_page(d):
+        raise AssertionError("the page was about to be served")
+
+    monkeypatch.setattr(review_page, "build_page", build_page)
+    monkeypatch.chdir(tmp_path)  # no weights/best.pth here: the page without a model
+    code, out, err = call(app, ["--review", "--data-path", copied])
+    assert_clean_error(code, err, f"cannot write {copied / 'review.csv'}", "writable copy")
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "gone").exists()
+
+
+@needs("gradio", why="the review page's: requirements-dev.txt")
+@pytest.mark.parametrize("failure", [errno.EROFS, errno.ENOSPC], ids=["read-only", "full"])
+def test_a_decision_that_cannot_be_written_is_a_message_on_the_page_and_one_log_line(copied, monkeypatch, capsys,
+                                                                                     failure):
+    import gradio as gr
+
+    d = review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    page = review_page.Page(d)
+    capsys.readouterr()
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):  # the folder turned read-only, or full, while the page ran
+        if os.path.basename(path) == review.FILE:
+            raise OSError(failure, os.strerror(failure), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    with pytest.raises(gr.Error) as caught:
+        page.decide("duplicates", 0, "exclude")
+    assert caught.value.print_exception is False  # no traceback in the server's log
+    assert str(copied / "review.csv") in caught.value.message and os.strerror(failure) in caught.value.message
+    out, err = capsys.readouterr()
+    (line,) = (out + err).strip().splitlines()
+    assert str(copied / "review.csv") in line and os.strerror(failure) in line
+    assert not (copied / "review.csv").exists()
+
+
+@pytest.mark.quick
+def test_without_weights_the_hashes_are_kept_for_the_next_start(copied, own_cache_folder, monkeypatch):
+    hashed = []
+    real_hash = check._hash_photo
+
+    def hash_photo(photo, with_digest):
+        hashed.append(photo.path)
+        return real_hash(photo, with_digest)
+
+    monkeypatch.setattr(check, "_hash_photo", hash_photo)
+    first = review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    assert len(hashed) == 19 and len(first.lists["duplicates"]) == 2
+    assert len(list(own_cache_folder.rglob("*.json"))) == 1 and not list(copied.rglob("*.json"))
+    hashed.clear()
+    again = review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    assert hashed == []  # nothing decoded again
+    assert [(p.near, p.width, p.digest) for p in again.photos] == [(p.near, p.width, p.digest) for p in first.photos]
+    assert len(again.lists["duplicates"]) == 2
+
+    changed = copied / "val" / "roses" / "roses_00.jpg"
+    Image.new("RGB", (64, 48), (40, 200, 60)).save(changed)  # another picture under the same name
+    review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    assert hashed == [str(changed)]
+
+
+@pytest.fixture
+def untrained(tmp_path):
+    """tmp_path/run/best.pth: an untrained 3-class GoogLeNet at 32 px (nothing is trained in the quick tier)."""
+    import torch
+
+    from inference import checkpoint as ckpt
+    from inference import images
+    from model import GoogLeNet
+
+    torch.manual_seed(0)
+    model = GoogLeNet(num_classes=len(CLASSES), aux_logits=True, init_weights=True, variant="torchvision")
+    record = ckpt.Record(list(CLASSES), "torchvision", (32, 32), images.Preprocessing(32, 32), None, {})
+    (tmp_path / "run").mkdir()
+    ckpt.save_checkpoint(record.describe(model), str(tmp_path / "run" / "best.pth"))
+    return tmp_path / "run" / "best.pth"
+
+
+@pytest.mark.quick
+def test_the_weights_are_read_once_and_min_confidence_is_the_not_sure_threshold(copied, untrained, monkeypatch):
+    from inference import checkpoint as ckpt
+
+    reads = []
+    real_load = ckpt.load_checkpoint
+
+    def load_checkpoint(path, *args, **kwargs):
+        reads.append(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", load_checkpoint)
+    weights = str(untrained)
+    every = review_page.prepare(str(copied), weights, NO_WEIGHTS, "cpu", "off", min_confidence=1.0,
+                                log=lambda line: None)
+    assert reads == [weights]
+    train = sum(p.part == "train" for p in every.photos)
+    assert len(every.lists["not sure"]) == train == 13  # below a probability of 1: every training photo
+    none = review_page.prepare(str(copied), weights, NO_WEIGHTS, "cpu", "off", min_confidence=0.0,
+                               log=lambda line: None)
+    assert none.lists["not sure"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Options the page would not use: refused, not ignored
+# ---------------------------------------------------------------------------------------------
+IGNORED = {
+    ("--data-path", "photos"): ("--data-path", "--review"),
+    ("--review", "--data-path", "photos", "--examples", "examples"): ("--examples",),
+    ("--review", "--data-path", "photos", "--max-upload-mb", "5"): ("--max-upload-mb",),
+    ("--review", "--data-path", "photos", "--cam-layer", "inception4e"): ("--cam-layer",),
+    ("--review", "--data-path", "photos", "--examples", "examples", "--cam-layer", "inception5b"): (
+        "--examples", "--cam-layer"),
+}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("argv", sorted(IGNORED), ids=" ".join)
+def test_an_option_the_page_would_ignore_is_refused_in_one_line(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # photos/ and examples/ are not there: nothing may get as far as reading them
+    code, out, err = call(app, list(argv))
+    assert_clean_error(code, err, *IGNORED[argv])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and out == "", (out, err)
+
+
+@pytest.mark.quick
+def test_a_default_value_typed_out_is_refused_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call(app, ["--review", "--data-path", "photos", "--max-upload-mb", "20"])
+    assert_clean_error(code, err, "--max-upload-mb")
+
+
+@pytest.mark.quick
+def test_class_indices_names_the_classes_of_a_plain_state_dict_on_the_review_page(copied, untrained, tmp_path,
+                                                                                  monkeypatch):
+    """--class-indices is the page's option too, as it is the classify page's: weights that are a
+    plain state dict take their class names from it (here: names that are not the folder's)."""
+    import torch
+
+    plain = tmp_path / "plain.pth"
+    torch.save(torch.load(untrained, map_location="cpu", weights_only=True)["model"], plain)
+    (tmp_path / "names.json").write_text('{"0": "cats", "1": "dogs", "2": "owls"}')
+    monkeypatch.chdir(tmp_path)  # and no class_indices.json here
+    code, _, err = call(app, ["--review", "--data-path", copied, "--weights", plain, "--class-indices", "names.json",
+                              "--device", "cpu", "--amp", "off"])
+    assert_clean_error(code, err, "knows the classes cats, dogs, owls")

@@ -201,18 +201,17 @@ def check_calibrate(args, start, preprocessing):
 
 
 def lock_weights_folder(args, cleanup, log):
-    """--calibrate rewrites --weights: take the lock of the folder that holds them too (cleanup
-    releases it), so that a run still training there refuses this one instead of having its newer
-    best.pth replaced by the older one, and no run starts there until the new file is in."""
-    if not args.calibrate:
-        return
-    folder = os.path.dirname(args.weights) or "."
-    if os.path.realpath(folder) == os.path.realpath(args.output_dir):
-        return  # --output-dir's lock, held already
-    lock = RunLock(folder, purpose="calibration", log=log,
+    """--calibrate rewrites --weights: take the lock of the folder that holds them (cleanup releases
+    it) before they are read and before anything is written, so that a run still training there
+    refuses this one instead of having its newer best.pth replaced by the older one, a refusal
+    leaves nothing behind (no --output-dir made), and no run starts there until the new file is in.
+    The lock, or None (prepare_output_dir takes it as --output-dir's when that is the same folder)."""
+    if not args.calibrate or not os.path.isfile(args.weights):
+        return None  # no file to rewrite: read_checkpoints says what is wrong
+    lock = RunLock(os.path.dirname(args.weights) or ".", purpose="calibration", log=log,
                    instead=f"calibrate a copy of {args.weights} kept in another folder")
     cleanup.callback(lock.release)
-    lock.acquire()
+    return lock.acquire()
 
 
 def evaluate_only(run, model, criterion, val_loader, start, log):
