@@ -13,6 +13,7 @@ import torch
 import train
 from helpers import assert_clean_error, call, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet
+from plumbing import options
 from training import run_state, step
 
 
@@ -140,7 +141,7 @@ def test_resume_refuses_an_option_the_run_never_recorded(tmp_path, value):
     parser = train.get_args_parser()
     argv = ["--resume", str(tmp_path / "last.pth"), "--outliers", value]
     with pytest.raises(run_state.ResumeError, match=f"--outliers {value}: .*last.pth does not record --outliers"):
-        run_state.resumed_args(parser.parse_args(argv), train.given_options(parser, argv), older_last_pth(tmp_path),
+        run_state.resumed_args(parser.parse_args(argv), options.given_options(parser, argv), older_last_pth(tmp_path),
                                str(tmp_path / "last.pth"), 1, print)
 
 
@@ -149,7 +150,7 @@ def test_resume_without_an_option_the_run_never_recorded_says_what_it_runs_with(
     parser = train.get_args_parser()
     argv = ["--resume", str(tmp_path / "last.pth"), "--workers", "1"]  # a how-it-runs option may be given anew
     said = []
-    args = run_state.resumed_args(parser.parse_args(argv), train.given_options(parser, argv),
+    args = run_state.resumed_args(parser.parse_args(argv), options.given_options(parser, argv),
                                   older_last_pth(tmp_path), str(tmp_path / "last.pth"), 1, said.append)
     assert args.outliers == 0 and args.workers == 1
     assert any("options newer than its run" in line and "defaults: --outliers 0" in line for line in said), said
