@@ -27,10 +27,7 @@ import importlib.util
 import io
 import math
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -38,7 +35,7 @@ from PIL import Image
 
 from inference import classify, images, visualize
 from inference.calibration import UNKNOWN
-from plumbing import options
+from plumbing import options, serving
 from plumbing.options import UserError
 
 MISSING = "the demo page needs gradio, an optional dependency: pip install gradio"
@@ -344,30 +341,12 @@ def main(args, given=()):
     classifier = classify.load_classifier(args.weights, args.class_indices, args.device, args.amp,
                                          warn=lambda line: print(line, file=sys.stderr))
     classifier.calibration = classifier.calibration.with_min_confidence(args.min_confidence)
-    # Gradio closes its server on Ctrl-C: a terminate (a service manager's stop) ends the same way,
-    # so the folder below is removed either way
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    folder = os.path.realpath(tempfile.mkdtemp(prefix="googlenet-app-"))
-    try:
-        # everything the page stores goes here: Gradio's uploads, examples and heat maps sent (it
-        # reads the variable when it is imported, so it is set before), and app.py's own files
-        os.environ["GRADIO_TEMP_DIR"] = os.path.join(folder, "gradio")
-        os.mkdir(os.path.join(folder, "page"))
-        page = build_page(Demo(classifier, args.cam_layer), os.path.join(folder, "page"), examples)
+    with serving.private_folder("googlenet-app-") as folder:
+        os.mkdir(os.path.join(folder, "page"))  # app.py's own files: heat maps, examples
+        blocks = build_page(Demo(classifier, args.cam_layer), os.path.join(folder, "page"), examples)
         print(f"serving {args.weights} ({len(classifier.classes)} classes) on http://{args.host}:{args.port}; "
               f"uploads up to {args.max_upload_mb} MB, kept in {folder} until answered", flush=True)
-        try:
-            # show_error=False: the message of a bug (which may name a server path) stays in the log;
-            # the browser still gets every message raised for it (gr.Error)
-            page.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                           max_file_size=args.max_upload_mb * 2 ** 20,
-                                                           show_error=False, quiet=True)
-        except OSError as e:
-            raise UserError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port") from None
-        except KeyboardInterrupt:  # stopped while it was starting (once started, Gradio ends it the same way)
-            page.close()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        serving.serve(blocks, args.host, args.port, max_file_size=args.max_upload_mb * 2 ** 20)
     return 0
 
 

@@ -39,10 +39,7 @@ import html
 import io
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
@@ -52,6 +49,7 @@ import numpy as np
 from data_set import check, review
 from inference import checkpoint as ckpt
 from inference import classify, images
+from plumbing import serving
 from plumbing.atomic import atomic_write_text
 from plumbing.options import UserError
 from plumbing.run_lock import probe_writable
@@ -530,26 +528,11 @@ def main(args, default_weights):
     log = functools.partial(print, flush=True)
     d = prepare(args.data_path, args.weights, default_weights, args.device, args.amp, args.min_confidence, log,
                 args.class_indices)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminate ends as Ctrl-C does: folder removed
-    folder = os.path.realpath(tempfile.mkdtemp(prefix="googlenet-review-"))
-    try:
-        os.environ["GRADIO_TEMP_DIR"] = folder  # read when gradio is imported, which build_page does
+    with serving.private_folder("googlenet-review-") as folder:
         blocks = build_page(d)
         log(f"reviewing {d.root} on http://{args.host}:{args.port}: "
             + ", ".join(f"{KINDS[k]} {len(v):,}" for k, v in d.lists.items())
             + f"; decisions are appended to {review.path_of(d.root)}; the page's own files are in {folder} "
             "until it stops")
-        try:
-            blocks.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                             show_error=False, quiet=True, js=KEYS, css=CSS,
-                                                             max_file_size=1024)  # it takes no uploads
-        except OSError as e:
-            raise ReviewPageError(f"cannot serve on {args.host}:{args.port} ({e}): pass --port with a free port") \
-                from None
-        except KeyboardInterrupt:
-            blocks.close()
-    finally:
-        for stop in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or terminate must not cut the removal short
-            signal.signal(stop, signal.SIG_IGN)
-        shutil.rmtree(folder, ignore_errors=True)
+        serving.serve(blocks, args.host, args.port, js=KEYS, css=CSS, max_file_size=1024)  # it takes no uploads
     return 0
