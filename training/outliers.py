@@ -13,6 +13,9 @@ answers on them towards uniform probabilities: the model learns that a low top p
 
 Every image is drawn from a generator seeded by (seed, epoch, step, process), so a resumed run makes
 the same outliers as an unbroken one.
+
+--outlier-loss energy trains margins on the energy instead (Liu et al., "Energy-based Out-of-
+distribution Detection", 2020): energy_margin_loss below.
 """
 import math
 from dataclasses import dataclass
@@ -66,9 +69,28 @@ def uniform_loss(logits):
     return -F.log_softmax(logits, dim=1).mean()
 
 
-def outlier_loss(outputs, known, aux_weight):
+def energy(logits):
+    """Each row's free energy, -log-sum-exp of its logits: low for what the model knows."""
+    return -torch.logsumexp(logits, dim=1)
+
+
+def energy_margin_loss(known_logits, outlier_logits, margins):
+    """Liu et al.'s energy-bounded loss: the mean squared hinge of the photos' energies above m_in
+    plus that of the outliers' energies below m_out, margins = (m_in, m_out). 0 once every photo's
+    energy is at most m_in and every outlier's at least m_out. The class loss is blind to adding one
+    number to all of a photo's logits, so the margins set where energies lie, not what is learned."""
+    m_in, m_out = margins
+    return (F.relu(energy(known_logits) - m_in) ** 2).mean() + (F.relu(m_out - energy(outlier_logits)) ** 2).mean()
+
+
+def outlier_loss(outputs, known, aux_weight, margins=None):
     """The outliers' part of a step's loss, the heads weighed as in the paper's loss: outputs are the
-    chunk's (logits, aux2, aux1), whose rows after the first `known` are the outliers'."""
+    chunk's (logits, aux2, aux1), whose rows after the first `known` are the outliers'. margins:
+    (m_in, m_out) for the energy-margin loss (--outlier-loss energy), None for the uniform one."""
+    if margins is not None:
+        heads = [(o.float()[:known], o.float()[known:]) for o in outputs]
+        main, aux2, aux1 = (energy_margin_loss(photos, outliers, margins) for photos, outliers in heads)
+        return main + aux_weight * (aux1 + aux2)
     logits, aux2, aux1 = (o.float()[known:] for o in outputs)
     return uniform_loss(logits) + aux_weight * (uniform_loss(aux1) + uniform_loss(aux2))
 
