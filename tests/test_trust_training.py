@@ -363,7 +363,7 @@ def test_every_option_on_resumes_mid_epoch_bit_for_bit(stopped, tmp_path):
         assert not different, different[:3]
     line = next(s for s in stopped["stdout"].splitlines() if s.startswith("not sure:"))
     for words in ("LogitNorm", "PixMix with generated pictures (0 to 4 rounds, beta 3)", "a rotation head",
-                  "4 outliers a step (energy margins -25 / -7, weight 0.1)", "\"not sure\" score rotation"):
+                  "4 outliers a step (energy margins -7 / -2, weight 0.1)", "\"not sure\" score rotation"):
         assert words in line
 
 
