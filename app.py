@@ -7,7 +7,8 @@ network looked), served by Gradio on this machine.
 
 It classifies through predict.py's code (the same loader, preprocessing and calibrated softmax, so
 the page shows predict.py's numbers), and says "not sure", with its best guesses, where predict.py
-answers "unknown": below the weights' threshold, or --min-confidence. What people upload is not
+answers "unknown": the weights' "not sure" score below their threshold, or the top probability below
+--min-confidence. What people upload is not
 always a photo: every file the loader cannot use gets a message on the page and one line in the
 server's log, and the server goes on serving.
 
@@ -34,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from inference import classify, images, visualize
-from inference.calibration import UNKNOWN
+from inference.calibration import SCORE_NAMES, UNKNOWN
 from plumbing import options, serving
 from plumbing.options import UserError
 
@@ -66,8 +67,9 @@ def get_args_parser():
     p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS,
                    help="the layer whose output the heat map weighs")
     p.add_argument("--min-confidence", type=options.probability, default=None, metavar="P",
-                   help="say \"not sure\" (with the best guesses) for a photo whose top probability is below P "
-                        "(default: the threshold the weights record; 0: always name a class)")
+                   help="say \"not sure\" (with the best guesses) for a photo whose top probability is below P, in "
+                        "place of the weights' own \"not sure\" score and threshold (default: those the weights "
+                        "record; 0: always name a class)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (.pth weights)")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py")
@@ -115,15 +117,18 @@ class Demo:
         (a path or a file object). A photo the model is not sure about (classify.decided_class:
         "unknown") gets a note that says so first."""
         pixels = images.resize_and_crop(read_upload(source, name), self.classifier.preprocessing)
-        probabilities = self.classifier.probabilities(pixels[None])[0]
+        probabilities, sureness = (a[0] for a in self.classifier.assess(pixels[None]))
         order = np.argsort(-probabilities, kind="stable")
-        classes = self.classifier.classes
+        classes, used = self.classifier.classes, self.classifier.calibration
         top = {classes[k]: float(probabilities[k]) for k in order[:TOP]}
         doubt = ""
-        if classify.decided_class(classes, probabilities, self.classifier.min_confidence) == UNKNOWN:
+        if classify.decided_class(classes, probabilities, used.min_confidence, sureness) == UNKNOWN:
             guesses = ", ".join(f"{classes[k]} {probabilities[k]:.2f}" for k in order[:3])
-            doubt = (f"**Not sure**: no class reaches the probability of {self.classifier.min_confidence:.2f} "
-                     f"this page asks for. Best guesses: {guesses}. ")
+            wanted = (f"no class reaches the probability of {used.min_confidence:.2f} this page asks for"
+                      if used.score == "max_probability" else
+                      f"its {SCORE_NAMES[used.score]} {sureness:.2f} is below the {used.min_confidence:.2f} this page "
+                      "asks for")
+            doubt = f"**Not sure**: {wanted}. Best guesses: {guesses}. "
         if self.classifier.torch_model is None:
             return top, None, doubt + ("The heat map needs PyTorch weights: start the page with the .pth file "
                                        "this .onnx file was exported from.")

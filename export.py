@@ -5,9 +5,11 @@
     python predict.py tulip.jpg --weights googlenet.onnx      # runs in ONNX Runtime
 
 The graph is the eval-mode network without the aux heads: input ``images`` (N x 3 x H x W, float32,
-normalised; N is free), output ``logits`` (N x classes). The class names, the image sizes, the
-normalisation, the temperature that calibrates the probabilities and the "not sure" threshold
-travel in the file's metadata, so the .onnx file is all predict.py needs.
+normalised; N is free), output ``logits`` (N x classes), and for weights whose "not sure" score is
+the rotation score a second output ``rotation`` (N: model.rotation_agreement, which runs the
+network on the four quarter turns of each image). The class names, the image sizes, the
+normalisation, the temperature that calibrates the probabilities, the "not sure" score and its
+threshold travel in the file's metadata, so the .onnx file is all predict.py needs.
 
 --int8 is ONNX Runtime's static post-training quantization (QDQ format, per-channel int8 weights
 in 7 bits, uint8 activations), calibrated on training photos of the run spread evenly over its
@@ -80,21 +82,38 @@ def export(model, classes, preprocessing, variant, output, check_images=4, log=p
     return worst
 
 
+class WithRotation(torch.nn.Module):
+    """The graph of weights whose "not sure" score is the rotation score: the logits, and the rotation
+    head's agreement on the image's four quarter turns."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), self.model.rotation_agreement(x)
+
+
 def to_onnx(model, classes, preprocessing, variant, check_images=4, log=print, calibrated=None):
     """(the fp32 ONNX file's bytes, the largest probability difference against PyTorch), checked.
-    calibrated: the weights' calibration.Calibration (temperature, threshold), into the metadata."""
+    calibrated: the weights' calibration.Calibration (temperature, "not sure" score, threshold), into
+    the metadata; the rotation score adds the output "rotation", checked too (as exp(agreement), a
+    probability)."""
     import onnx
 
     crop = preprocessing.crop
+    calibrated = calibrated or calibration.Calibration()
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    graph = WithRotation(model).eval() if calibrated.needs_rotation else model
+    outputs = ["logits", "rotation"] if calibrated.needs_rotation else ["logits"]
     example = torch.randn(2, 3, crop, crop)
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+    program = torch.onnx.export(graph, (example,), dynamo=True, input_names=["images"], output_names=outputs,
                                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
                                 verbose=False)
     proto = program.model_proto
     metadata = {"classes": json.dumps(classes), "variant": variant, "val_resize": str(preprocessing.resize),
                 "val_crop": str(crop), "mean": json.dumps(list(preprocessing.mean)),
-                "std": json.dumps(list(preprocessing.std)), **(calibrated or calibration.Calibration()).metadata()}
+                "std": json.dumps(list(preprocessing.std)), **calibrated.metadata()}
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
@@ -109,6 +128,11 @@ def to_onnx(model, classes, preprocessing, variant, check_images=4, log=print, c
             expected = torch.softmax(model(images), dim=1)
         got = torch.softmax(torch.from_numpy(session(images.numpy())), dim=1)
         worst = max(worst, (got - expected).abs().max().item())
+        if calibrated.needs_rotation:
+            with torch.inference_mode():
+                expected = model.rotation_agreement(images).exp()
+            got = torch.from_numpy(session.with_rotation(images.numpy())[1]).exp()
+            worst = max(worst, (got - expected).abs().max().item())
     log(f"ONNX Runtime against PyTorch on {1 + check_images} random images: largest probability difference {worst:.2e}")
     if worst > TOLERANCE:
         raise ExportError(f"ONNX Runtime's probabilities differ from PyTorch's by {worst:.2e} (more than "
@@ -301,9 +325,13 @@ def main(args):
     loaded = ckpt.load_checkpoint(args.weights)
     model, classes, preprocessing = ckpt.load_model(args.weights, args.class_indices, torch.device("cpu"), loaded)
     calibrated = calibration.of_checkpoint(loaded)
+    if calibrated.needs_rotation and model.rotation is None:
+        raise ExportError(f"{args.weights} records the rotation score for \"not sure\" but has no rotation head: "
+                          "pass weights trained with --rotation-weight")
     variant = model.variant
+    score = "" if calibrated.score == calibration.SCORES[0] else f" of the {calibrated.score} score"
     print(f"exporting {args.weights} ({variant} variant, {len(classes)} classes, {preprocessing.crop} px, "
-          f"temperature {calibrated.temperature:.4g}, \"not sure\" below {calibrated.min_confidence:.4g}) "
+          f"temperature {calibrated.temperature:.4g}, \"not sure\" below {calibrated.min_confidence:.4g}{score}) "
           f"to ONNX opset {OPSET}" + (", then INT8" if args.int8 else ""))
     if not args.int8:
         export(model, classes, preprocessing, variant, args.output, args.check_images, calibrated=calibrated)

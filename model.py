@@ -7,12 +7,19 @@ load here unchanged (keys such as ``inception4a.branch2.1.conv.weight`` and ``au
 BatchNorm after every convolution, a 3x3 kernel in each Inception's third branch, a 2x2 fourth
 max-pool and torchvision's pooling and dropout in the aux heads. Those weights expect inputs
 normalised with mean 0.5 and std 0.5, the same as ours.
+
+``rotation_head=True`` adds one layer that is not the paper's (train.py --rotation-weight): a Linear
+on the pooled features that tells which quarter turn (0, 90, 180 or 270 degrees) an image was given,
+an auxiliary task that teaches the features what an upright flower looks like (Hendrycks et al.,
+"Using Self-Supervised Learning Can Improve Model Robustness and Uncertainty", 2019). Off by
+default: without it the state dict is the classic one.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 VARIANTS = ("paper", "torchvision")
+TURNS = (0, 1, 2, 3)  # the rotation head's classes: quarter turns (torch.rot90's k), 0 to 270 degrees
 
 
 class BasicConv2d(nn.Module):
@@ -94,7 +101,7 @@ class InceptionAux(nn.Module):
 
 
 class GoogLeNet(nn.Module):
-    def __init__(self, num_classes=1000, aux_logits=True, init_weights=False, variant="paper"):
+    def __init__(self, num_classes=1000, aux_logits=True, init_weights=False, variant="paper", rotation_head=False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -137,10 +144,25 @@ class GoogLeNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(0.4)
         self.fc = nn.Linear(1024, num_classes)
+        # not the paper's: which of 4 quarter turns the image was given, from the pooled features
+        self.rotation = nn.Linear(1024, len(TURNS)) if rotation_head else None
         if init_weights:
             self._initialize_weights()
 
     def forward(self, x):
+        features, aux2, aux1 = self.features(x)
+        x = self.dropout(features)
+        x = self.fc(x)
+        # N x num_classes
+        if aux1 is None:
+            return x
+        if self.rotation is not None:  # training with the rotation head: its N x 4 logits come last
+            return x, aux2, aux1, self.rotation(features)
+        return x, aux2, aux1
+
+    def features(self, x):
+        """(the pooled features N x 1024, aux2's logits, aux1's logits); the aux heads' are None in
+        eval mode or without them."""
         # N x 3 x 224 x 224
         x = self.conv1(x)
         # N x 64 x 112 x 112
@@ -183,14 +205,18 @@ class GoogLeNet(nn.Module):
 
         x = self.avgpool(x)
         # N x 1024 x 1 x 1
-        x = torch.flatten(x, 1)
+        return torch.flatten(x, 1), aux2, aux1
         # N x 1024
-        x = self.dropout(x)
-        x = self.fc(x)
-        # N x num_classes
-        if with_aux:
-            return x, aux2, aux1
-        return x
+
+    def rotation_agreement(self, x):
+        """How sure the rotation head is of the turns it is shown (N): each image given each quarter
+        turn, the mean over the four of the head's log-probability of the right one. Near 0 for what
+        looks like the training photos; lower where the model cannot tell up from down. Square images."""
+        turned = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in TURNS])
+        features, _, _ = self.features(turned)
+        # turns x N x turns, without naming N: an exported graph keeps its batch size free
+        log_p = F.log_softmax(self.rotation(features).float(), dim=1).view(len(TURNS), -1, len(TURNS))
+        return torch.stack([log_p[k, :, k] for k in TURNS]).mean(dim=0)
 
     def _initialize_weights(self):
         for m in self.modules():
@@ -210,6 +236,8 @@ class GoogLeNet(nn.Module):
 AUX_PREFIXES = ("aux1.", "aux2.")
 # The layers that depend on the number of classes: replaced, not loaded, when fine-tuning.
 HEAD_PREFIXES = ("fc.", "aux1.fc2.", "aux2.fc2.")
+# The rotation head's keys (rotation_head=True): absent from the classic layout.
+ROTATION_PREFIX = "rotation."
 
 
 def logits_with_mirror(model, images):

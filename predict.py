@@ -8,9 +8,10 @@
 A .pth checkpoint runs in PyTorch; a .onnx file from export.py (fp32 or INT8) runs in ONNX Runtime
 (or OpenVINO with --runtime openvino) and never imports torch, which takes seconds to import. Both see
 the same pixels: images.py's decoding and preprocessing, and the same softmax here, of the logits
-divided by the temperature the weights record (calibrated probabilities). A photo whose top
-probability is below the weights' "not sure" threshold (or --min-confidence) is answered "unknown",
-with its best guesses.
+divided by the temperature the weights record (calibrated probabilities). A photo whose "not sure"
+score (the one the weights record: the top probability unless trained with --not-sure-score) is
+below the weights' threshold, or whose top probability is below --min-confidence, is answered
+"unknown", with its best guesses.
 """
 import argparse
 import os
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from inference import images, visualize
-from inference.calibration import UNKNOWN
+from inference.calibration import SCORE_NAMES, UNKNOWN
 from inference.classify import (
     CsvOutput,
     PhotoSorter,
@@ -71,8 +72,9 @@ def get_args_parser():
                    help="what runs a .onnx file (openvino: an optional dependency, faster for INT8 files on CPUs)")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
     p.add_argument("--min-confidence", type=options.probability, default=None, metavar="P",
-                   help="answer \"unknown\" for a photo whose top probability is below P (default: the threshold "
-                        "the weights record, which answers 95%% of their val photos; 0: always name a class)")
+                   help="answer \"unknown\" for a photo whose top probability is below P, in place of the weights' "
+                        "own \"not sure\" score and threshold (default: those the weights record, which answer 95%% "
+                        "of their val photos; 0: always name a class)")
     p.add_argument("--cam", default=None, metavar="OUT_DIR",
                    help="also write a Grad-CAM heat map of each image to this folder (needs captum)")
     p.add_argument("--cam-class", default=None,
@@ -163,7 +165,7 @@ def outside_sorted_folder(files, sort_into):
 
 def classify(args, classifier, files, rows):
     """Classify the photos a batch at a time, writing and sorting each batch as it comes; the exit code."""
-    classes, threshold = classifier.classes, classifier.min_confidence
+    classes, threshold, score = classifier.classes, classifier.min_confidence, classifier.calibration.score
     done = rows.classes_of(files) if rows else {}
     todo = [f for f in files if f not in done]
     if rows and (done or rows.torn):
@@ -174,7 +176,7 @@ def classify(args, classifier, files, rows):
     to_json = bool(args.output) and rows is None
     table = len(files) <= TABLE_ROWS or not (args.output or sorter)  # without either, the table is the result
     streamed_table = table and len(files) > TABLE_ROWS
-    kept_files, kept_probabilities, errors = [], [], []
+    kept_files, kept_probabilities, kept_sureness, errors = [], [], [], []
     workers = (args.workers if args.workers is not None
                else images.default_workers(classifier.device_type, args.batch_size, items=len(todo)))
     classified, table_started = 0, False
@@ -189,23 +191,26 @@ def classify(args, classifier, files, rows):
                         break
                     errors.append(sort_error(sorter, f, class_name))
             batches = predict_batches(classifier, todo, args.batch_size, workers, args.tta)
-            for batch, probabilities, batch_errors in batches if stop.signum is None else ():
+            for batch, probabilities, sureness, batch_errors in batches if stop.signum is None else ():
                 errors.extend(f"cannot read image {f} ({e}): is it a complete image file?"
                               for f, e in zip(batch, batch_errors, strict=True) if e)
                 good = [i for i, e in enumerate(batch_errors) if not e]
-                good_files, good_probabilities = [batch[i] for i in good], probabilities[good]
+                good_files = [batch[i] for i in good]
+                good_probabilities, good_sureness = probabilities[good], sureness[good]
                 if sorter:
-                    errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold))
-                                  for f, p in zip(good_files, good_probabilities, strict=True))
+                    errors.extend(sort_error(sorter, f, decided_class(classes, p, threshold, s))
+                                  for f, p, s in zip(good_files, good_probabilities, good_sureness, strict=True))
                 if rows:
-                    rows.append(good_files, classes, good_probabilities, threshold)  # full disk: SaveError
+                    # a full disk: SaveError
+                    rows.append(good_files, classes, good_probabilities, threshold, good_sureness)
                 if streamed_table and good_files:
                     print_table(good_files, classes, good_probabilities, threshold, width=max(map(len, todo)),
-                                header=not table_started)
+                                header=not table_started, sureness=good_sureness)
                     table_started = True
                 if (table and not streamed_table) or to_json or args.cam:
                     kept_files.extend(good_files)
                     kept_probabilities.append(good_probabilities)
+                    kept_sureness.append(good_sureness)
                 classified += len(batch)
                 bar.update(len(batch))
                 if stop.signum is not None:
@@ -221,20 +226,22 @@ def classify(args, classifier, files, rows):
         return 128 + interrupted
 
     probabilities = np.concatenate(kept_probabilities) if kept_probabilities else np.zeros((0, len(classes)))
+    sureness = np.concatenate(kept_sureness) if kept_sureness else np.zeros(0)
     if len(files) == 1 and kept_files:
-        if decided_class(classes, probabilities[0], threshold) == UNKNOWN:
-            print(f"{UNKNOWN} (not sure): best guesses, the top probability below {threshold:.4f}:")
+        if decided_class(classes, probabilities[0], threshold, sureness[0]) == UNKNOWN:
+            print(f"{UNKNOWN} (not sure): best guesses, the {SCORE_NAMES[score]}"
+                  + ("" if score == "max_probability" else f" {sureness[0]:.4f}") + f" below {threshold:.4f}:")
         top = np.argsort(-probabilities[0], kind="stable")[: args.topk or len(classes)]
         width = max(len(c) for c in classes)
         for k in top.tolist():
             print(f"{classes[k]:<{width}}  {probabilities[0, k]:.4f}")
     elif table and kept_files:
-        print_table(kept_files, classes, probabilities, threshold, width=max(map(len, kept_files)))
+        print_table(kept_files, classes, probabilities, threshold, width=max(map(len, kept_files)), sureness=sureness)
     if rows:
         if rows.written or done:
             print(f"predictions written to {args.output}")
     elif to_json and kept_files:
-        write_output(args.output, kept_files, classes, probabilities, threshold)
+        write_output(args.output, kept_files, classes, probabilities, threshold, sureness)
         print(f"predictions written to {args.output}")
     if sorter:
         where = os.path.join(args.sort_into, "<class>", "")  # one slash, however --sort-into ends
@@ -254,11 +261,12 @@ def sort_error(sorter, photo, class_name):
     return f"cannot sort {photo} into {os.path.join(sorter.root, class_name)}: {problem}" if problem else ""
 
 
-def print_table(files, classes, probabilities, min_confidence, width, header=True):
+def print_table(files, classes, probabilities, min_confidence, width, header=True, sureness=None):
     if header:
         print(f"{'file':<{width}}  {'class':<12} probability")
-    for f, p in zip(files, probabilities, strict=True):
-        print(f"{f:<{width}}  {decided_class(classes, p, min_confidence):<12} {p.max():.4f}")
+    scores = [None] * len(files) if sureness is None else sureness
+    for f, p, s in zip(files, probabilities, scores, strict=True):
+        print(f"{f:<{width}}  {decided_class(classes, p, min_confidence, s):<12} {p.max():.4f}")
 
 
 def stopped_at(args, rows, sorter, done, classified, total):

@@ -25,9 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from data_set import review
+from inference import calibration
 from inference import checkpoint as ckpt
 from inference.images import Preprocessing
-from model import AUX_PREFIXES, HEAD_PREFIXES, VARIANTS, GoogLeNet
+from model import AUX_PREFIXES, HEAD_PREFIXES, ROTATION_PREFIX, VARIANTS, GoogLeNet
 from plumbing import device as dev
 from plumbing import distributed, options
 from plumbing.atomic import remove_stale_temp_files
@@ -40,6 +41,8 @@ from training.metrics import (
     TensorBoardLog,
 )
 from training.outliers import OutlierMaker, outlier_loss
+from training.pixmix import PixMixer
+from training.rotation import Rotator, rotation_loss, split_outputs
 from training.step import TrainingError
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
@@ -48,6 +51,12 @@ DEFAULT_DATA = os.path.join("data_set", "flower_data")
 # The default recipe (see README's results): the torchvision layout, AdamW with a cosine schedule,
 # TrivialAugment, random erasing, label smoothing and an EMA of the weights, at 128 px.
 DEFAULT_VARIANT = "torchvision"
+# --energy-margins: Liu et al. used -25 and -7 fine-tuning a CIFAR-10 network whose energies lay low
+# already. From scratch every energy starts near -log(classes), -1.6 for 5: with -25 the photos' hinge
+# starts at about 550 a head, 50 x the class loss, which it drowns for epochs (a 1-epoch smoke run:
+# train loss 107). -7 and -2 keep a gap of 5 nats, and a first hinge about the size of the class loss.
+ENERGY_MARGINS = (-7.0, -2.0)
+OUTLIER_WEIGHTS = {"uniform": 0.5, "energy": 0.1}  # --outlier-weight's default for each --outlier-loss
 
 
 def get_args_parser():
@@ -118,8 +127,38 @@ def get_args_parser():
                    help="outlier exposure: generated images (noise, textures, shapes, shuffled and blended "
                         "photos) added to each step, whose answers are pushed towards uniform probabilities, "
                         "so that photos of none of the classes get low ones and are answered unknown (0: off)")
-    p.add_argument("--outlier-weight", type=options.non_negative_float, default=0.5,
-                   help="weight of the outliers' loss (cross-entropy to the uniform distribution)")
+    p.add_argument("--outlier-weight", type=options.non_negative_float, default=None,
+                   help="weight of the outliers' loss (default: 0.5 for the uniform loss, 0.1 for the energy "
+                        "margins, the weight Liu et al. used)")
+    p.add_argument("--outlier-loss", default="uniform", choices=["uniform", "energy"],
+                   help="what --outliers trains: uniform (cross-entropy to the uniform distribution) or energy "
+                        "(Liu et al. 2020: squared hinges that push the photos' energy, -log-sum-exp of the logits, "
+                        "below M_IN and the outliers' above M_OUT of --energy-margins)")
+    p.add_argument("--energy-margins", type=options.finite_float, nargs=2, default=list(ENERGY_MARGINS),
+                   metavar=("M_IN", "M_OUT"),
+                   help="with --outlier-loss energy: the photos' energies are pushed below M_IN and the outliers' "
+                        "above M_OUT (M_IN < M_OUT; the paper's -25 -7 were for fine-tuning, see docs/trust.md)")
+    p.add_argument("--logit-norm", type=options.non_negative_float, default=0.0, metavar="TAU",
+                   help="LogitNorm (Wei et al. 2022): every head's loss sees the logits scaled to the norm 1 / TAU, "
+                        "so that training cannot make the model surer by growing them (the paper: 0.04; 0: off)")
+    p.add_argument("--pixmix", type=options.non_negative_int, default=0, metavar="ROUNDS",
+                   help="PixMix (Hendrycks et al. 2022) with generated pictures: each photo mixed, in 0 to ROUNDS "
+                        "rounds (the paper: up to 4), with a fractal, noise, texture or shapes picture and its own "
+                        "mirror image, additively or multiplicatively; its label kept (0: off)")
+    p.add_argument("--pixmix-beta", type=options.positive_float, default=3.0, metavar="BETA",
+                   help="with --pixmix: the strength of the mixing weights' Beta distributions (the paper: 3; "
+                        "larger keeps more of the photo)")
+    p.add_argument("--rotation-weight", type=options.non_negative_float, default=0.0,
+                   help="a rotation head (a Linear on the pooled features) learns which quarter turn a copy of "
+                        "--rotation-share of each batch was given, with this weight on its loss (0: off, no head)")
+    p.add_argument("--rotation-share", type=options.share, default=0.25,
+                   help="with --rotation-weight: the share of each batch copied and turned by 90, 180 or 270 "
+                        "degrees, run beside it (1: a copy of every photo)")
+    p.add_argument("--not-sure-score", default=None, choices=calibration.SCORES,
+                   help="the score whose threshold makes a photo \"not sure\" (unknown), stored in best.pth and "
+                        "its .onnx export: max_probability (the top probability), energy (log-sum-exp of the "
+                        "calibrated logits) or rotation (needs --rotation-weight; 4 passes a photo). Default "
+                        "max_probability; with --eval-only, the weights' own (with --calibrate, the one to store)")
     p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an exponential moving average of the weights; validate and save it as best.pth")
     p.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
@@ -231,6 +270,8 @@ class Training:
     mix: Optional[nn.Module]
     outliers: Optional[OutlierMaker]  # --outliers
     stop: step.StopRequest
+    pixmix: Optional[PixMixer] = None  # --pixmix
+    rotator: Optional[Rotator] = None  # --rotation-weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +312,8 @@ def main(args, given, cleanup):
         + f"{len(loaders.val.dataset)} val images "
         + ("(" if args.eval_only else f"({crops} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
         f"device {placement.device}, {placement.precision}; {loaders.workers} loader workers; {world_size} process(es)")
+    if not args.eval_only and trust_options(args):
+        log(f"not sure: {trust_options(args)}")
 
     torch.manual_seed(args.seed)
     model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
@@ -278,7 +321,7 @@ def main(args, given, cleanup):
               ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split,
                           run_state.recorded_options(args), found.review))
     criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
-                                         args.label_smoothing)
+                                         args.label_smoothing, 0.0 if args.eval_only else args.logit_norm)
     forward = torch.compile(model) if args.compile else model
     if args.eval_only:
         with data.worker_failures():
@@ -385,26 +428,34 @@ def train_one_epoch(training, loaders, run, progress):
     loader = loaders.train
     bar = epoch_bar(loader, loaders.crop, run, progress)
     start, images_timed = clock(), 0
+    margins = tuple(args.energy_margins) if args.outlier_loss == "energy" else None
     for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
         images, labels = to_device(images, run), labels.to(run.device, non_blocking=True)
         targets = labels
         outliers = training.outliers.make(images, progress.epoch, progress.step) if training.outliers else None
+        if training.pixmix is not None:  # mixed with generated pictures, labels kept
+            images = training.pixmix.mix(images, progress.epoch, progress.step)
         if training.mix is not None:
             images, targets = training.mix(images, labels)  # soft targets, for the aux heads too
+        rotated = training.rotator.make(images, progress.epoch, progress.step) if training.rotator else None
         state.optimizer.zero_grad(set_to_none=True)
         step_loss, correct = 0.0, 0
-        for chunk in step.micro_batches(images, targets, labels, args.micro_batch, outliers):
+        for chunk in step.micro_batches(images, targets, labels, args.micro_batch, outliers, rotated):
             with step.gradient_sync(training.forward, chunk):
                 with dev.autocast(run.device, run.placement.amp_dtype):
-                    out = training.forward(chunk.inputs)  # the chunk's photos, then its outliers
+                    out = training.forward(chunk.inputs)  # the chunk's photos, its outliers, its turned copies
                 n = len(chunk.images)
+                out, turn_logits = split_outputs(out, 0 if chunk.turns is None else len(chunk.turns))
                 logits, aux2, aux1 = (o.float()[:n] for o in out)
                 y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
                 loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
+                if turn_logits is not None:  # the rotation head: which quarter turn each copy was given
+                    loss = loss + args.rotation_weight * rotation_loss(turn_logits, n, chunk.turns)
                 loss = loss * chunk.share  # chunks add up to the mean over the batch
-                if chunk.outliers is not None:  # outlier exposure: their answers pushed towards uniform,
-                    # weighed by the chunk's share of the outliers: their mean over the step, however it is split
-                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight) * chunk.outlier_share
+                if training.outliers:  # outlier exposure: uniform answers, or energy margins, each part weighed
+                    # by the chunk's share of the photos and of the outliers: the step's mean, however it is split
+                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight, margins,
+                                                                     (chunk.share, chunk.outlier_share))
                 state.scaler.scale(loss).backward()
             step_loss += loss.item()
             if training.mix is None:
@@ -572,7 +623,11 @@ def build_model(args, classes, recorded, start, source, device, log):
         if args.variant and args.variant != variant:
             raise ckpt.CheckpointError(f"--variant {args.variant}, but {args.resume or args.weights} holds the "
                                        f"{variant} variant: leave out --variant")
-    model = GoogLeNet(num_classes=len(classes), aux_logits=True, init_weights=True, variant=variant)
+    rotation_head = args.rotation_weight > 0
+    if args.eval_only:  # the weights' own head, which their "not sure" score may use
+        rotation_head = any(k.startswith(ROTATION_PREFIX) for k in ckpt.clean_state_dict(start["model"]))
+    model = GoogLeNet(num_classes=len(classes), aux_logits=True, init_weights=True, variant=variant,
+                      rotation_head=rotation_head)
     if start is not None:
         # fine-tuning replaces heads sized for other classes; evaluation uses the weights as they are
         reset = ckpt.load_weights(model, start["model"], source, reinit_heads=not args.eval_only)
@@ -580,7 +635,7 @@ def build_model(args, classes, recorded, start, source, device, log):
                                           if reset else ""))
     if args.freeze_layers:
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith(HEAD_PREFIXES + AUX_PREFIXES)
+            p.requires_grad = name.startswith(HEAD_PREFIXES + AUX_PREFIXES + (ROTATION_PREFIX,))
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -598,9 +653,30 @@ def build_training(args, run, model, forward, criterion, plan):
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
                                dev.grad_scaler(run.device, run.placement.amp_dtype), recipe.build_ema(args, model))
     mix = data.build_batch_mix(args.mixup_alpha, args.cutmix_alpha, len(run.record.classes))
-    outliers = (OutlierMaker(args.outliers, run.record.preprocessing.mean, run.record.preprocessing.std, args.seed,
-                             run.rank) if args.outliers else None)
-    return Training(forward, state, criterion, mix, outliers, step.StopRequest())
+    mean, std = run.record.preprocessing.mean, run.record.preprocessing.std
+    outliers = OutlierMaker(args.outliers, mean, std, args.seed, run.rank) if args.outliers else None
+    pixmix = PixMixer(args.pixmix, args.pixmix_beta, mean, std, args.seed, run.rank) if args.pixmix else None
+    rotator = Rotator(args.rotation_share, args.seed, run.rank) if args.rotation_weight else None
+    return Training(forward, state, criterion, mix, outliers, step.StopRequest(), pixmix, rotator)
+
+
+def trust_options(args):
+    """The start-up line's words for the options that train the "not sure" answer; '' when none is on."""
+    parts = []
+    if args.logit_norm:
+        parts.append(f"LogitNorm (every head's loss sees logits of norm 1/{args.logit_norm:g})")
+    if args.pixmix:
+        parts.append(f"PixMix with generated pictures (0 to {args.pixmix} rounds, beta {args.pixmix_beta:g})")
+    if args.rotation_weight:
+        parts.append(f"a rotation head (weight {args.rotation_weight:g}, {100 * args.rotation_share:g}% of each "
+                     "batch turned)")
+    if args.outliers:
+        loss = ("uniform loss" if args.outlier_loss == "uniform" else
+                "energy margins {:g} / {:g}".format(*args.energy_margins))
+        parts.append(f"{args.outliers} outliers a step ({loss}, weight {args.outlier_weight:g})")
+    if args.not_sure_score != calibration.SCORES[0]:
+        parts.append(f"\"not sure\" score {args.not_sure_score}")
+    return "; ".join(parts)
 
 
 def write_class_indices(args, classes):
@@ -643,6 +719,15 @@ def run(argv=None):
         if args.amp not in ("auto", "off"):
             parser.error(f"--calibrate fits the temperature on fp32 logits: leave out --amp {args.amp}")
         args.amp = "off"
+    if args.outlier_weight is None:
+        args.outlier_weight = OUTLIER_WEIGHTS[args.outlier_loss]
+    if args.energy_margins[0] >= args.energy_margins[1]:
+        parser.error("--energy-margins M_IN M_OUT: the photos' margin M_IN must lie below the outliers' M_OUT, got "
+                     "{:g} {:g}".format(*args.energy_margins))
+    if not args.eval_only:  # --eval-only's default: the score its weights record
+        args.not_sure_score = args.not_sure_score or calibration.SCORES[0]
+        if args.not_sure_score == "rotation" and not args.rotation_weight and not args.resume:
+            parser.error("--not-sure-score rotation needs the rotation head: add --rotation-weight W (0.5, say)")
     with contextlib.ExitStack() as cleanup:
         given = options.given_options(parser, argv)
         return options.run_command(functools.partial(main, given=given, cleanup=cleanup), args)

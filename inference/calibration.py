@@ -3,8 +3,20 @@ a photo is answered "unknown", and the figures that judge both (ECE, NLL, accura
 
 numpy only: predict.py with a .onnx file applies the temperature and the threshold without torch.
 train.py fits both on the val photos when training ends (training/evaluation.py) and stores them in
-best.pth ("temperature", "min_confidence", "calibration"); export.py copies them into the .onnx
-file's metadata. Weights without them (older files, plain state dicts) have T = 1 and no threshold.
+best.pth ("temperature", "min_confidence", "not_sure_score", "calibration"); export.py copies them
+into the .onnx file's metadata. Weights without them (older files, plain state dicts) have T = 1 and
+no threshold.
+
+The threshold applies to one of SCORES, the one the weights record (train.py --not-sure-score;
+max_probability when they record none), computed from the logits divided by the temperature:
+
+    max_probability  the top probability: the number predict.py shows, in [0, 1]
+    energy           T x log-sum-exp(logits / T), the negative free energy (Liu et al. 2020)
+    rotation         KL(uniform || probabilities) plus the rotation head's mean log-probability of the
+                     right quarter turn over the four turns of the photo (the OpenOOD "rotpred" score,
+                     after Hendrycks et al. 2019); weights with a rotation head only
+
+Higher means surer for each; a photo scoring below the threshold is answered UNKNOWN.
 """
 import math
 from dataclasses import dataclass
@@ -18,35 +30,63 @@ ANSWERED = 0.95  # the share of val photos the threshold answers
 MIN_FIT_IMAGES = 20
 TEMPERATURE_RANGE = (0.05, 20.0)  # the search's bounds: a fit that ends on one says so
 COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)  # the rows of the risk-coverage table
-UNKNOWN = "unknown"  # the class of a photo whose top probability is below the threshold
+UNKNOWN = "unknown"  # the class of a photo whose "not sure" score is below the threshold
+SCORES = ("max_probability", "energy", "rotation")  # the "not sure" scores; the first is the default
+SCORE_NAMES = {"max_probability": "top probability", "energy": "energy score", "rotation": "rotation score"}
+
+
+def no_threshold(score):
+    """The threshold that answers every photo: 0 for a probability, -inf for the unbounded scores."""
+    return 0.0 if score == "max_probability" else -math.inf
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """How a model's logits become the probabilities shown: softmax(logits / temperature); a photo
-    whose top probability is below min_confidence is answered UNKNOWN (0: never)."""
+    """How a model's logits become the probabilities shown, softmax(logits / temperature), and when
+    a photo is answered UNKNOWN: when its `score` (one of SCORES) is below min_confidence (0 for the
+    top probability, -inf for the others: never)."""
 
     temperature: float = 1.0
     min_confidence: float = 0.0
+    score: str = SCORES[0]
 
     def with_min_confidence(self, value):
-        """This calibration with another threshold (--min-confidence), or itself for None."""
-        return self if value is None else Calibration(self.temperature, float(value))
+        """This calibration with a threshold on the top probability (--min-confidence: a probability,
+        whichever score the weights record), or itself for None."""
+        return self if value is None else Calibration(self.temperature, float(value), SCORES[0])
+
+    @property
+    def needs_rotation(self):
+        """Whether the score needs the rotation head's agreement (model.rotation_agreement)."""
+        return self.score == "rotation"
+
+    @property
+    def answers_all(self):
+        return self.min_confidence == no_threshold(self.score)
 
     def metadata(self):
         """The entries of a .onnx file's metadata (strings, as ONNX stores them)."""
-        return {"temperature": repr(float(self.temperature)), "min_confidence": repr(float(self.min_confidence))}
+        return {"temperature": repr(float(self.temperature)), "min_confidence": repr(float(self.min_confidence)),
+                "not_sure_score": self.score}
 
 
 def of_checkpoint(loaded):
     """The Calibration a checkpoint dict records (T = 1, no threshold where it records none)."""
-    return Calibration(float(loaded.get("temperature") or 1.0), float(loaded.get("min_confidence") or 0.0))
+    score = loaded.get("not_sure_score") or SCORES[0]
+    threshold = loaded.get("min_confidence")
+    return Calibration(float(loaded.get("temperature") or 1.0),
+                       no_threshold(score) if threshold is None else float(threshold), score)
 
 
 def of_metadata(metadata):
-    """The Calibration a .onnx file's metadata records (T = 1, no threshold for older files)."""
+    """The Calibration a .onnx file's metadata records (T = 1, no threshold for older files); None
+    for entries that are no numbers or an unknown score."""
+    score = metadata.get("not_sure_score", SCORES[0])
+    if score not in SCORES:
+        return None
     try:
-        return Calibration(float(metadata.get("temperature", 1.0)), float(metadata.get("min_confidence", 0.0)))
+        return Calibration(float(metadata.get("temperature", 1.0)),
+                           float(metadata.get("min_confidence", no_threshold(score))), score)
     except ValueError:
         return None  # the caller names the file
 
@@ -58,6 +98,24 @@ def softmax(logits, temperature=1.0):
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def sureness(score, logits, temperature=1.0, rotation=None):
+    """The "not sure" score of each image (N, float64; higher: surer), one of SCORES, from its logits
+    (N x classes) and, for "rotation", its rotation agreement (N: model.rotation_agreement)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    top = z.max(axis=1, keepdims=True)
+    log_sum = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+    if score == "max_probability":
+        return np.exp(top[:, 0] - log_sum)
+    if score == "energy":
+        return temperature * log_sum
+    if score == "rotation":
+        if rotation is None:
+            raise ValueError("the rotation score needs the rotation head's agreement")
+        log_p = z - log_sum[:, None]
+        return -math.log(z.shape[1]) - log_p.mean(axis=1) + np.asarray(rotation, dtype=np.float64)
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
 def nll(logits, labels, temperature=1.0):
@@ -124,15 +182,16 @@ def reliability_table(probabilities, labels, bins=ECE_BINS):
     return table
 
 
-def choose_min_confidence(top_probabilities, answered=ANSWERED):
-    """The threshold on the top probability that answers `answered` of these photos (at least that
-    share: the photos refused are the floor((1 - answered) * n) least sure). It lies halfway between
-    the last photo refused and the first answered, so that the same photo computed again (another
-    batch, another runtime: differences of 1e-7) falls on the same side. 0 when none is refused."""
+def choose_min_confidence(top_probabilities, answered=ANSWERED, score=SCORES[0]):
+    """The threshold on the top probability (or on another of SCORES) that answers `answered` of
+    these photos (at least that share: the photos refused are the floor((1 - answered) * n) least
+    sure). It lies halfway between the last photo refused and the first answered, so that the same
+    photo computed again (another batch, another runtime: differences of 1e-7) falls on the same
+    side. no_threshold(score) when none is refused."""
     top = np.sort(np.asarray(top_probabilities, dtype=np.float64))
     refused = int(math.floor((1 - answered) * len(top) + 1e-9))
     if refused == 0:
-        return 0.0
+        return no_threshold(score)
     return float((top[refused - 1] + top[refused]) / 2)
 
 
@@ -194,9 +253,10 @@ class Fit:
                 "answered": self.answered, "note": self.note}
 
 
-def fit(logits, labels, answered=ANSWERED):
+def fit(logits, labels, answered=ANSWERED, score=SCORES[0], rotation=None):
     """The temperature and threshold of these (val) logits, with the figures before and after; None
-    with fewer than MIN_FIT_IMAGES images."""
+    with fewer than MIN_FIT_IMAGES images. The threshold is on `score` (rotation: the images' rotation
+    agreement, for that score)."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if len(labels) < MIN_FIT_IMAGES:
         return None
@@ -206,8 +266,8 @@ def fit(logits, labels, answered=ANSWERED):
     elif not TEMPERATURE_RANGE[0] < temperature < TEMPERATURE_RANGE[1]:
         note = f"the NLL's minimum lies beyond the search's bound: T = {temperature:g}"
     calibrated = softmax(logits, temperature)
-    min_confidence = choose_min_confidence(calibrated.max(axis=1), answered)
-    return Fit(Calibration(temperature, min_confidence), len(labels), nll(logits, labels),
+    sure = sureness(score, logits, temperature, rotation)
+    min_confidence = choose_min_confidence(sure, answered, score)
+    return Fit(Calibration(temperature, min_confidence, score), len(labels), nll(logits, labels),
                nll(logits, labels, temperature), expected_calibration_error(softmax(logits), labels),
-               expected_calibration_error(calibrated, labels),
-               float((calibrated.max(axis=1) >= min_confidence).mean()), note)
+               expected_calibration_error(calibrated, labels), float((sure >= min_confidence).mean()), note)

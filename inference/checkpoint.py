@@ -4,8 +4,9 @@ A checkpoint is a dict with the weights under "model" and what predict.py needs 
 ("classes", "variant", "image_size", "val_resize", "val_crop", "mean", "std"), the run's "split"
 and "args"; last.pth adds the state to continue ("optimizer", "scheduler", "scaler", "model_ema",
 the Progress fields and every process's "rng"). best.pth gets, once training ends, the "temperature"
-that calibrates its probabilities, the "min_confidence" below which a photo is answered "unknown"
-and the "calibration" figures of that fit (inference/calibration.py; none: T = 1, no threshold).
+that calibrates its probabilities, the "not_sure_score" and the "min_confidence" below which that
+score answers a photo "unknown", and the "calibration" figures of that fit (inference/calibration.py;
+none: T = 1, no threshold, the top probability). A run with --rotation-weight adds "rotation.*" keys.
 A plain state dict (the classic ``googleNet.pth``) loads too; its classes then come from
 class_indices.json.
 """
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 
 from inference.images import MEAN, STD, Preprocessing
-from model import AUX_PREFIXES, HEAD_PREFIXES, GoogLeNet
+from model import AUX_PREFIXES, HEAD_PREFIXES, ROTATION_PREFIX, GoogLeNet
 from plumbing.atomic import DISK_HINT, atomic_write, atomic_write_text
 from plumbing.options import UserError
 
@@ -114,16 +115,21 @@ def guess_variant(state_dict):
 def load_weights(model, state_dict, path, reinit_heads=False):
     """Load state_dict into model, allowing exactly the differences that are expected.
 
-    - aux1.*/aux2.* keys are dropped when the model has no aux heads (prediction);
+    - aux1.*/aux2.* keys are dropped when the model has no aux heads (prediction), and the rotation
+      head's when it has none (fine-tuning without --rotation-weight);
     - with reinit_heads, class-count-dependent head layers whose shapes differ keep their fresh
-      initialisation (fine-tuning on new classes); their names are returned.
+      initialisation (fine-tuning on new classes), and so does a rotation head the weights lack;
+      their names are returned.
     Any other missing, unexpected or misshaped key is an error that names the keys.
     """
     state_dict = clean_state_dict(state_dict)
     own = model.state_dict()
     if not getattr(model, "aux_logits", True):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(AUX_PREFIXES)}
-    missing = sorted(set(own) - set(state_dict))
+    if getattr(model, "rotation", None) is None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ROTATION_PREFIX)}
+    fresh = sorted(k for k in own if k.startswith(ROTATION_PREFIX) and k not in state_dict) if reinit_heads else []
+    missing = sorted(set(own) - set(state_dict) - set(fresh))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
         parts = []
@@ -133,7 +139,7 @@ def load_weights(model, state_dict, path, reinit_heads=False):
             parts.append(f"unexpected keys: {_names(unexpected)}")
         raise CheckpointError(f"{path} does not fit this GoogLeNet ({model.variant} variant): "
                               f"{'; '.join(parts)}. Use weights trained with this repository's model.py")
-    misshaped = sorted(k for k in own if own[k].shape != state_dict[k].shape)
+    misshaped = sorted(k for k in own if k not in fresh and own[k].shape != state_dict[k].shape)
     reinit = [k for k in misshaped if reinit_heads and k.startswith(HEAD_PREFIXES)]
     wrong = [k for k in misshaped if k not in reinit]
     if wrong:
@@ -149,8 +155,8 @@ def load_weights(model, state_dict, path, reinit_heads=False):
         raise CheckpointError(f"{path} holds weights that are NaN or infinite ({_names(broken)}): it comes from a "
                               "run that diverged, or the file is damaged; use another checkpoint (best.pth keeps "
                               "the last good weights of a run)")
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=not reinit)
-    return sorted({k.rsplit(".", 1)[0] for k in reinit})
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=not (reinit or fresh))
+    return sorted({k.rsplit(".", 1)[0] for k in reinit + fresh})
 
 
 def _names(keys):
@@ -165,13 +171,15 @@ def check_classes(path, trained_on, classes, what):
 
 
 def load_model(weights, class_indices, device, loaded=None):
-    """The eval-mode GoogLeNet without aux heads, on device in channels_last, for prediction and
-    export: (model, classes, Preprocessing). loaded: the checkpoint of weights, if read already."""
+    """The eval-mode GoogLeNet without aux heads (with the rotation head where the weights have one),
+    on device in channels_last, for prediction and export: (model, classes, Preprocessing). loaded:
+    the checkpoint of weights, if read already."""
     loaded = load_checkpoint(weights) if loaded is None else loaded
     state_dict = clean_state_dict(loaded["model"])
     classes = loaded.get("classes") or read_class_indices(class_indices)
     variant = loaded.get("variant") or guess_variant(state_dict)
-    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant)
+    rotation_head = any(k.startswith(ROTATION_PREFIX) for k in state_dict)  # its "not sure" score may use it
+    model = GoogLeNet(num_classes=len(classes), aux_logits=False, variant=variant, rotation_head=rotation_head)
     # Only weights with this model's layers can be for another class count; for any other network
     # (a ResNet has an fc.weight too) load_weights below names the keys that do not fit.
     if (set(model.state_dict()) <= set(state_dict) and "fc.weight" in state_dict

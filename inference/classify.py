@@ -1,7 +1,7 @@
 """Classifying image files with a trained model, the same way for .pth weights (PyTorch) and .onnx
 files (ONNX Runtime or OpenVINO, never importing torch): one preprocessing, one softmax with the
-weights' temperature, one rule for the class a photo is given (decided_class: "unknown" below the
-weights' "not sure" threshold)."""
+weights' temperature, one "not sure" score (the one the weights record: calibration.SCORES), one rule
+for the class a photo is given (decided_class: "unknown" below the weights' "not sure" threshold)."""
 import csv
 import errno
 import filecmp
@@ -30,8 +30,10 @@ class PredictionError(UserError):
 @dataclass
 class Classifier:
     """A trained model ready to classify: logits_of maps normalised float32 images N x 3 x H x W to
-    logits N x classes (numpy both). torch_model is the PyTorch module of .pth weights (for
-    Grad-CAM), None for a .onnx file. calibration: the weights' temperature and threshold."""
+    logits N x classes (numpy both); for weights whose "not sure" score is the rotation score, its
+    with_rotation(images) gives (logits, rotation agreement N) as well. torch_model is the PyTorch
+    module of .pth weights (for Grad-CAM), None for a .onnx file. calibration: the weights'
+    temperature, "not sure" score and threshold."""
 
     logits_of: Callable
     classes: list
@@ -44,11 +46,28 @@ class Classifier:
         """Calibrated class probabilities N x classes (softmax of the logits / the temperature) of
         uint8 N x H x W x 3 images, preprocessed already; with tta, of the mean logits of each image
         and its mirror."""
-        batch = images.normalize(pixels, self.preprocessing)
-        logits = self.logits_of(batch)
-        if tta:
-            logits = (logits + self.logits_of(np.ascontiguousarray(batch[..., ::-1]))) / 2
+        logits, _ = self._outputs(images.normalize(pixels, self.preprocessing), tta, rotation=False)
         return softmax(logits, self.calibration.temperature)
+
+    def assess(self, pixels, tta=False):
+        """(the calibrated probabilities N x classes, the "not sure" scores N) of uint8 N x H x W x 3
+        images, preprocessed already: what decided_class takes."""
+        c = self.calibration
+        logits, rotation = self._outputs(images.normalize(pixels, self.preprocessing), tta, c.needs_rotation)
+        return softmax(logits, c.temperature), calibration.sureness(c.score, logits, c.temperature, rotation)
+
+    def _outputs(self, batch, tta, rotation):
+        """(logits, rotation agreement or None) of a normalised batch; with tta, the means of the batch's
+        and its mirror's."""
+        def run(x):
+            return self.logits_of.with_rotation(x) if rotation else (self.logits_of(x), None)
+
+        logits, agreement = run(batch)
+        if tta:
+            mirrored, mirrored_agreement = run(np.ascontiguousarray(batch[..., ::-1]))
+            logits = (logits + mirrored) / 2
+            agreement = None if agreement is None else (agreement + mirrored_agreement) / 2
+        return logits, agreement
 
     @property
     def min_confidence(self):
@@ -70,7 +89,11 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
         from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
 
         model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp)
-        return Classifier(model, classes, preprocessing, calibration=recorded_calibration(model, weights))
+        recorded = recorded_calibration(model, weights)
+        if recorded.needs_rotation and not model.has_rotation:
+            raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation output: "
+                                  "export it again with export.py")
+        return Classifier(model, classes, preprocessing, calibration=recorded)
     # torch only here: importing it takes seconds that a .onnx file never pays
     from inference import checkpoint as ckpt
     from plumbing import device as dev
@@ -81,8 +104,11 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
     if loaded is None:
         loaded = ckpt.load_checkpoint(weights)
     model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device, loaded)
-    return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model,
-                      calibration.of_checkpoint(loaded))
+    recorded = calibration.of_checkpoint(loaded)
+    if recorded.needs_rotation and model.rotation is None:
+        raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation head: "
+                              "pass weights trained with --rotation-weight")
+    return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model, recorded)
 
 
 class TorchLogits:
@@ -92,13 +118,21 @@ class TorchLogits:
         self.model, self.placement = model, placement
 
     def __call__(self, batch):
+        return self._run(batch, rotation=False)[0]
+
+    def with_rotation(self, batch):
+        """(logits, the rotation head's agreement N: model.rotation_agreement)."""
+        return self._run(batch, rotation=True)
+
+    def _run(self, batch, rotation):
         import torch
 
         from plumbing import device as dev
 
         x = torch.from_numpy(batch).to(self.placement.device, memory_format=torch.channels_last)
         with torch.inference_mode(), dev.autocast(self.placement.device, self.placement.amp_dtype):
-            return self.model(x).float().cpu().numpy()
+            logits = self.model(x).float().cpu().numpy()
+            return logits, self.model.rotation_agreement(x).float().cpu().numpy() if rotation else None
 
 
 def collect_images(paths):
@@ -124,24 +158,29 @@ def prepare(path, preprocessing):
         return None, f"{type(e).__name__}: {e}"
 
 
-def predict(classifier, files, batch_size=32, workers=1, tta=False):
+def predict(classifier, files, batch_size=32, workers=1, tta=False, sureness=False):
     """(probabilities N x classes, errors) with errors[i] = '' for every readable file; unreadable
     files get a row of zeros. workers threads decode the next two batches while the model runs
-    (Pillow decodes without the GIL); 0 decodes in this thread."""
-    probabilities, errors = [], []
-    for _, batch_probabilities, batch_errors in predict_batches(classifier, files, batch_size, workers, tta):
+    (Pillow decodes without the GIL); 0 decodes in this thread. sureness: (probabilities, errors,
+    the "not sure" scores N) instead."""
+    probabilities, errors, scores = [], [], []
+    for _, batch_probabilities, batch_scores, batch_errors in predict_batches(classifier, files, batch_size,
+                                                                              workers, tta):
         probabilities.append(batch_probabilities)
+        scores.append(batch_scores)
         errors.extend(batch_errors)
+    if sureness:
+        return np.concatenate(probabilities), errors, np.concatenate(scores)
     return np.concatenate(probabilities), errors
 
 
 def predict_batches(classifier, files, batch_size=32, workers=1, tta=False):
-    """predict() a batch at a time, in order: (files of the batch, their probabilities, their errors),
-    so that a caller can write each batch before the next one is classified."""
+    """predict() a batch at a time, in order: (files of the batch, their probabilities, their "not
+    sure" scores, their errors), so that a caller can write each batch before the next one is classified."""
     crop = classifier.preprocessing.crop
     for batch, prepared in _prepared_batches(files, classifier.preprocessing, batch_size, workers):
         pixels = np.stack([p if p is not None else np.zeros((crop, crop, 3), np.uint8) for p, _ in prepared])
-        yield batch, classifier.probabilities(pixels, tta), [e for _, e in prepared]
+        yield batch, *classifier.assess(pixels, tta), [e for _, e in prepared]
 
 
 def _prepared_batches(files, preprocessing, batch_size, workers):
@@ -165,21 +204,24 @@ def _prepared_batches(files, preprocessing, batch_size, workers):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def decided_class(classes, probabilities, min_confidence=0.0):
+def decided_class(classes, probabilities, min_confidence=0.0, sureness=None):
     """The class predict.py and the page give a photo: in the table, the CSV and JSON rows and the
-    folder that --sort-into puts it in. The most likely class, or "unknown" when its probability is
-    below min_confidence (the weights' threshold, or --min-confidence): the model is not sure."""
+    folder that --sort-into puts it in. The most likely class, or "unknown" when its "not sure" score
+    (sureness; None: its top probability) is below min_confidence (the weights' threshold, or
+    --min-confidence): the model is not sure."""
     best = int(np.argmax(probabilities))
-    return UNKNOWN if float(probabilities[best]) < min_confidence else classes[best]
+    score = float(probabilities[best]) if sureness is None else float(sureness)
+    return UNKNOWN if score < min_confidence else classes[best]
 
 
 def csv_header(classes):
     return ["file", "class", "probability"] + list(classes)
 
 
-def csv_rows(files, classes, probabilities, min_confidence=0.0):
-    for f, p in zip(files, np.asarray(probabilities).tolist(), strict=True):
-        yield [f, decided_class(classes, p, min_confidence), f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
+def csv_rows(files, classes, probabilities, min_confidence=0.0, sureness=None):
+    scores = [None] * len(files) if sureness is None else np.asarray(sureness).tolist()
+    for f, p, s in zip(files, np.asarray(probabilities).tolist(), scores, strict=True):
+        yield [f, decided_class(classes, p, min_confidence, s), f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
 
 
 def _csv_text(rows):
@@ -188,14 +230,15 @@ def _csv_text(rows):
     return out.getvalue()
 
 
-def write_output(path, files, classes, probabilities, min_confidence=0.0):
+def write_output(path, files, classes, probabilities, min_confidence=0.0, sureness=None):
     """The whole table at once, as .json or .csv (CsvOutput writes a .csv a batch at a time)."""
+    scores = [None] * len(files) if sureness is None else np.asarray(sureness).tolist()
     if path.lower().endswith(".json"):
-        text = json.dumps([{"file": f, "class": decided_class(classes, p, min_confidence), "probability": max(p),
+        text = json.dumps([{"file": f, "class": decided_class(classes, p, min_confidence, s), "probability": max(p),
                             "probabilities": dict(zip(classes, p, strict=True))}
-                           for f, p in zip(files, probabilities.tolist(), strict=True)], indent=2) + "\n"
+                           for f, p, s in zip(files, probabilities.tolist(), scores, strict=True)], indent=2) + "\n"
     elif path.lower().endswith(".csv"):
-        text = _csv_text([csv_header(classes), *csv_rows(files, classes, probabilities, min_confidence)])
+        text = _csv_text([csv_header(classes), *csv_rows(files, classes, probabilities, min_confidence, sureness)])
     else:
         raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
     atomic_write_text(path, text)
@@ -272,10 +315,10 @@ class CsvOutput:
             except OSError as e:
                 raise SaveError(self.path, e, "pass another --output") from e
 
-    def append(self, files, classes, probabilities, min_confidence=0.0):
+    def append(self, files, classes, probabilities, min_confidence=0.0, sureness=None):
         """Write the rows of one batch to the file, straight through to it. Where a write fails (a
         full disk), the file is cut back to the rows before the batch and SaveError raised."""
-        data = memoryview(_csv_text(csv_rows(files, classes, probabilities, min_confidence)).encode("utf-8"))
+        data = memoryview(_csv_text(csv_rows(files, classes, probabilities, min_confidence, sureness)).encode("utf-8"))
         size = len(data)
         try:
             while data:

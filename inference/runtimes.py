@@ -45,9 +45,15 @@ class OnnxModel:
                             f"model ({str(e).splitlines()[0][:120]}): export it again with export.py") from e
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.input_name = self.session.get_inputs()[0].name
+        self.has_rotation = len(self.session.get_outputs()) > 1  # export.py's "rotation" output
 
     def __call__(self, images):
         return self.session.run(None, {self.input_name: images})[0]
+
+    def with_rotation(self, images):
+        """(logits, rotation agreement N) of a file exported with the rotation score."""
+        logits, rotation = self.session.run(None, {self.input_name: images})[:2]
+        return logits, rotation
 
 
 class OpenVinoModel:
@@ -73,9 +79,15 @@ class OpenVinoModel:
         framework = network.get_rt_info()["framework"] if network.has_rt_info(["framework"]) else {}
         self.metadata = {key: value.astype(str) for key, value in framework.items()}
         self.output = self.compiled.output(0)
+        self.has_rotation = len(self.compiled.outputs) > 1  # export.py's "rotation" output
 
     def __call__(self, images):
         return self.compiled(images)[self.output]
+
+    def with_rotation(self, images):
+        """(logits, rotation agreement N) of a file exported with the rotation score."""
+        results = self.compiled(images)
+        return results[self.output], results[self.compiled.output(1)]
 
 
 def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto"):
@@ -94,10 +106,10 @@ def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto"):
 
 
 def recorded_calibration(model, path):
-    """The temperature and "not sure" threshold in a loaded .onnx file's metadata (calibration.Calibration;
-    a file exported before they existed: T = 1, no threshold)."""
+    """The temperature, "not sure" score and threshold in a loaded .onnx file's metadata
+    (calibration.Calibration; a file exported before they existed: T = 1, no threshold)."""
     found = calibration.of_metadata(model.metadata)
     if found is None:
-        raise OnnxError(f"{path} has a temperature or min_confidence in its metadata that is no number: "
-                        "export it again with export.py")
+        raise OnnxError(f"{path} has a temperature or min_confidence in its metadata that is no number, or a "
+                        "not_sure_score this version does not know: export it again with export.py")
     return found

@@ -2,6 +2,7 @@
 one: a number out of range is argparse's one-line error naming the option ("argument --lr: must be
 above 0, got -1"), never a traceback from deep inside."""
 import argparse
+import math
 import sys
 
 
@@ -71,6 +72,8 @@ non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "0 or more
 probability = _checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 open_fraction = _checked(float, lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
 below_one = _checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+share = _checked(float, lambda v: 0 < v <= 1, "above 0 and at most 1")
+finite_float = _checked(float, math.isfinite, "a finite number")
 image_size = _checked(int, lambda v: v >= 32, "at least 32 (pixels)")  # GoogLeNet halves it 5 times
 seed = non_negative_int
 

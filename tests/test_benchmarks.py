@@ -125,3 +125,49 @@ def test_label_noise_flips_labels_accepts_the_first_suspects_and_trains_on_the_r
             f"{sum(name not in flipped for name, _ in relabelled)} clean ones") in proc.stdout
     assert f"review.csv: 0 excluded, {len(relabelled)} relabelled" in proc.stdout  # the reviewed run applied it
     assert re.search(r"^\| noisy \| [01]\.\d{3} \|\n\| reviewed \| [01]\.\d{3} \|$", proc.stdout, re.M)
+
+
+def test_trust_trains_and_scores_each_candidate_and_skips_the_runs_it_has_finished(tmp_path):
+    data, others = tmp_path / "data", tmp_path / "others"
+    for k, name in enumerate(CLASSES):
+        for i in range(6):
+            save_image(data / name / f"{name}_{i}.jpg", COLORS[k], seed=k * 100 + i)
+    for i in range(5):
+        save_image(others / f"other_{i}.png", COLORS[3 + i % 2], seed=500 + i)
+    work = tmp_path / "work"
+    args = ("--data-path", data, "--unknowns", others, "--held-out", "tulips", "--work", work, "--candidates",
+            "default", "logitnorm", "--epochs", 1, "--image-size", 32, "--batch-size", 4, "--val-ratio", 0.34,
+            "--workers", 0, "--device", "cpu", "--amp", "off")
+    dry = run("trust.py", *args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    trains = [line for line in dry.stdout.splitlines() if line.startswith("  $ python") and "--eval-only" not in line]
+    assert len(trains) == 4 and sum("--logit-norm 0.04" in line for line in trains) == 2
+    assert not work.exists()  # a dry run writes nothing
+
+    proc = run("trust.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    number = r"([\d.]+)"
+    row = (rf"^\| (default|logitnorm) \| 0 \| `([^`]+)` \| {number} \| {number} \| {number} \| {number} "
+           rf"\(val, in-sample\) \| {number} \| - \| {number} \| max_probability \| {number} \|$")
+    rows = {m[0]: m[1:] for m in re.findall(row, proc.stdout, re.M)}
+    assert set(rows) == {"default", "logitnorm"}, proc.stdout
+    assert rows["default"][0] == "(defaults)" and rows["logitnorm"][0] == "--logit-norm 0.04"
+    assert rows["default"][3] == "1.00"  # minutes against the default's
+    for _, accuracy, minutes, _, ece, far, near, test_accuracy in rows.values():
+        assert 0 <= float(accuracy) <= 1 and float(minutes) > 0 and 0 <= float(ece) <= 1
+        assert 0 <= float(far) <= 1 and 0 <= float(near) <= 1 and float(test_accuracy) == float(accuracy)
+    assert (work / "table.md").read_text().strip() == proc.stdout.split("\n\n")[-2].strip()
+    assert sorted(p.name for p in (work / "near-data").iterdir()) == ["daisy", "roses"]
+
+    again = run("trust.py", *args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done already") == 4 and "$ python" not in again.stdout
+    assert (work / "table.md").read_text().strip() in again.stdout
+
+
+def test_trust_refuses_what_it_sets_itself_and_unknown_candidates(tmp_path):
+    base = ("--data-path", tmp_path, "--unknowns", tmp_path, "--dry-run")
+    for extra, words in ((("--seed", 3), "--seed is this script's to set"),
+                         (("--candidates", "magic"), "no candidate magic")):
+        proc = run("trust.py", *base, *extra)
+        assert proc.returncode == 2 and words in proc.stderr.strip().splitlines()[-1], proc.stderr

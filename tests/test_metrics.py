@@ -10,6 +10,7 @@ import torch
 
 import train
 from helpers import call, load, make_tree, train_argv
+from inference.calibration import Calibration
 from training import evaluation, metrics, step
 
 
@@ -136,10 +137,15 @@ def test_best_metric_chooses_what_best_pth_keeps(tmp_path):
     assert f"best val_macro_f1 {max(scores):.3f} at epoch {best['epoch']}" in stdout
 
 
+def top(probabilities):
+    """The scores print_unknowns takes, of top probabilities alone."""
+    return {"max_probability": probabilities}
+
+
 @pytest.mark.quick
 def test_the_unknowns_report_gives_the_90_percent_row_only_when_it_refuses_a_test_image(capsys):
     unknown = [0.2, 0.3, 0.9]
-    metrics.print_unknowns([0.5, 0.6, 0.7, 0.8, 0.95], unknown, 0.55, "others")
+    metrics.print_unknowns(top([0.5, 0.6, 0.7, 0.8, 0.95]), top(unknown), Calibration(1.0, 0.55), "others")
     out = capsys.readouterr().out
     assert "AUROC 0.7333" in out  # 11 of the 15 pairs ranked right: all 5 above 0.2 and 0.3, one above 0.9
     assert "at the \"not sure\" threshold (0.5500): 66.7% of the unknowns caught (answered unknown), 80.0% of the " \
@@ -147,7 +153,7 @@ def test_the_unknowns_report_gives_the_90_percent_row_only_when_it_refuses_a_tes
     assert "5 test images are too few for a threshold that answers 90% of them" in out
     assert "at 90%" not in out
     known = [0.4 + 0.03 * i for i in range(20)]  # 2 of 20 refused: the threshold lies between 0.43 and 0.46
-    metrics.print_unknowns(known, unknown, 0.0, "others")
+    metrics.print_unknowns(top(known), top(unknown), Calibration(1.0, 0.0), "others")
     out = capsys.readouterr().out
     assert "no \"not sure\" threshold in these weights" in out
     assert "at 90% of the known answered (0.4450): 66.7% of the unknowns caught (answered unknown), 90.0% of the " \

@@ -27,11 +27,13 @@ BAD_VALUES = {  # per type: values it must refuse
     options.open_fraction: ["0", "1", "nan", "x"],
     options.below_one: ["-0.1", "1", "nan", "x"],
     options.size_schedule: ["16", "x", "100:160", "160:96", "96:16"],
+    options.share: ["0", "1.5", "nan", "x"],
+    options.finite_float: ["nan", "inf", "-inf", "x"],
 }
 GOOD_VALUES = {options.positive_int: "3", options.non_negative_int: "0", options.seed: "0",
                options.image_size: "96", options.positive_float: "1e-3", options.non_negative_float: "0",
                options.probability: "1", options.open_fraction: "0.5", options.below_one: "0",
-               options.size_schedule: "96:160"}
+               options.size_schedule: "96:160", options.share: "1", options.finite_float: "-25"}
 
 
 def benchmark_parser():

@@ -51,19 +51,19 @@ def snapshot(folder):
 
 
 def signal_during_batch(monkeypatch, batch, *signals):
-    """Classifier.probabilities that sends this process the signals (real ones, to predict.py's
-    handlers) while it classifies the batch-th batch."""
+    """Classifier.assess that sends this process the signals (real ones, to predict.py's handlers)
+    while it classifies the batch-th batch."""
     calls = {"n": 0}
-    real = classify.Classifier.probabilities
+    real = classify.Classifier.assess
 
-    def probabilities(self, pixels, tta=False):
+    def assess(self, pixels, tta=False):
         calls["n"] += 1
         if calls["n"] == batch:
             for sig in signals:
                 os.kill(os.getpid(), sig)
         return real(self, pixels, tta)
 
-    monkeypatch.setattr(classify.Classifier, "probabilities", probabilities)
+    monkeypatch.setattr(classify.Classifier, "assess", assess)
 
 
 def test_the_reference_csv_has_every_photo_once(setup):

@@ -81,8 +81,8 @@ def test_micro_batches_train_as_the_whole_batch(tree, tmp_path, monkeypatch, no_
     chunk_sizes = []
     real = step.micro_batches
 
-    def recording(images_, targets, labels, size, outliers=None):
-        chunks = real(images_, targets, labels, size, outliers)
+    def recording(images_, targets, labels, size, outliers=None, rotated=None):
+        chunks = real(images_, targets, labels, size, outliers, rotated)
         chunk_sizes.append([len(c.images) for c in chunks])
         return chunks
 

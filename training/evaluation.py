@@ -36,7 +36,8 @@ class Evaluation:
     loss: float
     scores: dict  # accuracy, balanced_accuracy, macro_f1 (metrics.summary_scores)
     confusion: torch.Tensor  # rows: true class, columns: predicted
-    rows: Optional[list] = None  # per image: (dataset index, logits in float32), in the dataset's order
+    # per image: (dataset index, logits in float32, rotation agreement or None), in the dataset's order
+    rows: Optional[list] = None
 
     @property
     def accuracy(self):
@@ -44,9 +45,10 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=False):
+def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=False, rotation=False):
     """Loss, accuracy and confusion matrix over every val image, whichever process holds it; with
-    per_image, also each image's logits, in the dataset's order. fp32: without the run's autocast."""
+    per_image, also each image's logits (and with rotation, its model.rotation_agreement), in the
+    dataset's order. fp32: without the run's autocast."""
     args, device = run.args, run.device
     num_classes = len(run.record.classes)
     model.eval()
@@ -60,9 +62,16 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=Fal
         targets = targets.to(device, non_blocking=True)
         with dev.autocast(device, None if fp32 else run.placement.amp_dtype):
             logits = logits_with_mirror(model, images) if tta else model(images)
+            agreement = [None] * len(images)
+            if rotation and per_image:  # as predict.py computes it, with --tta the mean of image and mirror
+                turned = model.rotation_agreement(images)
+                if tta:
+                    turned = (turned + model.rotation_agreement(images.flip(3))) / 2
+                agreement = turned.float().cpu().tolist()
         kept = [next(indices) for _ in range(len(valid))]
         if not valid.all():  # unreadable images are left out of every figure
             kept = [i for i, ok in zip(kept, valid.tolist()) if ok]
+            agreement = [a for a, ok in zip(agreement, valid.tolist()) if ok]
             valid = valid.to(device)
             logits, targets = logits[valid], targets[valid]
             if not len(targets):
@@ -71,7 +80,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=Fal
         confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1),
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
         if per_image:
-            rows += list(zip(kept, logits.float().cpu().tolist()))
+            rows += list(zip(kept, logits.float().cpu().tolist(), agreement))
     counts = distributed.all_reduce_sum(confusion.flatten().tolist() + [loss_sum], device)
     confusion = torch.tensor(counts[:-1], dtype=torch.int64).view(num_classes, num_classes)
     if per_image:
@@ -82,10 +91,16 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=Fal
 
 def labelled_logits(result, dataset, num_classes):
     """(dataset indices, logits N x classes in float64, true classes N) of an evaluation's per-image rows."""
-    indices = [i for i, _ in result.rows]
-    logits = np.array([values for _, values in result.rows], dtype=np.float64).reshape(len(indices), num_classes)
+    indices = [i for i, _, _ in result.rows]
+    logits = np.array([values for _, values, _ in result.rows], dtype=np.float64).reshape(len(indices), num_classes)
     labels = np.array([dataset.samples[i][1] for i in indices], dtype=np.int64)
     return indices, logits, labels
+
+
+def rotation_agreements(result):
+    """The per-image rotation agreements (N, float64) of an evaluation run with rotation=True, else None."""
+    values = [a for _, _, a in result.rows]
+    return None if not values or values[0] is None else np.array(values, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,15 +114,16 @@ def calibrate_best(run, model, val_loader, criterion, log):
         return
     best = ckpt.load_checkpoint(run.best_path)
     model.load_state_dict(ckpt.clean_state_dict(best["model"]))
-    result = evaluate(model, val_loader, criterion, run, per_image=True, fp32=True)
+    score = run.args.not_sure_score
+    result = evaluate(model, val_loader, criterion, run, per_image=True, fp32=True, rotation=score == "rotation")
     _, logits, labels = labelled_logits(result, val_loader.dataset, len(run.record.classes))
-    fitted = calibration.fit(logits, labels)
+    fitted = calibration.fit(logits, labels, score=score, rotation=rotation_agreements(result))
     if fitted is None:
         log(f"calibration: {len(labels)} readable val images, fewer than {calibration.MIN_FIT_IMAGES}: no "
             "temperature or \"not sure\" threshold fitted (probabilities stay the softmax of the logits)")
         return
     best.update(temperature=fitted.calibration.temperature, min_confidence=fitted.calibration.min_confidence,
-                calibration=fitted.record())
+                not_sure_score=score, calibration=fitted.record())
     distributed.run_on_main(run.device, ckpt.save_checkpoint, best, run.best_path,
                             "best.pth keeps its weights without the temperature; free some disk space and run "
                             f"python train.py --eval-only --calibrate --weights {run.best_path} --data-path "
@@ -120,7 +136,8 @@ def fit_summary(fitted):
     c = fitted.calibration
     return (f"temperature {c.temperature:.3f}; NLL {fitted.nll_before:.4f} -> {fitted.nll_after:.4f}, ECE "
             f"({calibration.ECE_BINS} bins) {fitted.ece_before:.4f} -> {fitted.ece_after:.4f}; \"not sure\" below "
-            f"{c.min_confidence:.4f} (answers {100 * fitted.answered:.1f}% of them)"
+            f"{c.min_confidence:.4f}" + ("" if c.score == calibration.SCORES[0] else f" of the {c.score} score")
+            + f" (answers {100 * fitted.answered:.1f}% of them)"
             + (f"; {fitted.note}" if fitted.note else ""))
 
 
@@ -219,24 +236,36 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
     its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
     args = run.args
     classes = run.record.classes
-    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
+    recorded = calibration.of_checkpoint(start)
+    score = args.not_sure_score or recorded.score  # --not-sure-score: another score for these weights
+    has_head = getattr(model, "rotation", None) is not None
+    if score == "rotation" and not has_head:
+        raise TestDataError(f"{args.weights} has no rotation head, which the rotation score needs: pass another "
+                            "--not-sure-score, or weights trained with --rotation-weight")
+    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, rotation=has_head)
     unreadable = val_loader.dataset.unreadable()
     if unreadable and args.bad_images == "error":
         raise data.unreadable_error(unreadable[0])
     if unreadable:
         print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
     indices, logits, labels = labelled_logits(result, val_loader.dataset, len(classes))
-    used, source = calibration.of_checkpoint(start), f"recorded in {args.weights}"
+    rotation = rotation_agreements(result)
+    used, source = recorded, f"recorded in {args.weights}"
     if "temperature" not in start:
         source = f"none in {args.weights}"
+    if score != recorded.score and not args.calibrate:  # its threshold is the 95% one of these images
+        threshold = calibration.choose_min_confidence(calibration.sureness(score, logits, used.temperature, rotation),
+                                                      calibration.ANSWERED, score)
+        used = calibration.Calibration(used.temperature, threshold, score)
+        source += f"; the {score} score's threshold chosen here to answer 95% of these images"
     if args.calibrate:
-        fitted = calibration.fit(logits, labels)
+        fitted = calibration.fit(logits, labels, score=score, rotation=rotation)
         if fitted is None:
             raise TestDataError(f"--calibrate needs at least {calibration.MIN_FIT_IMAGES} readable images to fit on, "
                                 f"and {args.data_path} has {len(labels)} here: pass a folder with more")
         used, source = fitted.calibration, f"fitted here on these {fitted.images} images"
         start = dict(start, temperature=used.temperature, min_confidence=used.min_confidence,
-                     calibration=fitted.record())
+                     not_sure_score=score, calibration=fitted.record())
         distributed.run_on_main(run.device, ckpt.save_checkpoint, start, args.weights,
                                 f"{args.weights} is unchanged; free some disk space and run it again")
         if run.is_main:
@@ -246,7 +275,7 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
         absent = [c for c, n in zip(classes, result.confusion.sum(dim=1).tolist()) if not n]
         if absent:
             print(f"no images of {', '.join(absent)} were scored: their rows above are empty")
-        print_calibration(logits, labels, used, source)
+        print_calibration(logits, labels, used, source, calibration.sureness(score, logits, used.temperature, rotation))
         path = os.path.join(args.output_dir, "confusion_matrix.csv")
         write_confusion_csv(path, classes, result.confusion)
         z = logits / used.temperature
@@ -261,10 +290,12 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
     if args.unknowns:
         loader = data.unknowns_loader(args.unknowns, run.record.preprocessing, args, run.device, run.rank,
                                       run.world_size, val_loader.num_workers, log)
-        unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True)  # its loss means nothing
+        unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True,  # its loss means nothing
+                           rotation=has_head)
         _, unknown_logits, _ = labelled_logits(unknown, loader.dataset, len(classes))
         if run.is_main:
-            print_unknowns(calibration.softmax(logits, used.temperature).max(axis=1),
-                           calibration.softmax(unknown_logits, used.temperature).max(axis=1),
-                           used.min_confidence, args.unknowns)
+            scores = [s for s in calibration.SCORES if s != "rotation" or has_head]
+            known, unknowns = ({s: calibration.sureness(s, z, used.temperature, r) for s in scores}
+                               for z, r in ((logits, rotation), (unknown_logits, rotation_agreements(unknown))))
+            print_unknowns(known, unknowns, used, args.unknowns)
     return 0

@@ -79,10 +79,11 @@ def print_evaluation(classes, confusion, loss=None):
         print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
 
 
-def print_calibration(logits, labels, used, source):
+def print_calibration(logits, labels, used, source, sureness=None):
     """How far the probabilities can be trusted: the NLL and ECE before and after the temperature
     (`used`, a calibration.Calibration; `source` says where it comes from), the share the "not sure"
-    threshold answers, and the accuracy of the most confident photos at a few coverages."""
+    threshold answers (on `used`'s score, sureness: the images' scores; None: the top probability),
+    and the accuracy of the most confident photos at a few coverages."""
     before, after = calibration.softmax(logits), calibration.softmax(logits, used.temperature)
     bins = f"{calibration.ECE_BINS} equal-width bins of the top probability"
     if used.temperature == 1.0:
@@ -95,10 +96,11 @@ def print_calibration(logits, labels, used, source):
               f"ECE {calibration.expected_calibration_error(before, labels):.4f} -> "
               f"{calibration.expected_calibration_error(after, labels):.4f} ({bins}), before -> after it")
     top, right = after.max(axis=1), after.argmax(axis=1) == labels
-    if used.min_confidence > 0:
-        answered = top >= used.min_confidence
+    if not used.answers_all:
+        answered = (top if sureness is None else sureness) >= used.min_confidence
         n = int(answered.sum())
-        print(f"\"not sure\" below {used.min_confidence:.4f}: {n}/{len(top)} images answered "
+        score = "" if used.score == calibration.SCORES[0] else f" of the {used.score} score"
+        print(f"\"not sure\" below {used.min_confidence:.4f}{score}: {n}/{len(top)} images answered "
               f"({100 * n / max(len(top), 1):.1f}%), accuracy of those {right[answered].mean() if n else 0:.4f}")
     print("accuracy against coverage (only the most confident images answered):")
     print("coverage  threshold  accuracy  answered")
@@ -106,25 +108,28 @@ def print_calibration(logits, labels, used, source):
         print(f"{100 * coverage:7.0f}%  {threshold:9.4f}  {accuracy:8.4f}  {n:>8}/{len(top)}")
 
 
-def print_unknowns(known_top, unknown_top, min_confidence, folder):
-    """How well the top probability tells the test images from --unknowns' photos of none of the
-    classes: the AUROC, and the shares caught and answered at the "not sure" threshold and at the one
-    that answers 90% of the known images."""
-    known_top, unknown_top = np.asarray(known_top), np.asarray(unknown_top)
+def print_unknowns(known, unknown, used, folder):
+    """How well the "not sure" score (`used`'s, a calibration.Calibration) tells the test images from
+    --unknowns' photos of none of the classes: the AUROC, and the shares caught and answered at the
+    "not sure" threshold and at the one that answers 90% of the known images; then every score's
+    AUROC. known, unknown: {score: the images' scores} (calibration.sureness), used.score's among them."""
+    known_top, unknown_top = np.asarray(known[used.score]), np.asarray(unknown[used.score])
     print(f"unknowns: {len(unknown_top)} images of {folder}, photos of none of the classes: AUROC "
-          f"{calibration.auroc(known_top, unknown_top):.4f} of the top probability telling the "
+          f"{calibration.auroc(known_top, unknown_top):.4f} of the {calibration.SCORE_NAMES[used.score]} telling the "
           f"{len(known_top)} test images from them")
-    ninety = calibration.choose_min_confidence(known_top, 0.9)
-    rows = [("90% of the known answered", ninety)] if ninety > 0 else []
-    if min_confidence > 0:
-        rows.insert(0, ("the \"not sure\" threshold", min_confidence))
+    none = calibration.no_threshold(used.score)
+    ninety = calibration.choose_min_confidence(known_top, 0.9, used.score)
+    rows = [("90% of the known answered", ninety)] if ninety != none else []
+    if not used.answers_all:
+        rows.insert(0, ("the \"not sure\" threshold", used.min_confidence))
     else:
         print("  no \"not sure\" threshold in these weights: every image is answered")
-    if not ninety:
+    if ninety == none:
         print(f"  {len(known_top)} test images are too few for a threshold that answers 90% of them")
     for name, threshold in rows:
         print(f"  at {name} ({threshold:.4f}): {100 * (unknown_top < threshold).mean():.1f}% of the unknowns "
               f"caught (answered unknown), {100 * (known_top >= threshold).mean():.1f}% of the known answered")
+    print("  AUROC of each score: " + ", ".join(f"{s} {calibration.auroc(known[s], unknown[s]):.4f}" for s in known))
 
 
 def write_confusion_csv(path, classes, confusion):

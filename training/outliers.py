@@ -14,6 +14,9 @@ answers on them towards uniform probabilities: the model learns that a low top p
 
 Every image is drawn from a generator seeded by (seed, epoch, step, process), so a resumed run makes
 the same outliers as an unbroken one.
+
+--outlier-loss energy trains margins on the energy instead (Liu et al., "Energy-based Out-of-
+distribution Detection", 2020): energy_margin_loss below.
 """
 import math
 from dataclasses import dataclass
@@ -71,11 +74,36 @@ def uniform_loss(logits):
     return -F.log_softmax(logits, dim=1).mean()
 
 
-def outlier_loss(outputs, known, aux_weight):
+def energy(logits):
+    """Each row's free energy, -log-sum-exp of its logits: low for what the model knows."""
+    return -torch.logsumexp(logits, dim=1)
+
+
+def energy_margin_loss(known_logits, outlier_logits, margins, shares=(1.0, 1.0)):
+    """Liu et al.'s energy-bounded loss: the mean squared hinge of the photos' energies above m_in
+    plus that of the outliers' energies below m_out, margins = (m_in, m_out), each mean weighed by its
+    share (a micro-batch's share of the step's photos and of its outliers; no rows: no term). 0 once
+    every photo's energy is at most m_in and every outlier's at least m_out. The class loss is blind to
+    adding one number to all of a photo's logits, so the margins set where energies lie, not what is learned."""
+    m_in, m_out = margins
+    terms = (F.relu(energy(known_logits) - m_in), F.relu(m_out - energy(outlier_logits)))
+    return sum(share * (hinge ** 2).mean() for share, hinge in zip(shares, terms) if len(hinge))
+
+
+def outlier_loss(outputs, known, aux_weight, margins=None, shares=(1.0, 1.0)):
     """The outliers' part of a step's loss, the heads weighed as in the paper's loss: outputs are the
-    chunk's (logits, aux2, aux1), whose rows after the first `known` are the outliers'."""
+    chunk's (logits, aux2, aux1), whose rows after the first `known` are the outliers'. margins:
+    (m_in, m_out) for the energy-margin loss (--outlier-loss energy), None for the uniform one.
+    shares: the chunk's share of the step's photos and of its outliers, so that a step's loss is the
+    same however it is split into micro-batches."""
+    if margins is not None:
+        heads = [(o.float()[:known], o.float()[known:]) for o in outputs]
+        main, aux2, aux1 = (energy_margin_loss(photos, outliers, margins, shares) for photos, outliers in heads)
+        return main + aux_weight * (aux1 + aux2)
     logits, aux2, aux1 = (o.float()[known:] for o in outputs)
-    return uniform_loss(logits) + aux_weight * (uniform_loss(aux1) + uniform_loss(aux2))
+    if not len(logits):  # this micro-batch got none of the step's outliers
+        return logits.new_zeros(())
+    return shares[1] * (uniform_loss(logits) + aux_weight * (uniform_loss(aux1) + uniform_loss(aux2)))
 
 
 def rand(shape, generator, device):

@@ -11,15 +11,29 @@ from training import data
 class ClassWeightedLoss(nn.CrossEntropyLoss):
     """Cross-entropy with label smoothing and optional class weights, averaged over the images.
     PyTorch's weighted mean divides by the batch's sum of weights instead, which undoes the weights
-    in every batch of one class: with 4 images a batch and a 10:1 imbalance, most batches."""
+    in every batch of one class: with 4 images a batch and a 10:1 imbalance, most batches.
 
-    def __init__(self, weight=None, label_smoothing=0.0):
+    logit_norm > 0 (--logit-norm TAU) is LogitNorm (Wei et al., "Mitigating Neural Network
+    Overconfidence with Logit Normalization", 2022): the loss sees each image's logits scaled to the
+    norm 1 / TAU, so training cannot lower it by growing the logits, which is what makes a plain
+    network as sure of anything as of its classes. Every head's loss goes through here, the aux
+    heads' too; the network's own logits (what predict.py sees) stay as they are."""
+
+    def __init__(self, weight=None, label_smoothing=0.0, logit_norm=0.0):
         super().__init__(weight=weight, label_smoothing=label_smoothing,
                          reduction="mean" if weight is None else "sum")
+        self.logit_norm = logit_norm
 
     def forward(self, logits, targets):
+        if self.logit_norm:
+            logits = normalized_logits(logits, self.logit_norm)
         loss = super().forward(logits, targets)
         return loss if self.weight is None else loss / len(logits)
+
+
+def normalized_logits(logits, tau):
+    """LogitNorm's logits: each row divided by its L2 norm (+ 1e-7, as the paper's code) and by tau."""
+    return logits / (logits.norm(p=2, dim=1, keepdim=True) + 1e-7) / tau
 
 
 def class_weights(args, train_loader, device):

@@ -53,8 +53,9 @@ def train_mode(model, freeze_layers):
 @dataclass
 class Chunk:
     """One micro-batch of a step: its images, (soft) targets and class labels, its share of the batch,
-    and its part of the step's generated outliers (--outliers; None without) with their share of them.
-    A chunk's photo loss is weighed by share and its outlier loss by outlier_share, so both add up to
+    its part of the step's generated outliers (--outliers; None without) with their share of them,
+    and its turned copies (--rotation-weight: rotated, and their quarter turns; None without). A
+    chunk's photo loss is weighed by share and its outlier loss by outlier_share, so both add up to
     their means over the whole step however it is split."""
 
     images: object
@@ -64,16 +65,19 @@ class Chunk:
     last: bool
     outliers: object = None
     outlier_share: float = 0.0
+    rotated: object = None
+    turns: object = None
 
     @property
     def inputs(self):
-        """What the model runs on: the images, then the outliers."""
-        return self.images if self.outliers is None else torch.cat([self.images, self.outliers])
+        """What the model runs on: the images, then the outliers, then the turned copies."""
+        parts = [t for t in (self.images, self.outliers, self.rotated) if t is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def micro_batches(images, targets, labels, size, outliers=None):
+def micro_batches(images, targets, labels, size, outliers=None, rotated=None):
     """The step's chunks of at most size images (--micro-batch; 0: the whole batch as one chunk),
-    the outliers shared out among them in proportion."""
+    the outliers and the turned copies (a rotation.Rotated) shared out among them in proportion."""
     size = size if 0 < size < len(images) else len(images)
     parts = list(zip(images.split(size), targets.split(size), labels.split(size)))
     shares = [None] * len(parts)
@@ -82,9 +86,16 @@ def micro_batches(images, targets, labels, size, outliers=None):
         bounds = [(n * end + total // 2) // total for end in range(0, total, size)]
         bounds.append(n)
         shares = [outliers[a:b] if b > a else None for a, b in zip(bounds, bounds[1:])]
-    return [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1, extra,
-                  0.0 if extra is None else len(extra) / len(outliers))
-            for i, ((x, y, hard), extra) in enumerate(zip(parts, shares))]
+    chunks = [Chunk(x, y, hard, len(x) / len(images), i == len(parts) - 1, extra,
+                    0.0 if extra is None else len(extra) / len(outliers))
+              for i, ((x, y, hard), extra) in enumerate(zip(parts, shares))]
+    if rotated is not None:
+        n, total = len(rotated.turns), len(images)  # shared out as the outliers are
+        bounds = [(n * end + total // 2) // total for end in range(0, total, size)] + [n]
+        for chunk, a, b in zip(chunks, bounds, bounds[1:]):
+            if b > a:
+                chunk.rotated, chunk.turns = rotated.images[a:b], rotated.turns[a:b]
+    return chunks
 
 
 def gradient_sync(forward, chunk):
