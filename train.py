@@ -370,6 +370,9 @@ def train_one_epoch(training, loaders, run, progress):
     loader = loaders.train
     bar = epoch_bar(loader, loaders.crop, run, progress)
     start, images_timed = clock(), 0
+    # right answers, counted on the device and read only when needed (a save, the epoch's end): a read
+    # of a GPU's tensor waits for every queued kernel. The step's loss is read once, by the stop vote.
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
     for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
         images, labels = to_device(images, run), labels.to(run.device, non_blocking=True)
         targets = labels
@@ -377,7 +380,7 @@ def train_one_epoch(training, loaders, run, progress):
         if training.mix is not None:
             images, targets = training.mix(images, labels)  # soft targets, for the aux heads too
         state.optimizer.zero_grad(set_to_none=True)
-        step_loss, correct = 0.0, 0
+        step_loss = torch.zeros((), device=run.device)
         for chunk in step.micro_batches(images, targets, labels, args.micro_batch, outliers):
             with step.gradient_sync(training.forward, chunk):
                 with dev.autocast(run.device, run.placement.amp_dtype):
@@ -390,28 +393,37 @@ def train_one_epoch(training, loaders, run, progress):
                     loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight)
                 loss = loss * chunk.share  # chunks add up to the mean over the batch
                 state.scaler.scale(loss).backward()
-            step_loss += loss.item()
+            step_loss += loss.detach()
             if training.mix is None:
-                correct += (logits.argmax(1) == chunk.labels).sum().item()
-        stopping = step.vote(training.stop, loader, run.device, step_loss, args.bad_images,
-                             f"epoch {progress.epoch + 1}, step {progress.step + 1}")
+                correct += (logits.argmax(1) == chunk.labels).sum()
+        step_loss, stopping = step.vote(training.stop, loader, run.device, step_loss, args.bad_images,
+                                        f"epoch {progress.epoch + 1}, step {progress.step + 1}")
         state.scaler.step(state.optimizer)
         state.scaler.update()
         if state.ema is not None:
-            state.ema.update_parameters(state.model)
-        progress.add_step(step_loss, len(images), correct)
+            recipe.update_ema(state.ema, state.model, args.model_ema_decay)
+        progress.add_step(step_loss, len(images), 0)  # its right answers: in correct
         images_timed += len(images)
         log_step(run, bar, progress, step_loss)
         if stopping:
             bar.close()
+            count_correct(progress, correct)
             return step.EpochResult(float("nan"), None, 0.0, stopped=True)
         if args.save_every and progress.step % args.save_every == 0:
+            count_correct(progress, correct)
             save_last(run, state, progress)
     bar.close()
+    count_correct(progress, correct)
     loss_sum, seen, timed, correct = distributed.all_reduce_sum(
         [progress.loss_sum, progress.seen, images_timed, progress.correct], run.device)
     accuracy = correct / max(seen, 1) if training.mix is None else None
     return step.EpochResult(loss_sum / max(seen, 1), accuracy, timed / max(clock() - start, 1e-9))
+
+
+def count_correct(progress, correct):
+    """Move the right answers counted on the device into progress (one read of the device)."""
+    progress.correct += int(correct)
+    correct.zero_()
 
 
 def epoch_bar(loader, crop, run, progress):

@@ -11,6 +11,7 @@ bytes to copy, and one pass.
 """
 import contextlib
 import csv
+import functools
 import io
 import os
 import random
@@ -91,11 +92,19 @@ def build_batch_mix(mixup_alpha, cutmix_alpha, num_classes):
 
 def normalize_batch(batch, mean=MEAN, std=STD, channels_last=False):
     """uint8 N x C x H x W -> float32, scaled to [0, 1] and normalised, on batch's device."""
-    mean = torch.tensor(mean, device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=batch.device).view(1, -1, 1, 1)
+    mean, std = normalization(tuple(mean), tuple(std), batch.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = batch.to(dtype=torch.float32, memory_format=memory_format)
     return batch.div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def normalization(mean, std, device):
+    """(mean, std) as 1 x C x 1 x 1 float32 tensors on device, made once per device: a tensor made
+    from Python numbers is copied from the host, and on a GPU that copy waits for every queued kernel."""
+    with torch.inference_mode(False):  # usable outside inference mode too, whichever mode made them
+        return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
