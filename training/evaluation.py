@@ -45,7 +45,8 @@ class Evaluation:
 @torch.inference_mode()
 def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=False):
     """Loss, accuracy and confusion matrix over every val image, whichever process holds it; with
-    per_image, also each image's logits, in the dataset's order. fp32: without the run's autocast."""
+    per_image, also each image's logits, in the dataset's order. fp32: without the run's autocast,
+    and without TF32 (for the logits a temperature is fitted on)."""
     args, device = run.args, run.device
     num_classes = len(run.record.classes)
     model.eval()
@@ -57,7 +58,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=Fal
         images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
                                       run.record.preprocessing.std, channels_last=args.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with dev.autocast(device, None if fp32 else run.placement.amp_dtype):
+        with dev.exact_fp32() if fp32 else dev.autocast(device, run.placement.amp_dtype):
             logits = logits_with_mirror(model, images) if tta else model(images)
         kept = [next(indices) for _ in range(len(valid))]
         if not valid.all():  # unreadable images are left out of every figure
@@ -195,7 +196,8 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
     its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
     args = run.args
     classes = run.record.classes
-    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True)
+    # --calibrate: the logits the temperature is fitted on in fp32, as training fits it (run() turned --amp off)
+    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, fp32=args.calibrate)
     unreadable = val_loader.dataset.unreadable()
     if unreadable and args.bad_images == "error":
         raise data.unreadable_error(unreadable[0])
@@ -237,7 +239,8 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
     if args.unknowns:
         loader = data.unknowns_loader(args.unknowns, run.record.preprocessing, args, run.device, run.rank,
                                       run.world_size, val_loader.num_workers, log)
-        unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True)  # its loss means nothing
+        unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True,  # its loss means nothing
+                           fp32=args.calibrate)
         _, unknown_logits, _ = labelled_logits(unknown, loader.dataset, len(classes))
         if run.is_main:
             print_unknowns(calibration.softmax(logits, used.temperature).max(axis=1),
