@@ -47,6 +47,9 @@ DEFAULT_DATA = os.path.join("data_set", "flower_data")
 # The default recipe (see README's results): the torchvision layout, AdamW with a cosine schedule,
 # TrivialAugment, random erasing, label smoothing and an EMA of the weights, at 128 px.
 DEFAULT_VARIANT = "torchvision"
+# torch.compile's backend for --compile: PyTorch's default (inductor) unless this variable names
+# another; the test suite sets aot_eager, which runs --compile's wiring on a CPU in seconds
+COMPILE_BACKEND = "GOOGLENET_COMPILE_BACKEND"
 
 
 def get_args_parser():
@@ -216,8 +219,9 @@ class Run:
 
 @dataclass
 class Training:
-    """The objects a training step uses. forward is the model as it runs (compiled, or wrapped in
-    DistributedDataParallel); state.model is the model itself, whose weights the checkpoints hold."""
+    """The objects a training step uses. forward is the model as it runs (wrapped in
+    DistributedDataParallel under torchrun, then compiled with --compile); state.model is the model
+    itself, whose weights the checkpoints hold."""
 
     forward: nn.Module
     state: run_state.TrainingState
@@ -269,13 +273,13 @@ def main(args, given, cleanup):
                           run_state.recorded_options(args)))
     criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
                                          args.label_smoothing)
-    forward = torch.compile(model) if args.compile else model
     if args.eval_only:
-        return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
+        return evaluation.evaluate_only(run, compiled(model) if args.compile else model, criterion, loaders.val,
+                                        start, log)
 
     plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
             else schedule.fixed_plan(args.epochs or 25))
-    training = build_training(args, run, model, forward, criterion, plan)
+    training = build_training(args, run, model, criterion, plan)
     progress = run_state.Progress(plan=plan)
     if resume is not None:
         progress = run_state.restore_training(resume, args.resume, training.state, rank, plan)
@@ -299,7 +303,10 @@ def fit(run, training, loaders, progress):
     Returns the exit code."""
     args, log, plan = run.args, print if run.is_main else silent, progress.plan
     state = training.state
-    validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
+    # validated (and saved as best.pth) eagerly, even with --compile: its scores, which choose best.pth,
+    # are then those that predict.py and --eval-only get from that file, and a forward-only pass over a
+    # tenth of the images would pay for a compilation of its own (eval mode, the EMA's module, another size)
+    validated = state.ema.module if state.ema is not None else state.model
     leakage_checked = False  # once a session, when a whole epoch has decoded every image
     while progress.epoch < plan.epochs:
         epoch, whole = progress.epoch, progress.step == 0
@@ -559,11 +566,15 @@ def build_model(args, classes, recorded, start, source, device, log):
     return model
 
 
-def build_training(args, run, model, forward, criterion, plan):
-    """The optimizer, its schedule, the loss scaler, the EMA and the batch mixing, and the stop flag."""
+def build_training(args, run, model, criterion, plan):
+    """The model as a step runs it, the optimizer, its schedule, the loss scaler, the EMA, the batch
+    mixing, and the stop flag."""
+    forward = model
     if run.world_size > 1:
         forward = nn.parallel.DistributedDataParallel(
-            forward, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if args.compile:  # DDP's model compiled, as PyTorch advises: TorchDynamo then splits the graph at DDP's
+        forward = compiled(forward)  # gradient buckets, so that their all-reduce overlaps the backward pass
     optimizer = recipe.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     factor = functools.partial(schedule.lr_factor, plan=plan, warmup_epochs=args.warmup_epochs,
                                schedule=args.lr_scheduler, step_size=args.lr_step_size, gamma=args.lr_gamma)
@@ -573,6 +584,10 @@ def build_training(args, run, model, forward, criterion, plan):
     outliers = (OutlierMaker(args.outliers, run.record.preprocessing.mean, run.record.preprocessing.std, args.seed,
                              run.rank) if args.outliers else None)
     return Training(forward, state, criterion, mix, outliers, step.StopRequest())
+
+
+def compiled(module):
+    return torch.compile(module, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
 
 
 def write_class_indices(args, classes):
