@@ -610,16 +610,22 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     return Loaders(loaders[0], loaders[1], workers, args.image_size[0])
 
 
-def unknowns_loader(folder, preprocessing, args, device, rank, world_size, workers, log):
-    """--unknowns: every image under folder (photos of none of the classes), loaded as the val images
-    are, uncached. Their class index is a placeholder (0): only their logits are used."""
+def find_unknowns(folder, bad_images, log):
+    """The readable images under folder (--unknowns: photos of none of the classes), checked as the
+    data's are at start-up."""
     if not os.path.isdir(folder):
         raise DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
     paths = images.find_image_files(folder)
-    bad = unreadable_paths(paths, args.bad_images, log)
+    bad = unreadable_paths(paths, bad_images, log)
     paths = [p for p in paths if p not in bad]
     if not paths:
         raise DataError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def unknowns_loader(paths, preprocessing, args, device, rank, world_size, workers):
+    """find_unknowns' images, loaded as the val images are, uncached. Their class index is a
+    placeholder (0): only their logits are used. Every process makes it at once (machine_cache)."""
     shared, writer = machine_cache(len(paths), 0, max(workers, 1), device)
     dataset = ImageDataset([(p, 0) for p in paths], EvalTransform(preprocessing), shared, substitute=False,
                            writer=writer)

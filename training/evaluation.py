@@ -193,16 +193,21 @@ def check_calibrate(args, start):
 
 def evaluate_only(run, model, criterion, val_loader, start, log):
     """--eval-only: the report, confusion_matrix.csv and predictions.csv of --weights on the test images,
-    its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
+    its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate).
+
+    Under torchrun every process decides alike: from what all of them found unreadable, with the
+    report written by rank 0 and the --unknowns folder checked in every process, so that a failure
+    in one process ends every process at once (distributed.fail_together), never a hang."""
     args = run.args
     classes = run.record.classes
     # --calibrate: the logits the temperature is fitted on in fp32, as training fits it (run() turned --amp off)
     result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, fp32=args.calibrate)
-    unreadable = val_loader.dataset.unreadable()
+    unreadable = sorted({p for part in distributed.all_gather(val_loader.dataset.unreadable(), run.device)
+                         for p in part})
     if unreadable and args.bad_images == "error":
         raise data.unreadable_error(unreadable[0])
     if unreadable:
-        print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
+        log(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
     indices, logits, labels = labelled_logits(result, val_loader.dataset, len(classes))
     used, source = calibration.of_checkpoint(start), f"recorded in {args.weights}"
     if "temperature" not in start:
@@ -217,28 +222,14 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
                      calibration=fitted.record())
         distributed.run_on_main(run.device, ckpt.save_checkpoint, start, args.weights,
                                 f"{args.weights} is unchanged; free some disk space and run it again")
-        if run.is_main:
-            print(f"calibration: {fit_summary(fitted)}; saved in {args.weights}")
-    if run.is_main:
-        print_evaluation(classes, result.confusion, result.loss)
-        absent = [c for c, n in zip(classes, result.confusion.sum(dim=1).tolist()) if not n]
-        if absent:
-            print(f"no images of {', '.join(absent)} were scored: their rows above are empty")
-        print_calibration(logits, labels, used, source)
-        path = os.path.join(args.output_dir, "confusion_matrix.csv")
-        write_confusion_csv(path, classes, result.confusion)
-        z = logits / used.temperature
-        log_p = z - z.max(axis=1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-        samples = val_loader.dataset.samples
-        write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
-                              [(samples[i][0], samples[i][1], np.exp(row).tolist(), -row[samples[i][1]])
-                               for i, row in zip(indices, log_p)])
-        print(f"confusion matrix and per-image predictions written to {path} and "
-              f"{os.path.join(args.output_dir, 'predictions.csv')}")
+        log(f"calibration: {fit_summary(fitted)}; saved in {args.weights}")
+    distributed.run_on_main(run.device, report_test_set, args, classes, result, val_loader.dataset.samples,
+                            (indices, logits, labels), used, source)
     if args.unknowns:
-        loader = data.unknowns_loader(args.unknowns, run.record.preprocessing, args, run.device, run.rank,
-                                      run.world_size, val_loader.num_workers, log)
+        # checked in every process, which then all make the loader (whose image cache is shared through collectives)
+        paths = distributed.run_everywhere(run.device, data.find_unknowns, args.unknowns, args.bad_images, log)
+        loader = data.unknowns_loader(paths, run.record.preprocessing, args, run.device, run.rank, run.world_size,
+                                      val_loader.num_workers)
         unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True,  # its loss means nothing
                            fp32=args.calibrate)
         _, unknown_logits, _ = labelled_logits(unknown, loader.dataset, len(classes))
@@ -247,3 +238,24 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
                            calibration.softmax(unknown_logits, used.temperature).max(axis=1),
                            used.min_confidence, args.unknowns)
     return 0
+
+
+def report_test_set(args, classes, result, samples, scored, used, source):
+    """--eval-only's report on the test images, confusion_matrix.csv and predictions.csv (rank 0's part).
+    scored: (dataset indices, logits, true classes) of the images scored."""
+    indices, logits, labels = scored
+    print_evaluation(classes, result.confusion, result.loss)
+    absent = [c for c, n in zip(classes, result.confusion.sum(dim=1).tolist()) if not n]
+    if absent:
+        print(f"no images of {', '.join(absent)} were scored: their rows above are empty")
+    print_calibration(logits, labels, used, source)
+    path = os.path.join(args.output_dir, "confusion_matrix.csv")
+    write_confusion_csv(path, classes, result.confusion)
+    z = logits / used.temperature
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
+                          [(samples[i][0], samples[i][1], np.exp(row).tolist(), -row[samples[i][1]])
+                           for i, row in zip(indices, log_p)])
+    print(f"confusion matrix and per-image predictions written to {path} and "
+          f"{os.path.join(args.output_dir, 'predictions.csv')}")
