@@ -68,7 +68,7 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
                                   f"python export.py --output {weights}, or pass --weights with the right path")
         from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
 
-        model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp)
+        model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp, device=device)
         return Classifier(model, classes, preprocessing, calibration=recorded_calibration(model, weights))
     # torch only here: importing it takes seconds that a .onnx file never pays
     from inference import checkpoint as ckpt
