@@ -364,8 +364,10 @@ def fit(run, training, loaders, progress):
     if run.world_size > 1:
         log(f"ranks in sync: the {run.world_size} processes held identical weights after every epoch")
     took = f"; {run.elapsed() / 60:.1f} of {plan.budget_s / 60:g} min" if plan.budget_s else ""
+    gpu = (f", GPU {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB allocated at most"
+           if run.device.type == "cuda" else "")
     log(f"best val_{args.best_metric} {progress.best_score:.3f} at epoch {progress.best_epoch}, saved in "
-        f"{run.best_path}{took}; peak memory {dev.peak_rss_gib():.1f} GiB")
+        f"{run.best_path}{took}; peak memory {dev.peak_rss_gib():.1f} GiB{gpu}")
     return 0
 
 
