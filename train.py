@@ -411,7 +411,7 @@ def train_one_epoch(training, loaders, run, progress):
         state.scaler.update()
         if state.ema is not None:
             recipe.update_ema(state.ema, state.model, args.model_ema_decay)
-        progress.add_step(step_loss, len(images), 0)  # its right answers: in correct
+        progress.add_step(step_loss, len(images), 0)  # its right answers went into correct, on the device
         images_timed += len(images)
         log_step(run, bar, progress, step_loss)
         if stopping:

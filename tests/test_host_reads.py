@@ -1,7 +1,7 @@
 """Reads of device tensors from the host in a training epoch (.item(), .tolist(), .cpu(), bool(),
 int(), float(), .nonzero()...). On a GPU each read waits for every kernel queued before it, so the
 CPU stops feeding the GPU until the GPU is idle. A step makes one read by design: the stop vote
-reads the step's loss (training/step.py vote; under DDP it all-reduces it with the stop flags).
+reads the step's loss (training/step.py vote; under DDP every process learns whether it diverged).
 Every other count is kept on the device and read once per log line, the epoch's (its training
 accuracy); the constants a batch needs are copied to the device once, not for every batch.
 
