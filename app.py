@@ -70,7 +70,9 @@ def get_args_parser():
                    help="say \"not sure\" (with the best guesses) for a photo whose top probability is below P, in "
                         "place of the weights' own \"not sure\" score and threshold (default: those the weights "
                         "record; 0: always name a class)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (.pth weights)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (a .onnx file: as in predict.py, the GPU through "
+                        "onnxruntime-gpu)")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py")
     p.add_argument("--review", action="store_true",

@@ -64,7 +64,9 @@ def get_args_parser():
     p.add_argument("--workers", type=options.non_negative_int, default=None,
                    help="threads that decode images ahead of the model (default: 1 on a CPU, none for a "
                         "single image; min(cpu count, batch size, 8) on CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (a .onnx file: auto, cpu, cuda or cuda:N, the GPU through "
+                        "onnxruntime-gpu; auto takes it where that is installed)")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision, as in train.py (auto: bf16 on CPUs with native bf16 and on CUDA; for a "
                         ".onnx file in OpenVINO, auto lets it compute in bf16 on such CPUs and off keeps f32)")
@@ -119,9 +121,12 @@ def main(args):
         if args.cam:
             raise PredictionError("--cam needs the gradients of PyTorch weights: pass the .pth file the "
                                   ".onnx file was exported from")
-        if args.amp in ("bf16", "fp16") or args.device not in ("auto", "cpu"):
-            raise PredictionError(f"--amp {args.amp} --device {args.device} apply to PyTorch weights: a .onnx "
-                                  "file runs on the CPU as it was exported; leave them out or pass the .pth file")
+        if args.amp in ("bf16", "fp16"):
+            raise PredictionError(f"--amp {args.amp} applies to PyTorch weights: a .onnx file runs as it was "
+                                  "exported; leave it out or pass the .pth file")
+        if args.runtime == "openvino" and args.device not in ("auto", "cpu"):
+            raise PredictionError(f"--device {args.device}: --runtime openvino runs a .onnx file on the CPU; "
+                                  "leave --device out, or use --runtime onnxruntime (with onnxruntime-gpu)")
     elif args.runtime != "onnxruntime":
         raise PredictionError(f"--runtime {args.runtime} runs .onnx files and {args.weights} is PyTorch weights: "
                               "export it with export.py, or leave --runtime out")

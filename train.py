@@ -57,6 +57,9 @@ DEFAULT_VARIANT = "torchvision"
 # train loss 107). -7 and -2 keep a gap of 5 nats, and a first hinge about the size of the class loss.
 ENERGY_MARGINS = (-7.0, -2.0)
 OUTLIER_WEIGHTS = {"uniform": 0.5, "energy": 0.1}  # --outlier-weight's default for each --outlier-loss
+# torch.compile's backend for --compile: PyTorch's default (inductor) unless this variable names
+# another; the test suite sets aot_eager, which runs --compile's wiring on a CPU in seconds
+COMPILE_BACKEND = "GOOGLENET_COMPILE_BACKEND"
 
 
 def get_args_parser():
@@ -261,8 +264,9 @@ class Run:
 
 @dataclass
 class Training:
-    """The objects a training step uses. forward is the model as it runs (compiled, or wrapped in
-    DistributedDataParallel); state.model is the model itself, whose weights the checkpoints hold."""
+    """The objects a training step uses. forward is the model as it runs (wrapped in
+    DistributedDataParallel under torchrun, then compiled with --compile); state.model is the model
+    itself, whose weights the checkpoints hold."""
 
     forward: nn.Module
     state: run_state.TrainingState
@@ -322,14 +326,14 @@ def main(args, given, cleanup):
                           run_state.recorded_options(args), found.review))
     criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
                                          args.label_smoothing, 0.0 if args.eval_only else args.logit_norm)
-    forward = torch.compile(model) if args.compile else model
     if args.eval_only:
         with data.worker_failures():
-            return evaluation.evaluate_only(run, forward, criterion, loaders.val, start, log)
+            return evaluation.evaluate_only(run, compiled(model) if args.compile else model, criterion, loaders.val,
+                                            start, log)
 
     plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
             else schedule.fixed_plan(args.epochs or 25))
-    training = build_training(args, run, model, forward, criterion, plan)
+    training = build_training(args, run, model, criterion, plan)
     progress = run_state.Progress(plan=plan)
     if resume is not None:
         progress = run_state.restore_training(resume, args.resume, training.state, rank, placement.device, plan)
@@ -357,7 +361,10 @@ def fit(run, training, loaders, progress):
     Returns the exit code."""
     args, log, plan = run.args, print if run.is_main else silent, progress.plan
     state = training.state
-    validated = state.ema.module if state.ema is not None else state.model  # and saved as best.pth
+    # validated (and saved as best.pth) eagerly, even with --compile: its scores, which choose best.pth,
+    # are then those that predict.py and --eval-only get from that file, and a forward-only pass over a
+    # tenth of the images would pay for a compilation of its own (eval mode, the EMA's module, another size)
+    validated = state.ema.module if state.ema is not None else state.model
     leakage_checked = False  # once a session, when a whole epoch has decoded every image
     while progress.epoch < plan.epochs:
         epoch, whole = progress.epoch, progress.step == 0
@@ -415,8 +422,10 @@ def fit(run, training, loaders, progress):
     if run.world_size > 1:
         log(f"ranks in sync: the {run.world_size} processes held identical weights after every epoch")
     took = f"; {run.elapsed() / 60:.1f} of {plan.budget_s / 60:g} min" if plan.budget_s else ""
+    gpu = (f", GPU {torch.cuda.max_memory_allocated(run.device) / 2 ** 30:.1f} GiB allocated at most"
+           if run.device.type == "cuda" else "")
     log(f"best val_{args.best_metric} {progress.best_score:.3f} at epoch {progress.best_epoch}, saved in "
-        f"{run.best_path}{took}; peak memory {dev.peak_rss_gib():.1f} GiB")
+        f"{run.best_path}{took}; peak memory {dev.peak_rss_gib():.1f} GiB{gpu}")
     return 0
 
 
@@ -429,6 +438,9 @@ def train_one_epoch(training, loaders, run, progress):
     bar = epoch_bar(loader, loaders.crop, run, progress)
     start, images_timed = clock(), 0
     margins = tuple(args.energy_margins) if args.outlier_loss == "energy" else None
+    # right answers, counted on the device and read only when needed (a save, the epoch's end): a read
+    # of a GPU's tensor waits for every queued kernel. The step's loss is read once, by the stop vote.
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
     for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
         images, labels = to_device(images, run), labels.to(run.device, non_blocking=True)
         targets = labels
@@ -439,7 +451,7 @@ def train_one_epoch(training, loaders, run, progress):
             images, targets = training.mix(images, labels)  # soft targets, for the aux heads too
         rotated = training.rotator.make(images, progress.epoch, progress.step) if training.rotator else None
         state.optimizer.zero_grad(set_to_none=True)
-        step_loss, correct = 0.0, 0
+        step_loss = torch.zeros((), device=run.device)
         for chunk in step.micro_batches(images, targets, labels, args.micro_batch, outliers, rotated):
             with step.gradient_sync(training.forward, chunk):
                 with dev.autocast(run.device, run.placement.amp_dtype):
@@ -457,24 +469,27 @@ def train_one_epoch(training, loaders, run, progress):
                     loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight, margins,
                                                                      (chunk.share, chunk.outlier_share))
                 state.scaler.scale(loss).backward()
-            step_loss += loss.item()
+            step_loss += loss.detach()
             if training.mix is None:
-                correct += (logits.argmax(1) == chunk.labels).sum().item()
-        stopping = step.vote(training.stop, loader, run.device, step_loss, args.bad_images,
-                             f"epoch {progress.epoch + 1}, step {progress.step + 1}")
+                correct += (logits.argmax(1) == chunk.labels).sum()
+        step_loss, stopping = step.vote(training.stop, loader, run.device, step_loss, args.bad_images,
+                                        f"epoch {progress.epoch + 1}, step {progress.step + 1}")
         state.scaler.step(state.optimizer)
         state.scaler.update()
         if state.ema is not None:
-            state.ema.update_parameters(state.model)
-        progress.add_step(step_loss, len(images), correct)
+            recipe.update_ema(state.ema, state.model, args.model_ema_decay)
+        progress.add_step(step_loss, len(images), 0)  # its right answers went into correct, on the device
         images_timed += len(images)
         log_step(run, bar, progress, step_loss)
         if stopping:
             bar.close()
+            count_correct(progress, correct)
             return step.EpochResult(float("nan"), None, 0.0, stopped=True)
         if args.save_every and progress.step % args.save_every == 0:
+            count_correct(progress, correct)
             save_last(run, state, progress)
     bar.close()
+    count_correct(progress, correct)
     loss_sum, seen, timed, correct = distributed.all_reduce_sum(
         [progress.loss_sum, progress.seen, images_timed, progress.correct], run.device)
     accuracy = correct / max(seen, 1) if training.mix is None else None
@@ -491,6 +506,12 @@ def out_of_memory(run, progress):
     return TrainingError(f"out of memory on {run.device} in epoch {progress.epoch + 1} with --batch-size "
                          f"{args.batch_size}: start a new run with a smaller --batch-size, --micro-batch N (each "
                          f"step in chunks of N images) or a smaller --image-size; {kept}")
+
+
+def count_correct(progress, correct):
+    """Move the right answers counted on the device into progress (one read of the device)."""
+    progress.correct += int(correct)
+    correct.zero_()
 
 
 def epoch_bar(loader, crop, run, progress):
@@ -642,11 +663,15 @@ def build_model(args, classes, recorded, start, source, device, log):
     return model
 
 
-def build_training(args, run, model, forward, criterion, plan):
-    """The optimizer, its schedule, the loss scaler, the EMA and the batch mixing, and the stop flag."""
+def build_training(args, run, model, criterion, plan):
+    """The model as a step runs it, the optimizer, its schedule, the loss scaler, the EMA, the batch
+    mixing, and the stop flag."""
+    forward = model
     if run.world_size > 1:
         forward = nn.parallel.DistributedDataParallel(
-            forward, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if args.compile:  # DDP's model compiled, as PyTorch advises: TorchDynamo then splits the graph at DDP's
+        forward = compiled(forward)  # gradient buckets, so that their all-reduce overlaps the backward pass
     optimizer = recipe.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     factor = functools.partial(schedule.lr_factor, plan=plan, warmup_epochs=args.warmup_epochs,
                                schedule=args.lr_scheduler, step_size=args.lr_step_size, gamma=args.lr_gamma)
@@ -677,6 +702,10 @@ def trust_options(args):
     if args.not_sure_score != calibration.SCORES[0]:
         parts.append(f"\"not sure\" score {args.not_sure_score}")
     return "; ".join(parts)
+
+
+def compiled(module):
+    return torch.compile(module, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
 
 
 def write_class_indices(args, classes):

@@ -88,7 +88,7 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
                                   f"python export.py --output {weights}, or pass --weights with the right path")
         from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
 
-        model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp)
+        model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp, device=device)
         recorded = recorded_calibration(model, weights)
         if recorded.needs_rotation and not model.has_rotation:
             raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation output: "

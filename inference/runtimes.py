@@ -19,18 +19,36 @@ RUNTIMES = ("onnxruntime", "openvino")
 MISSING = ("running .onnx files needs onnxruntime, an optional dependency: pip install onnxruntime "
            "(export.py also needs onnx and onnxscript)")
 OPENVINO_MISSING = "--runtime openvino needs OpenVINO, an optional dependency: pip install openvino"
+CUDA_PROVIDER = "CUDAExecutionProvider"  # onnxruntime-gpu's
 
 
 class OnnxError(UserError):
     """A .onnx file that cannot be run: missing runtime, unreadable file, no metadata."""
 
 
+def onnx_providers(device, available):
+    """ONNX Runtime's execution providers for --device (auto, cpu, cuda or cuda:N), given the ones
+    this onnxruntime has: CUDA's first where asked for (auto: where onnxruntime-gpu has it), then the
+    CPU's, which runs whatever CUDA's cannot."""
+    if device == "cpu" or (device == "auto" and CUDA_PROVIDER not in available):
+        return ["CPUExecutionProvider"]
+    if device != "auto" and not device.startswith("cuda"):
+        raise OnnxError(f"--device {device}: a .onnx file runs on cpu or cuda (through onnxruntime-gpu)")
+    if CUDA_PROVIDER not in available:
+        raise OnnxError(f"--device {device}: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu "
+                        "(in place of onnxruntime), or use --device cpu")
+    index = device.partition(":")[2] or "0"
+    if not index.isdigit():
+        raise OnnxError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    return [(CUDA_PROVIDER, {"device_id": int(index)}), "CPUExecutionProvider"]
+
+
 class OnnxModel:
     """An exported .onnx file (a path or its bytes) in ONNX Runtime, called with a float32 array
     N x 3 x H x W of normalised images; returns the logits N x classes as a numpy array.
-    ``metadata`` holds what export.py stored."""
+    ``metadata`` holds what export.py stored. device: as --device (onnx_providers)."""
 
-    def __init__(self, source, threads=None):
+    def __init__(self, source, threads=None, device="cpu"):
         try:
             import onnxruntime
         except ImportError:
@@ -38,8 +56,9 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        providers = onnx_providers(device, onnxruntime.get_available_providers())
         try:
-            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as e:
             raise OnnxError(f"{source if isinstance(source, str) else 'the model'} is not a readable ONNX "
                             f"model ({str(e).splitlines()[0][:120]}): export it again with export.py") from e
@@ -90,10 +109,10 @@ class OpenVinoModel:
         return results[self.output], results[self.compiled.output(1)]
 
 
-def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto"):
+def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto", device="cpu"):
     """(model, classes, Preprocessing) of a file written by export.py, in the runtime named (amp: as
-    OpenVinoModel takes it)."""
-    model = OpenVinoModel(path, threads, amp) if runtime == "openvino" else OnnxModel(path, threads)
+    OpenVinoModel takes it; device: as OnnxModel takes it, OpenVINO runs on the CPU)."""
+    model = OpenVinoModel(path, threads, amp) if runtime == "openvino" else OnnxModel(path, threads, device)
     try:
         meta = model.metadata
         classes = json.loads(meta["classes"])

@@ -1,7 +1,7 @@
 """Where the model runs: the one place that picks the device and its precision (``place``)."""
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -165,6 +165,19 @@ def tune_backends(device):
         torch.backends.cudnn.benchmark = True  # one input size per epoch: the fastest kernels are picked once
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+@contextmanager
+def exact_fp32():
+    """Matmuls and convolutions in full fp32, without the TF32 that tune_backends allows (and cuDNN
+    uses by default) on Ampere and later GPUs: for the logits a temperature is fitted on. The
+    settings are put back on exit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def tune_cpu_allocator():

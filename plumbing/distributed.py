@@ -154,6 +154,18 @@ def run_on_main(device, function, *args):
     return result
 
 
+def run_everywhere(device, function, *args):
+    """function(*args) in every process (a check whose answer may differ between them: a folder one
+    machine lacks), then fail_together: a UserError in one process ends every process at once."""
+    result, error = None, None
+    try:
+        result = function(*args)
+    except UserError as e:
+        error = e
+    fail_together(error, device)
+    return result
+
+
 def local_rank_and_size():
     """(this process's rank on its machine, the number of processes there): (0, 1) without torchrun."""
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))

@@ -14,6 +14,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = "shared-"  # the session fixtures' folders: kept until the session ends
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda are skipped where torch finds no CUDA GPU (torch is imported only when one is collected)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it on one)"))
+
+
 @pytest.fixture(autouse=True)
 def keep_signal_handlers():
     """A test that builds train.StopRequest installs SIGINT/SIGTERM handlers in this process: put

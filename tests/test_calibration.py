@@ -301,6 +301,66 @@ def test_eval_only_with_resume_is_one_line(untrained, tmp_path, calibrate):
     assert sorted(p.name for p in run.iterdir()) == ["last.pth"]
 
 
+@pytest.fixture
+def tf32_settings_kept():
+    """The TF32 settings as they were before the test, put back after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("tf32_settings_kept")
+def test_the_temperature_is_fitted_on_fp32_logits_without_tf32_or_autocast(run, tmp_path, monkeypatch):
+    """On CUDA tune_backends lets matmuls and convolutions run in TF32 (cuDNN's convolutions do by default):
+    the logits a temperature is fitted on are computed without it and without autocast, when training
+    ends (here a bf16 run) and with --eval-only --calibrate (under --amp auto, which picks bf16 here);
+    the settings are as they were afterwards. The flags are set here as tune_backends sets them on CUDA."""
+    from model import GoogLeNet
+    from plumbing import device as dev
+    from training import evaluation
+
+    def precision():
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.is_autocast_enabled("cpu"))
+
+    seen, phase = {}, []
+    real_forward, real_tune = GoogLeNet.forward, dev.tune_backends
+
+    def recording_forward(self, x):
+        seen.setdefault(phase[-1] if phase else "other", set()).add(precision())
+        return real_forward(self, x)
+
+    def tune_as_on_cuda(device):
+        real_tune(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def in_phase(name, function):
+        def wrapper(*args, **kwargs):
+            phase.append(name)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                phase.pop()
+        return wrapper
+
+    monkeypatch.setattr(GoogLeNet, "forward", recording_forward)
+    monkeypatch.setattr(dev, "tune_backends", tune_as_on_cuda)
+    monkeypatch.setattr(evaluation, "calibrate_best", in_phase("training's fit", evaluation.calibrate_best))
+    monkeypatch.setattr(evaluation, "evaluate_only", in_phase("--calibrate", evaluation.evaluate_only))
+    code, _, err = call(train, train_argv(run["photos"], tmp_path / "bf16", "--image-size", 32, "--val-ratio",
+                                          VAL_RATIO, "--batch-size", 8, amp="bf16"))
+    assert code == 0, err
+    assert seen["other"] == {(True, True, True)}  # training and validation: TF32 and autocast
+    assert seen["training's fit"] == {(False, False, False)}
+    assert precision()[:2] == (True, True)
+    monkeypatch.setenv(dev.BF16_OVERRIDE, "1")  # --amp auto would pick bf16 on this CPU
+    code, _, err = call(train, ["--eval-only", "--calibrate", "--weights", tmp_path / "bf16" / "best.pth",
+                                "--data-path", run["photos"], "--output-dir", tmp_path / "ev", "--device", "cpu"])
+    assert code == 0, err
+    assert seen["--calibrate"] == {(False, False, False)}
+    assert precision()[:2] == (True, True)
+
+
 def noise_image(path, seed=5):
     from PIL import Image
 

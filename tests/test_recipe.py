@@ -93,18 +93,24 @@ def test_the_optimizer_follows_opt(opt, kind):
 @pytest.mark.quick
 def test_ema_is_pytorchs_averaged_model_with_a_growing_decay():
     args = train.get_args_parser().parse_args(["--model-ema", "--model-ema-decay", "0.5"])
-    model = torch.nn.Linear(2, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
     ema = recipe.build_ema(args, model)
     assert isinstance(ema, torch.optim.swa_utils.AveragedModel)
-    expected = model.weight.detach().clone()
-    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    expected = model[0].weight.detach().clone()
+    recipe.update_ema(ema, model, args.model_ema_decay)  # the first update copies
+    torch.testing.assert_close(ema.module[0].weight, expected, rtol=0, atol=0)
     for n in range(1, 30):
         with torch.no_grad():
-            model.weight.add_(1.0)
-        ema.update_parameters(model)
+            model[0].weight.add_(1.0)
+        model(torch.randn(4, 2))  # BatchNorm's statistics: averaged too, and its batch count copied
+        recipe.update_ema(ema, model, args.model_ema_decay)
         decay = min(0.5, (1 + n) / (10 + n))  # 1/10, 2/11, ... until it reaches --model-ema-decay
-        expected = decay * expected + (1 - decay) * model.weight.detach()
-        torch.testing.assert_close(ema.module.weight, expected)
+        expected = decay * expected + (1 - decay) * model[0].weight.detach()
+        torch.testing.assert_close(ema.module[0].weight, expected)
+        assert int(ema.n_averaged) == n + 1
+        assert int(ema.module[1].num_batches_tracked) == n
     assert recipe.build_ema(train.get_args_parser().parse_args(["--no-model-ema"]), model) is None
 
 

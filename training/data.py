@@ -11,6 +11,7 @@ bytes to copy, and one pass.
 """
 import contextlib
 import csv
+import functools
 import io
 import os
 import random
@@ -91,11 +92,19 @@ def build_batch_mix(mixup_alpha, cutmix_alpha, num_classes):
 
 def normalize_batch(batch, mean=MEAN, std=STD, channels_last=False):
     """uint8 N x C x H x W -> float32, scaled to [0, 1] and normalised, on batch's device."""
-    mean = torch.tensor(mean, device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=batch.device).view(1, -1, 1, 1)
+    mean, std = normalization(tuple(mean), tuple(std), batch.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = batch.to(dtype=torch.float32, memory_format=memory_format)
     return batch.div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def normalization(mean, std, device):
+    """(mean, std) as 1 x C x 1 x 1 float32 tensors on device, made once per device: a tensor made
+    from Python numbers is copied from the host, and on a GPU that copy waits for every queued kernel."""
+    with torch.inference_mode(False):  # usable outside inference mode too, whichever mode made them
+        return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,16 +655,22 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     return Loaders(loaders[0], loaders[1], workers, args.image_size[0])
 
 
-def unknowns_loader(folder, preprocessing, args, device, rank, world_size, workers, log):
-    """--unknowns: every image under folder (photos of none of the classes), loaded as the val images
-    are, uncached. Their class index is a placeholder (0): only their logits are used."""
+def find_unknowns(folder, bad_images, log):
+    """The readable images under folder (--unknowns: photos of none of the classes), checked as the
+    data's are at start-up."""
     if not os.path.isdir(folder):
         raise DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
     paths = images.find_image_files(folder)
-    bad = unreadable_paths(paths, args.bad_images, log)
+    bad = unreadable_paths(paths, bad_images, log)
     paths = [p for p in paths if p not in bad]
     if not paths:
         raise DataError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def unknowns_loader(paths, preprocessing, args, device, rank, world_size, workers):
+    """find_unknowns' images, loaded as the val images are, uncached. Their class index is a
+    placeholder (0): only their logits are used. Every process makes it at once (machine_cache)."""
     shared, writer = machine_cache(len(paths), 0, max(workers, 1), device)
     dataset = ImageDataset([(p, 0) for p in paths], EvalTransform(preprocessing), shared, substitute=False,
                            writer=writer)

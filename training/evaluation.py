@@ -48,7 +48,8 @@ class Evaluation:
 def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=False, rotation=False):
     """Loss, accuracy and confusion matrix over every val image, whichever process holds it; with
     per_image, also each image's logits (and with rotation, its model.rotation_agreement), in the
-    dataset's order. fp32: without the run's autocast."""
+    dataset's order. fp32: without the run's autocast, and without TF32 (for the logits a temperature
+    is fitted on)."""
     args, device = run.args, run.device
     num_classes = len(run.record.classes)
     model.eval()
@@ -60,7 +61,7 @@ def evaluate(model, loader, criterion, run, tta=False, per_image=False, fp32=Fal
         images = data.normalize_batch(images.to(device, non_blocking=True), run.record.preprocessing.mean,
                                       run.record.preprocessing.std, channels_last=args.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with dev.autocast(device, None if fp32 else run.placement.amp_dtype):
+        with dev.exact_fp32() if fp32 else dev.autocast(device, run.placement.amp_dtype):
             logits = logits_with_mirror(model, images) if tta else model(images)
             agreement = [None] * len(images)
             if rotation and per_image:  # as predict.py computes it, with --tta the mean of image and mirror
@@ -233,7 +234,11 @@ def lock_weights_folder(args, cleanup, log):
 
 def evaluate_only(run, model, criterion, val_loader, start, log):
     """--eval-only: the report, confusion_matrix.csv and predictions.csv of --weights on the test images,
-    its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate)."""
+    its probabilities calibrated with the weights' temperature (or one fitted here with --calibrate).
+
+    Under torchrun every process decides alike: from what all of them found unreadable, with the
+    report written by rank 0 and the --unknowns folder checked in every process, so that a failure
+    in one process ends every process at once (distributed.fail_together), never a hang."""
     args = run.args
     classes = run.record.classes
     recorded = calibration.of_checkpoint(start)
@@ -242,12 +247,15 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
     if score == "rotation" and not has_head:
         raise TestDataError(f"{args.weights} has no rotation head, which the rotation score needs: pass another "
                             "--not-sure-score, or weights trained with --rotation-weight")
-    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, rotation=has_head)
-    unreadable = val_loader.dataset.unreadable()
+    # --calibrate: the logits the temperature is fitted on in fp32, as training fits it (run() turned --amp off)
+    result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, fp32=args.calibrate,
+                      rotation=has_head)
+    unreadable = sorted({p for part in distributed.all_gather(val_loader.dataset.unreadable(), run.device)
+                         for p in part})
     if unreadable and args.bad_images == "error":
         raise data.unreadable_error(unreadable[0])
     if unreadable:
-        print(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
+        log(f"left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable))
     indices, logits, labels = labelled_logits(result, val_loader.dataset, len(classes))
     rotation = rotation_agreements(result)
     used, source = recorded, f"recorded in {args.weights}"
@@ -268,30 +276,17 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
                      not_sure_score=score, calibration=fitted.record())
         distributed.run_on_main(run.device, ckpt.save_checkpoint, start, args.weights,
                                 f"{args.weights} is unchanged; free some disk space and run it again")
-        if run.is_main:
-            print(f"calibration: {fit_summary(fitted)}; saved in {args.weights}")
-    if run.is_main:
-        print_evaluation(classes, result.confusion, result.loss)
-        absent = [c for c, n in zip(classes, result.confusion.sum(dim=1).tolist()) if not n]
-        if absent:
-            print(f"no images of {', '.join(absent)} were scored: their rows above are empty")
-        print_calibration(logits, labels, used, source, calibration.sureness(score, logits, used.temperature, rotation))
-        path = os.path.join(args.output_dir, "confusion_matrix.csv")
-        write_confusion_csv(path, classes, result.confusion)
-        z = logits / used.temperature
-        log_p = z - z.max(axis=1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-        samples = val_loader.dataset.samples
-        write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
-                              [(samples[i][0], samples[i][1], np.exp(row).tolist(), -row[samples[i][1]])
-                               for i, row in zip(indices, log_p)])
-        print(f"confusion matrix and per-image predictions written to {path} and "
-              f"{os.path.join(args.output_dir, 'predictions.csv')}")
+        log(f"calibration: {fit_summary(fitted)}; saved in {args.weights}")
+    sureness = calibration.sureness(score, logits, used.temperature, rotation)
+    distributed.run_on_main(run.device, report_test_set, args, classes, result, val_loader.dataset.samples,
+                            (indices, logits, labels, sureness), used, source)
     if args.unknowns:
-        loader = data.unknowns_loader(args.unknowns, run.record.preprocessing, args, run.device, run.rank,
-                                      run.world_size, val_loader.num_workers, log)
+        # checked in every process, which then all make the loader (whose image cache is shared through collectives)
+        paths = distributed.run_everywhere(run.device, data.find_unknowns, args.unknowns, args.bad_images, log)
+        loader = data.unknowns_loader(paths, run.record.preprocessing, args, run.device, run.rank, run.world_size,
+                                      val_loader.num_workers)
         unknown = evaluate(model, loader, criterion, run, tta=args.tta, per_image=True,  # its loss means nothing
-                           rotation=has_head)
+                           fp32=args.calibrate, rotation=has_head)
         _, unknown_logits, _ = labelled_logits(unknown, loader.dataset, len(classes))
         if run.is_main:
             scores = [s for s in calibration.SCORES if s != "rotation" or has_head]
@@ -299,3 +294,24 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
                                for z, r in ((logits, rotation), (unknown_logits, rotation_agreements(unknown))))
             print_unknowns(known, unknowns, used, args.unknowns)
     return 0
+
+
+def report_test_set(args, classes, result, samples, scored, used, source):
+    """--eval-only's report on the test images, confusion_matrix.csv and predictions.csv (rank 0's part).
+    scored: (dataset indices, logits, true classes, "not sure" scores) of the images scored."""
+    indices, logits, labels, sureness = scored
+    print_evaluation(classes, result.confusion, result.loss)
+    absent = [c for c, n in zip(classes, result.confusion.sum(dim=1).tolist()) if not n]
+    if absent:
+        print(f"no images of {', '.join(absent)} were scored: their rows above are empty")
+    print_calibration(logits, labels, used, source, sureness)
+    path = os.path.join(args.output_dir, "confusion_matrix.csv")
+    write_confusion_csv(path, classes, result.confusion)
+    z = logits / used.temperature
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    write_predictions_csv(os.path.join(args.output_dir, "predictions.csv"), classes,
+                          [(samples[i][0], samples[i][1], np.exp(row).tolist(), -row[samples[i][1]])
+                           for i, row in zip(indices, log_p)])
+    print(f"confusion matrix and per-image predictions written to {path} and "
+          f"{os.path.join(args.output_dir, 'predictions.csv')}")

@@ -19,10 +19,13 @@ the same outliers as an unbroken one.
 distribution Detection", 2020): energy_margin_loss below.
 """
 import math
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from training.data import normalization
 
 KINDS = ("noise", "textures", "shapes", "shuffled", "blended")
 BLENDED_PHOTOS = 3  # the photos a blended outlier averages: a smaller batch gets none
@@ -39,25 +42,27 @@ class OutlierMaker:
     rank: int = 0
 
     def make(self, images, epoch, step):
-        """count outliers shaped and normalised like images (N x C x H x W, in the same memory format)."""
+        """count outliers shaped and normalised like images (N x C x H x W, in the same memory format).
+
+        Nothing here reads the device: each kind's share is known beforehand, every draw stays on
+        images' device, and the kinds are mixed by a permutation drawn there."""
         generator = torch.Generator(device=images.device)
         generator.manual_seed(hash_seed(self.seed, epoch, step, self.rank))
         # a batch of fewer photos than a blend takes (an epoch's last, say) gets the other kinds instead:
         # a blend of one photo with itself would be that photo, trained towards "none of my classes"
         kinds_made = KINDS if len(images) >= BLENDED_PHOTOS else tuple(k for k in KINDS if k != "blended")
-        kinds = torch.randperm(self.count, generator=generator, device=images.device) % len(kinds_made)
-        out = torch.empty((self.count, *images.shape[1:]), device=images.device, dtype=images.dtype)
-        size = images.shape[-2:]
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean, std = normalization(tuple(self.mean), tuple(self.std), images.device)
+        size, parts = images.shape[-2:], []
         for k, kind in enumerate(kinds_made):
-            where = (kinds == k).nonzero().flatten()
-            if not len(where):
+            n = len(range(k, self.count, len(kinds_made)))  # equal shares, the first kinds one more
+            if not n:
                 continue
             if kind in FROM_PHOTOS:
-                out[where] = FROM_PHOTOS[kind](images, len(where), generator)
+                parts.append(FROM_PHOTOS[kind](images, n, generator))
             else:
-                out[where] = (DRAWN[kind](len(where), images.shape[1], size, generator, images.device) - mean) / std
+                parts.append((DRAWN[kind](n, images.shape[1], size, generator, images.device) - mean) / std)
+        # mixed, so that each micro-batch of a step gets some of every kind
+        out = torch.cat(parts).to(images.dtype)[torch.randperm(self.count, generator=generator, device=images.device)]
         if images.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
@@ -113,16 +118,18 @@ def rand(shape, generator, device):
 def noise(n, channels, size, generator, device):
     """Uniform colour noise on a grid of 2 to size cells a side (log-uniform), upsampled smoothly: grains from
     single pixels to a few blobs, in [0, 1]."""
+    # the grid sizes shape tensors, so the host must know them: drawn by Python's generator seeded as
+    # this one was, as reading a GPU's draws would wait for the GPU
+    host = random.Random(generator.initial_seed())
     out = torch.empty((n, channels, *size), device=device)
     for i in range(n):
-        cells = int(2 ** (rand((), generator, device).item() * math.log2(max(size))))
-        cells = max(2, min(cells, max(size)))
+        cells = max(2, min(int(2 ** (host.random() * math.log2(max(size)))), max(size)))
         grid = rand((1, channels, cells, cells), generator, device)
         out[i] = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]
     return out
 
 
-def textures(n, channels, size, generator, device):
+def textures(n, channels, size, generator, device, most_waves=3):
     """Sums of 1 to 3 sine gratings of random frequency, angle and phase, each in two random colours;
     half of them squared into stripes and checkerboards, in [0, 1]."""
     h, w = size
@@ -130,15 +137,15 @@ def textures(n, channels, size, generator, device):
     x = torch.linspace(-1, 1, w, device=device).view(1, 1, w)
     out = torch.zeros((n, channels, h, w), device=device)
     for i in range(n):
-        waves = 1 + int(rand((), generator, device).item() * 3)
+        waves = 1 + (rand((), generator, device) * most_waves).floor()  # 1 to 3, left on the device
         pattern = torch.zeros((1, h, w), device=device)
-        for _ in range(waves):
-            angle, phase = rand((2,), generator, device) * torch.tensor([math.pi, 2 * math.pi], device=device)
-            frequency = 2 + rand((), generator, device) * 30
-            pattern = pattern + torch.sin(frequency * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
+        for k in range(most_waves):
+            angle, phase, frequency = rand((3,), generator, device)  # [0, pi), [0, 2 pi), 2 to 32
+            angle, phase, frequency = math.pi * angle, 2 * math.pi * phase, 2 + 30 * frequency
+            wave = torch.sin(frequency * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
+            pattern = pattern + wave * (k < waves)
         pattern = pattern / waves
-        if rand((), generator, device).item() < 0.5:
-            pattern = torch.sign(pattern)
+        pattern = torch.where(rand((), generator, device) < 0.5, torch.sign(pattern), pattern)
         low, high = rand((2, channels, 1, 1), generator, device)
         out[i] = low + (high - low) * (pattern + 1) / 2
     return out
@@ -152,12 +159,12 @@ def shapes(n, channels, size, generator, device, count=6):
     out = rand((n, channels, 1, 1), generator, device).expand(n, channels, h, w).clone()
     for i in range(n):
         for _ in range(count):
-            cx, cy, rx, ry, kind = rand((5,), generator, device).tolist()
+            cx, cy, rx, ry, kind = rand((5,), generator, device)
             rx, ry = 0.05 + 0.3 * rx, 0.05 + 0.3 * ry
-            inside = (((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1 if kind < 0.5
-                      else ((x - cx).abs() < rx) & ((y - cy).abs() < ry))
+            ellipse = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1
+            rectangle = ((x - cx).abs() < rx) & ((y - cy).abs() < ry)
             colour = rand((channels, 1, 1), generator, device)
-            out[i] = torch.where(inside, colour, out[i])
+            out[i] = torch.where(torch.where(kind < 0.5, ellipse, rectangle), colour, out[i])
     return out
 
 
@@ -166,12 +173,12 @@ def shuffled(images, n, generator):
     photo's colours and local texture without its shape (tiles of 16 px at 128; a 4 x 4 grid keeps
     whole flowers). Sizes not divisible by the grid are resized to the nearest multiple and back."""
     h, w = images.shape[-2:]
-    picks = torch.randint(len(images), (n,), generator=generator, device=images.device)
+    picks = images[torch.randint(len(images), (n,), generator=generator, device=images.device)]
     out = torch.empty((n, *images.shape[1:]), device=images.device, dtype=images.dtype)
-    for i, pick in enumerate(picks.tolist()):
+    for i in range(n):
         grid = 8
         th, tw = max(1, round(h / grid)), max(1, round(w / grid))
-        photo = images[pick:pick + 1]
+        photo = picks[i:i + 1]
         if (th * grid, tw * grid) != (h, w):
             photo = F.interpolate(photo, size=(th * grid, tw * grid), mode="bilinear", align_corners=False)
         c = photo.shape[1]

@@ -1,7 +1,5 @@
 """The default recipe's training pieces: the loss (main + aux heads share it), the optimizer and
 the exponential moving average of the weights."""
-import functools
-
 import torch
 from torch import nn
 
@@ -54,20 +52,32 @@ def build_optimizer(args, params):
 
 
 def build_ema(args, model):
-    """The weights' exponential moving average (torch.optim.swa_utils), or None without --model-ema."""
+    """The weights' exponential moving average, held by torch.optim.swa_utils' AveragedModel (its
+    state dict is what last.pth keeps) and updated by update_ema; None without --model-ema."""
     if not args.model_ema:
         return None
     # device: AveragedModel creates its n_averaged counter on the CPU otherwise, and NCCL, which
     # serves CUDA tensors only, then fails to broadcast it when the ranks are compared
-    return torch.optim.swa_utils.AveragedModel(
-        model, device=next(model.parameters()).device, use_buffers=True,
-        multi_avg_fn=functools.partial(ema_update, max_decay=args.model_ema_decay))
+    return torch.optim.swa_utils.AveragedModel(model, device=next(model.parameters()).device, use_buffers=True)
 
 
-def ema_update(averaged, current, num_averaged, max_decay):
+@torch.no_grad()
+def update_ema(ema, model, max_decay):
     """One EMA update with a decay that grows as (1 + n) / (10 + n) after n updates up to max_decay,
     as TensorFlow's ExponentialMovingAverage does with num_updates: a fixed 0.999 would still hold
-    60% of the random initial weights after 500 steps (6 epochs of the flower photos)."""
-    n = int(num_averaged)
-    decay = min(max_decay, (1 + n) / (10 + n))
-    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(averaged, current, num_averaged)
+    60% of the random initial weights after 500 steps (6 epochs of the flower photos). The first
+    update copies the weights, as AveragedModel.update_parameters does.
+
+    Not update_parameters itself: it reads its counter on the host twice a step (n_averaged == 0,
+    n_averaged > 0), and on a GPU each read waits for every queued kernel. Here the decay is worked
+    out on the device, from the counter where it lies."""
+    n = ema.n_averaged
+    decay = torch.where(n == 0, 0.0, ((1 + n) / (10 + n)).clamp(max=max_decay))
+    pairs = list(zip([*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()]))
+    averaged = [a for a, _ in pairs if a.is_floating_point()]
+    torch._foreach_mul_(averaged, decay)  # the foreach kernels torch's own EMA uses, one launch for all tensors
+    torch._foreach_add_(averaged, torch._foreach_mul([c for a, c in pairs if a.is_floating_point()], 1 - decay))
+    for a, c in pairs:
+        if not a.is_floating_point():  # BatchNorm's count of batches: the model's, not an average of counts
+            a.copy_(c)
+    n += 1

@@ -113,7 +113,12 @@ class TrainingError(UserError):
 def vote(stop, loader, device, step_loss, bad_images, where):
     """One all-reduce per step tells every process about a diverged loss, a stop request, or an
     unreadable image when --bad-images error asks to stop at the first. Raises for the last two;
-    returns whether to stop after this step."""
+    returns (the step's loss as a number, whether to stop after this step).
+
+    step_loss: the step's loss, a tensor on the device. Reading it is the step's one wait for the
+    device (a GPU's queued kernels), by design: every process must learn at this step that a loss
+    diverged. The other counts of a step stay on the device (train.py, count_correct)."""
+    step_loss = step_loss.item()
     found = bad_images == "error" and loader.dataset.cache.found_bad
     diverged, stopping, unreadable = stop.check(device, not math.isfinite(step_loss), found)
     if unreadable:
@@ -122,4 +127,4 @@ def vote(stop, loader, device, step_loss, bad_images, where):
         loss = step_loss if not math.isfinite(step_loss) else "nan or inf in another process"
         raise TrainingError(f"the loss became {loss} at {where}: training diverged; lower --lr "
                             "(best.pth was not touched)")
-    return stopping
+    return step_loss, stopping
