@@ -34,6 +34,7 @@ from plumbing import distributed, options
 from plumbing.atomic import remove_stale_temp_files
 from plumbing.options import UserError
 from plumbing.run_lock import RunLock, probe_writable
+from plumbing.stopping import StopRequest
 from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
 from training.labels import write_suspect_labels
 from training.metrics import (
@@ -269,7 +270,7 @@ class Training:
     criterion: nn.Module
     mix: Optional[nn.Module]
     outliers: Optional[OutlierMaker]  # --outliers
-    stop: step.StopRequest
+    stop: StopRequest
     pixmix: Optional[PixMixer] = None  # --pixmix
     rotator: Optional[Rotator] = None  # --rotation-weight
 
@@ -657,7 +658,7 @@ def build_training(args, run, model, forward, criterion, plan):
     outliers = OutlierMaker(args.outliers, mean, std, args.seed, run.rank) if args.outliers else None
     pixmix = PixMixer(args.pixmix, args.pixmix_beta, mean, std, args.seed, run.rank) if args.pixmix else None
     rotator = Rotator(args.rotation_share, args.seed, run.rank) if args.rotation_weight else None
-    return Training(forward, state, criterion, mix, outliers, step.StopRequest(), pixmix, rotator)
+    return Training(forward, state, criterion, mix, outliers, StopRequest(), pixmix, rotator)
 
 
 def trust_options(args):
