@@ -1,10 +1,8 @@
 """StopRequest: the first Ctrl-C or SIGTERM asks a run to stop at its next clean point (train.py after
 the step in hand, predict.py after the batch in hand, whose rows are then written whole); a second
-one stops it at once."""
+one stops it at once. It imports no torch, so predict.py on a .onnx file may use it."""
 import signal
 import threading
-
-from plumbing import distributed
 
 
 class StopRequest:
@@ -32,4 +30,6 @@ class StopRequest:
     def check(self, device, diverged=False, unreadable=False):
         """(diverged, stop requested, an unreadable image under --bad-images error), each anywhere:
         every process of a training run acts at the same step."""
+        from plumbing import distributed  # here: predict.py on a .onnx file never imports torch
+
         return distributed.any_process([diverged, self.signal is not None, unreadable], device)
