@@ -35,7 +35,7 @@ from plumbing.atomic import remove_stale_temp_files
 from plumbing.options import UserError
 from plumbing.run_lock import RunLock, probe_writable
 from plumbing.stopping import StopRequest
-from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
+from training import data, download, evaluation, leakage, metrics, recipe, run_state, schedule, step
 from training.labels import write_suspect_labels
 from training.metrics import (
     BEST_METRICS,
@@ -387,7 +387,7 @@ def fit(run, training, loaders, progress):
             log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
                 + "; ".join(found))
         if whole and not leakage_checked:
-            data.check_leakage(loaders.train.dataset, loaders.val.dataset, args.output_dir, args.data_path,
+            leakage.check_leakage(loaders.train.dataset, loaders.val.dataset, args.output_dir, args.data_path,
                                run.device, log)
             leakage_checked = True
         if not math.isfinite(val.loss):  # the last step's update broke the weights: never save them
