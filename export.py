@@ -175,8 +175,9 @@ class Quantized:
         return 100 * (self.fp32_correct - self.int8_correct) > Fraction(str(points)) * self.val_images
 
 
-class Calibration:
-    """onnxruntime.quantization's CalibrationDataReader: batches of preprocessed training photos.
+class QuantizationReader:
+    """onnxruntime.quantization's CalibrationDataReader (INT8's activation ranges, not the temperature of
+    inference/calibration.py): batches of preprocessed training photos.
     A photo that cannot be decoded (a truncated JPEG, say, which training skips too) is left out
     and kept in ``skipped`` with the reason."""
 
@@ -225,7 +226,7 @@ def run_photos(loaded, data_path, log=print):
     return found.train, found.val, root
 
 
-def calibration_choice(train_samples, count, seed=0):
+def quantization_photos(train_samples, count, seed=0):
     """`count` of the (path, class) training samples, as evenly spread over the classes as their
     sizes allow (a class with fewer photos gives all it has, the others make up the rest), drawn at
     random within each class with a fixed seed: the same every time. The training photos are sorted
@@ -261,9 +262,9 @@ def described(skipped):
     return "; ".join(f"{path} ({error})" for path, error in skipped)
 
 
-def quantize(blob, classes, preprocessing, calibration_samples, val_samples, log=print):
-    """INT8 bytes of an fp32 ONNX file, calibrated on calibration_samples (training (path, class)
-    samples, see calibration_choice), with fp32 and INT8 measured on the readable val_samples."""
+def quantize(blob, classes, preprocessing, quantization_samples, val_samples, log=print):
+    """INT8 bytes of an fp32 ONNX file, calibrated on quantization_samples (training (path, class)
+    samples, see quantization_photos), with fp32 and INT8 measured on the readable val_samples."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -279,11 +280,11 @@ def quantize(blob, classes, preprocessing, calibration_samples, val_samples, log
                           "unreadable photos, or pass --data-path with the run's data")
     if unread:
         log(f"INT8: left out {len(unread)} unreadable val photo(s): " + described(unread))
-    per_class = [sum(1 for _, k in calibration_samples if k == c) for c in range(len(classes))]
+    per_class = [sum(1 for _, k in quantization_samples if k == c) for c in range(len(classes))]
     spread = (f"{min(per_class)}" if min(per_class) == max(per_class) else f"{min(per_class)} to {max(per_class)}")
-    log(f"INT8: calibrating on {len(calibration_samples)} training photos ({spread} of each of the {len(classes)} "
+    log(f"INT8: calibrating on {len(quantization_samples)} training photos ({spread} of each of the {len(classes)} "
         f"classes), evaluating on {len(readable)} val photos")
-    reader = Calibration([p for p, _ in calibration_samples], preprocessing)
+    reader = QuantizationReader([p for p, _ in quantization_samples], preprocessing)
     with tempfile.TemporaryDirectory(prefix="googlenet-int8-") as folder:
         fp32, ready, int8 = (os.path.join(folder, n) for n in ("fp32.onnx", "ready.onnx", "int8.onnx"))
         with open(fp32, "wb") as f:
@@ -305,7 +306,7 @@ def quantize(blob, classes, preprocessing, calibration_samples, val_samples, log
     return Quantized(int8_blob, sum(int(fp32_top[i] == labels[i]) for i in readable),
                      sum(int(int8_top[i] == labels[i]) for i in readable),
                      sum(int(fp32_top[i] == int8_top[i]) for i in readable), len(readable),
-                     len(calibration_samples) - len(reader.skipped))
+                     len(quantization_samples) - len(reader.skipped))
 
 
 def with_metadata(blob, extra):
@@ -337,7 +338,7 @@ def main(args):
         export(model, classes, preprocessing, variant, args.output, args.check_images, calibrated=calibrated)
     else:
         train_samples, val_samples, root = run_photos(loaded, args.data_path)
-        chosen = calibration_choice(train_samples, args.calibration_images)  # before the minutes of work
+        chosen = quantization_photos(train_samples, args.calibration_images)  # before the minutes of work
         blob, _ = to_onnx(model, classes, preprocessing, variant, args.check_images, calibrated=calibrated)
         result = quantize(blob, classes, preprocessing, chosen, val_samples)
         # whole photos: +0.0, never -0.0, when nothing changed

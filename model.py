@@ -101,6 +101,21 @@ class InceptionAux(nn.Module):
 
 
 class GoogLeNet(nn.Module):
+    """GoogLeNet; which network each argument gives:
+
+    - ``variant="paper"`` (this class's default): the paper's Table 1, no BatchNorm, a 5x5 kernel in
+      each Inception's third branch, a 3x3 fourth max-pool. ``python train.py --variant paper``.
+    - ``variant="torchvision"``: torchvision's layout, BatchNorm after every convolution, a 3x3 kernel
+      in the third branch, a 2x2 fourth max-pool. What ``python train.py`` trains by default: with
+      BatchNorm it trains faster from scratch, and torchvision's ImageNet weights load into it.
+    - ``aux_logits=True``: the paper's two auxiliary heads after inception4a and 4d; in training
+      ``forward`` returns ``(logits, aux2, aux1)``. False (or eval mode): the logits alone.
+    - ``rotation_head=True``: not the paper's; a Linear on the pooled features telling which quarter
+      turn an image was given (train.py --rotation-weight), its N x 4 logits last in training.
+    - ``init_weights=True``: Kaiming-normal convolutions and normal(0, 0.01) Linears; False keeps PyTorch's
+      defaults.
+    """
+
     def __init__(self, num_classes=1000, aux_logits=True, init_weights=False, variant="paper", rotation_head=False):
         super().__init__()
         if variant not in VARIANTS:

@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 
 import numpy as np
 from tqdm import tqdm
@@ -35,6 +34,7 @@ from inference.classify import (
     write_output,
 )
 from plumbing import options
+from plumbing.stopping import StopRequest
 
 # More photos than this with --output or --sort-into: a progress bar on stderr instead of the table
 TABLE_ROWS = 50
@@ -84,29 +84,6 @@ def get_args_parser():
     p.add_argument("--cam-layer", default="inception5b", choices=visualize.LAYERS,
                    help="the layer whose output --cam weighs")
     return p
-
-
-class StopRequest:
-    """The first Ctrl-C or SIGTERM stops the run after the batch in hand, whose rows are then written
-    whole; a second one stops it at once."""
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
 
 
 def main(args):
@@ -192,11 +169,11 @@ def classify(args, classifier, files, rows):
         with stop, bar:
             if sorter:  # photos classified by an earlier run (without --sort-into, maybe) are sorted too
                 for f, class_name in done.items():
-                    if stop.signum is not None:
+                    if stop.signal is not None:
                         break
                     errors.append(sort_error(sorter, f, class_name))
             batches = predict_batches(classifier, todo, args.batch_size, workers, args.tta)
-            for batch, probabilities, sureness, batch_errors in batches if stop.signum is None else ():
+            for batch, probabilities, sureness, batch_errors in batches if stop.signal is None else ():
                 errors.extend(f"cannot read image {f} ({e}): is it a complete image file?"
                               for f, e in zip(batch, batch_errors, strict=True) if e)
                 good = [i for i, e in enumerate(batch_errors) if not e]
@@ -218,9 +195,9 @@ def classify(args, classifier, files, rows):
                     kept_sureness.append(good_sureness)
                 classified += len(batch)
                 bar.update(len(batch))
-                if stop.signum is not None:
+                if stop.signal is not None:
                     break
-        interrupted = stop.signum
+        interrupted = stop.signal
     except KeyboardInterrupt:  # a second Ctrl-C, in the middle of a batch
         interrupted = signal.SIGINT
     errors = [e for e in errors if e]

@@ -34,7 +34,8 @@ from plumbing import distributed, options
 from plumbing.atomic import remove_stale_temp_files
 from plumbing.options import UserError
 from plumbing.run_lock import RunLock, probe_writable
-from training import data, download, evaluation, metrics, recipe, run_state, schedule, step
+from plumbing.stopping import StopRequest
+from training import data, download, evaluation, leakage, metrics, recipe, run_state, schedule, step
 from training.labels import write_suspect_labels
 from training.metrics import (
     BEST_METRICS,
@@ -273,7 +274,7 @@ class Training:
     criterion: nn.Module
     mix: Optional[nn.Module]
     outliers: Optional[OutlierMaker]  # --outliers
-    stop: step.StopRequest
+    stop: StopRequest
     pixmix: Optional[PixMixer] = None  # --pixmix
     rotator: Optional[Rotator] = None  # --rotation-weight
 
@@ -393,7 +394,7 @@ def fit(run, training, loaders, progress):
             log(f"found {len(found)} unreadable image(s) in epoch {epoch + 1}, left out from now on: "
                 + "; ".join(found))
         if whole and not leakage_checked:
-            data.check_leakage(loaders.train.dataset, loaders.val.dataset, args.output_dir, args.data_path,
+            leakage.check_leakage(loaders.train.dataset, loaders.val.dataset, args.output_dir, args.data_path,
                                run.device, log)
             leakage_checked = True
         if not math.isfinite(val.loss):  # the last step's update broke the weights: never save them
@@ -682,7 +683,7 @@ def build_training(args, run, model, criterion, plan):
     outliers = OutlierMaker(args.outliers, mean, std, args.seed, run.rank) if args.outliers else None
     pixmix = PixMixer(args.pixmix, args.pixmix_beta, mean, std, args.seed, run.rank) if args.pixmix else None
     rotator = Rotator(args.rotation_share, args.seed, run.rank) if args.rotation_weight else None
-    return Training(forward, state, criterion, mix, outliers, step.StopRequest(), pixmix, rotator)
+    return Training(forward, state, criterion, mix, outliers, StopRequest(), pixmix, rotator)
 
 
 def trust_options(args):

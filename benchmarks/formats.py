@@ -73,7 +73,7 @@ def main(argv=None):
         export.require_onnx()
         model, classes, preprocessing = ckpt.load_model(args.weights, "class_indices.json", torch.device("cpu"))
         train_samples, val_samples, root = export.run_photos(ckpt.load_checkpoint(args.weights), args.data_path)
-        calibration = export.calibration_choice(train_samples, args.calibration_images)
+        quantization = export.quantization_photos(train_samples, args.calibration_images)
     except options.UserError as e:
         sys.exit(f"error: {e}")
     native = dev.cpu_bf16_flags()
@@ -83,7 +83,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="googlenet-formats-") as folder:
         fp32_blob, _ = export.to_onnx(model, classes, preprocessing, model.variant, log=lambda *a: None)
-        int8 = export.quantize(fp32_blob, classes, preprocessing, calibration, val_samples, log=lambda *a: None)
+        int8 = export.quantize(fp32_blob, classes, preprocessing, quantization, val_samples, log=lambda *a: None)
         files = {"onnx fp32": os.path.join(folder, "fp32.onnx"), "onnx int8": os.path.join(folder, "int8.onnx")}
         for name, blob in (("onnx fp32", fp32_blob), ("onnx int8", export.with_metadata(int8.blob, {}))):
             with open(files[name], "wb") as f:

@@ -16,6 +16,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from page_load import free_port  # noqa: E402
+
 from plumbing import options  # noqa: E402
 
 COLUMNS = ("check", "result", "seconds", "img/s", "compute img/s", "GPU GiB")
@@ -78,12 +80,6 @@ def compute(opts):
                       "max_memory_gib": None if peak is None else round(peak, 2), "precision": placement.precision}))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app(opts):
     """app.py on a free local port, asked once through gradio_client, as a visitor's browser does."""
     import gradio_client
@@ -124,7 +120,7 @@ def tiny_data(opts):
             Image.fromarray(pixels).save(os.path.join(opts.folder, name, f"{name}_{i:02d}.jpg"))
 
 
-def table(opts):
+def print_rows(opts):
     """The rows (tab-separated: COLUMNS, then the command) as an aligned table, commands below."""
     with open(opts.rows) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
@@ -162,7 +158,7 @@ def get_args_parser():
 
 def main():
     opts = get_args_parser().parse_args()
-    {"compute": compute, "app": app, "tiny-data": tiny_data, "table": table}[opts.command](opts)
+    {"compute": compute, "app": app, "tiny-data": tiny_data, "table": print_rows}[opts.command](opts)
 
 
 if __name__ == "__main__":

@@ -47,14 +47,15 @@ class Classifier:
         uint8 N x H x W x 3 images, preprocessed already; with tta, of the mean logits of each image
         and its mirror."""
         logits, _ = self._outputs(images.normalize(pixels, self.preprocessing), tta, rotation=False)
-        return softmax(logits, self.calibration.temperature)
+        return calibration.softmax(logits, self.calibration.temperature)
 
     def assess(self, pixels, tta=False):
         """(the calibrated probabilities N x classes, the "not sure" scores N) of uint8 N x H x W x 3
         images, preprocessed already: what decided_class takes."""
         c = self.calibration
         logits, rotation = self._outputs(images.normalize(pixels, self.preprocessing), tta, c.needs_rotation)
-        return softmax(logits, c.temperature), calibration.sureness(c.score, logits, c.temperature, rotation)
+        return (calibration.softmax(logits, c.temperature),
+                calibration.sureness(c.score, logits, c.temperature, rotation))
 
     def _outputs(self, batch, tta, rotation):
         """(logits, rotation agreement or None) of a normalised batch; with tta, the means of the batch's
@@ -72,10 +73,6 @@ class Classifier:
     @property
     def min_confidence(self):
         return self.calibration.min_confidence
-
-
-def softmax(logits, temperature=1.0):
-    return calibration.softmax(logits, temperature)
 
 
 def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print,

@@ -2,8 +2,8 @@
 
     python predict.py tulip.jpg --cam cams/                           # where the evidence for a class lies
     python predict.py tulip.jpg --cam cams/ --cam-class roses --cam-layer inception4e
-    python model.py --weights weights/best.pth --feature-maps tulip.jpg --layer inception3a
-    python model.py --weights weights/best.pth --filters              # conv1's 7x7 kernels
+    python report.py --weights weights/best.pth --feature-maps tulip.jpg --layer inception3a
+    python report.py --weights weights/best.pth --filters              # conv1's 7x7 kernels
 
 Grad-CAM (Selvaraju et al., 2017) is captum's LayerGradCam (PyTorch's interpretability library,
 an optional dependency): the gradients of the class score, averaged over each channel of a

@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def keep_signal_handlers():
-    """A test that builds train.StopRequest installs SIGINT/SIGTERM handlers in this process: put
-    pytest's back afterwards (helpers.call does the same around every script it runs)."""
+    """A test that builds a plumbing.stopping.StopRequest (train.py does) installs SIGINT/SIGTERM handlers
+    in this process: put pytest's back afterwards (helpers.call does the same around every script it runs)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for s, handler in saved.items():

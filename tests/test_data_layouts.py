@@ -24,7 +24,8 @@ from helpers import (
     train_argv,
 )
 from inference import classify
-from training import data, step
+from plumbing import stopping
+from training import data
 from training.data import split_dataset
 
 
@@ -71,7 +72,7 @@ def test_resume_and_eval_only_use_the_recorded_val_images(plain_run, tmp_path, m
     shutil.copytree(plain_run["photos"], photos)
     out = tmp_path / "out"
     with monkeypatch.context() as m:  # stopped in epoch 2 of 2 (3 steps an epoch)
-        m.setattr(step.StopRequest, "check", stop_after_step(4, out, tmp_path / "after_epoch_1.pth"))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(4, out, tmp_path / "after_epoch_1.pth"))
         code, _, err = call(train, train_argv(photos, out, "--image-size", 48, "--val-ratio", 0.25, epochs=2))
     assert code == 128 + signal.SIGTERM, err
     recorded = load(out / "last.pth")["split"]["val_files"]

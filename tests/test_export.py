@@ -200,7 +200,7 @@ def fp32_exported(exported, monkeypatch):
 
 def test_int8_calibrates_on_training_photos_only(exported, fp32_exported, monkeypatch):
     seen = []
-    real = export.Calibration.get_next
+    real = export.QuantizationReader.get_next
 
     def spy(self):
         batch = real(self)
@@ -208,7 +208,7 @@ def test_int8_calibrates_on_training_photos_only(exported, fp32_exported, monkey
             seen.extend(self.files[self.position - len(batch["images"]):self.position])
         return batch
 
-    monkeypatch.setattr(export.Calibration, "get_next", spy)
+    monkeypatch.setattr(export.QuantizationReader, "get_next", spy)
     code, _, err = call(export, ["--weights", exported["best"], "--int8", "--calibration-images", 8,
                                  "--max-accuracy-drop", 100, "--output", exported["root"] / "spy.onnx"])
     assert code == 0, err

@@ -16,7 +16,8 @@ import train
 from helpers import assert_clean_error, call, fp16_on_the_cpu, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet
 from plumbing import device as dev
-from training import data, run_state, step
+from plumbing import stopping
+from training import data, run_state
 
 CPU = torch.device("cpu")
 
@@ -87,7 +88,7 @@ def fp16_runs(tree, tmp_path_factory):
         fp16_on_the_cpu(m)
         code, stdout, err = call(train, fp16_run(tree, root / "whole"))
         assert code == 0, err
-        m.setattr(step.StopRequest, "check", stop_after_step(7, root / "cut", root / "epoch1.pth"))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(7, root / "cut", root / "epoch1.pth"))
         assert call(train, fp16_run(tree, root / "cut"))[0] == 128 + signal.SIGTERM
     return {"whole": root / "whole", "cut": root / "cut", "stdout": stdout}
 

@@ -22,7 +22,7 @@ def flower_samples():
 @pytest.mark.parametrize("count", [300, 1000, 2285])
 def test_calibration_photos_are_spread_evenly_over_the_classes(count):
     samples = flower_samples()
-    chosen = export.calibration_choice(samples, count)
+    chosen = export.quantization_photos(samples, count)
     assert len(chosen) == count and len(set(chosen)) == count and set(chosen) <= set(samples)
     per_class = Counter(k for _, k in chosen)
     assert sorted(per_class) == sorted(FLOWERS)  # tulips, the last class, too
@@ -31,30 +31,30 @@ def test_calibration_photos_are_spread_evenly_over_the_classes(count):
 
 def test_a_small_class_gives_all_it_has_and_the_others_make_up_the_rest():
     samples = [(f"{name}/{i}", k) for k, (name, n) in enumerate((("a", 10), ("b", 100), ("c", 100))) for i in range(n)]
-    per_class = Counter(k for _, k in export.calibration_choice(samples, 100))
+    per_class = Counter(k for _, k in export.quantization_photos(samples, 100))
     assert per_class == {0: 10, 1: 45, 2: 45}
 
 
 def test_the_choice_is_random_within_a_class_and_the_same_every_time():
     samples = flower_samples()
-    chosen = export.calibration_choice(samples, 300)
-    assert export.calibration_choice(list(reversed(samples)), 300) == chosen  # whatever the listing order
+    chosen = export.quantization_photos(samples, 300)
+    assert export.quantization_photos(list(reversed(samples)), 300) == chosen  # whatever the listing order
     daisies = sorted(p for p, k in chosen if k == 0)
     assert daisies != [p for p, k in samples if k == 0][:60]  # not the first photos of the class
-    assert export.calibration_choice(samples, 300, seed=1) != chosen
+    assert export.quantization_photos(samples, 300, seed=1) != chosen
 
 
 def test_more_calibration_photos_than_the_run_has_is_one_error():
     with pytest.raises(export.ExportError, match=r"--calibration-images 2648: the run has only 2647 training photos"):
-        export.calibration_choice(flower_samples(), 2648)
-    assert len(export.calibration_choice(flower_samples(), 2647)) == 2647
+        export.quantization_photos(flower_samples(), 2648)
+    assert len(export.quantization_photos(flower_samples(), 2647)) == 2647
 
 
 def test_calibration_skips_photos_that_cannot_be_decoded(tmp_path):
     good = [str(save_image(tmp_path / f"good{i}.jpg", COLORS[i], seed=i)) for i in range(3)]
     truncated = str(write_truncated_jpeg(tmp_path / "truncated.jpg"))  # its header parses: only decoding fails
     garbage = str(write_corrupt(tmp_path / "garbage.jpg"))
-    reader = export.Calibration([good[0], truncated, good[1], garbage, good[2]], images.Preprocessing(40, 32),
+    reader = export.QuantizationReader([good[0], truncated, good[1], garbage, good[2]], images.Preprocessing(40, 32),
                                 batch_size=2)
     batches = []
     while (batch := reader.get_next()) is not None:
@@ -70,7 +70,7 @@ def test_calibration_skips_photos_that_cannot_be_decoded(tmp_path):
 
 def test_calibration_with_no_readable_photo_is_one_error(tmp_path):
     files = [str(write_truncated_jpeg(tmp_path / f"t{i}.jpg", seed=i)) for i in range(3)]
-    reader = export.Calibration(files, images.Preprocessing(40, 32))
+    reader = export.QuantizationReader(files, images.Preprocessing(40, 32))
     with pytest.raises(export.ExportError, match="none of the 3 calibration photos could be read"):
         reader.get_next()
 

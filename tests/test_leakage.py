@@ -12,7 +12,7 @@ import train
 from helpers import TEXTURE_SIZE, call, texture, train_argv, write_truncated_jpeg
 from inference.images import HASH_DECODE_SIDE, Preprocessing, hash_distance, load_image, near_hash, reduced_for_hash
 from plumbing.cache import SharedImageCache
-from training import data
+from training import data, leakage
 
 SIZE = TEXTURE_SIZE
 
@@ -59,7 +59,7 @@ def datasets(root, capacity=2 ** 24, workers=0):
 def read_pairs(path):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == data.LEAKAGE_FIELDS
+    assert rows[0] == leakage.LEAKAGE_FIELDS
     return [(val, train_file, int(d)) for val, train_file, d in rows[1:]]
 
 
@@ -88,7 +88,7 @@ def test_no_line_and_no_list_when_no_val_image_copies_a_training_one(tmp_path):
     train_set, val_set = datasets(root)
     lines = []
 
-    data.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
+    leakage.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
 
     assert lines == []
     assert not (tmp_path / "leakage.csv").exists()
@@ -106,7 +106,7 @@ def test_byte_identical_unreadable_files_in_train_and_val_are_no_leakage(tmp_pat
     train_set, val_set = datasets(root)
     lines = []
 
-    data.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
+    leakage.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
 
     assert sorted(val_set.unreadable()) == [str(root / "val" / "daisy" / name) for name in ("empty.jpg",
                                                                                            "truncated.jpg")]
@@ -119,7 +119,7 @@ def test_the_hashes_are_kept_with_the_cache_off_and_by_loader_workers(tmp_path):
     train_set, val_set = datasets(root, capacity=0, workers=1)  # --cache off: statuses and hashes only
     lines = []
 
-    data.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
+    leakage.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
 
     assert len(lines) == 1 and lines[0].startswith("leakage: 2 of 6 val images are copies of training images")
     assert [(v, t) for v, t, _ in read_pairs(tmp_path / "leakage.csv")] == sorted((str(v), str(t)) for v, t in copies)
@@ -150,11 +150,11 @@ def test_near_copies_pairs_each_val_image_with_every_training_image_near_it():
     train_hashes = (np.array([10, 11, 12]), np.array([base, base ^ 0b111, base ^ (2 ** 40 - 1)], dtype=np.uint64))
     val_hashes = (np.array([0, 1, 2]), np.array([base, ~base & (2 ** 64 - 1), base ^ (1 << 63)], dtype=np.uint64))
 
-    pairs = data.near_copies(train_hashes, val_hashes)
+    pairs = leakage.near_copies(train_hashes, val_hashes)
 
     assert pairs == [(0, 10, 0), (0, 11, 3), (2, 10, 1), (2, 11, 4)]
     assert hash_distance(base, base ^ (2 ** 40 - 1)) == 40
-    assert data.near_copies(train_hashes, (np.array([], dtype=np.int64), np.array([], dtype=np.uint64))) == []
+    assert leakage.near_copies(train_hashes, (np.array([], dtype=np.int64), np.array([], dtype=np.uint64))) == []
 
 
 def test_a_line_before_every_training_image_was_drawn_says_how_many_were(tmp_path):
@@ -166,7 +166,7 @@ def test_a_line_before_every_training_image_was_drawn_says_how_many_were(tmp_pat
         train_set.pixels(index)
     lines = []
 
-    data.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
+    leakage.check_leakage(train_set, val_set, str(tmp_path), str(root), torch.device("cpu"), lines.append)
 
     # daisy_01 (index 1) is among those drawn, roses_03 (index 9) is not yet
     assert len(lines) == 1

@@ -13,6 +13,7 @@ from inference import calibration, classify
 from inference import checkpoint as ckpt
 from inference.images import Preprocessing
 from plumbing import device as dev
+from plumbing import stopping
 from training import data, recipe, run_state, schedule, step
 from training.data import MEAN, STD
 from training.outliers import KINDS, OutlierMaker, blended, noise, shapes, shuffled, textures, uniform_loss
@@ -168,7 +169,7 @@ def one_step_gradients(outliers, micro_batch, batch=8):
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                     dev.grad_scaler(torch.device("cpu"), None), None)
     maker = OutlierMaker(outliers, MEAN, STD, seed=0)
-    training = train.Training(model, state, recipe.ClassWeightedLoss(), None, maker, step.StopRequest())
+    training = train.Training(model, state, recipe.ClassWeightedLoss(), None, maker, stopping.StopRequest())
     record = ckpt.Record(["a", "b", "c"], "paper", (16, 16), Preprocessing(16, 16), None, {})
     run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
     generator = torch.Generator().manual_seed(1)

@@ -13,8 +13,8 @@ import torch
 import train
 from helpers import assert_clean_error, call, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet
-from plumbing import options
-from training import run_state, step
+from plumbing import options, stopping
+from training import run_state
 
 
 def same_weights(a, b):
@@ -40,7 +40,7 @@ def stopped(tree, tmp_path_factory):
     whole, cut = root / "whole", root / "cut"
     assert call(train, tiny(tree, whole))[0] == 0
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(step.StopRequest, "check", stop_after_step(4, cut, root / "after_epoch_1.pth"))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(4, cut, root / "after_epoch_1.pth"))
         code, stdout, _ = call(train, tiny(tree, cut))
     assert code == 128 + signal.SIGTERM
     return {"whole": whole, "cut": cut, "stdout": stdout, "epoch1": root / "after_epoch_1.pth"}
@@ -209,7 +209,7 @@ def test_resume_mid_epoch_with_every_recipe_tool_is_bit_for_bit(tree, recipe_epo
     out, saved = tmp_path / "C", tmp_path / "after_step_1.pth"
     argv = train_argv(tree, out, *RECIPE, amp=amp)
     with monkeypatch.context() as m:
-        m.setattr(step.StopRequest, "check", stop_after_step(2, out, saved))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(2, out, saved))
         code, stdout, err = call(train, argv + ["--save-every", "1"])
     assert code == 128 + signal.SIGTERM, err
     assert "stopped at epoch 1, step 2" in stdout

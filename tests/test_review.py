@@ -15,7 +15,7 @@ import pytest
 import train
 from data_set import check, review
 from helpers import COLORS, REPO, assert_clean_error, call, eval_argv, load, save_image, script_env, train_argv
-from training import step
+from plumbing import stopping
 
 CLASSES = ("daisy", "roses", "tulips")
 HEADER = "file,action,class,time\n"
@@ -290,7 +290,7 @@ def test_a_resumed_run_trains_on_the_review_it_started_with(reviewed, tmp_path, 
     photos = shutil.copytree(reviewed["photos"], tmp_path / "photos")
     argv = train_argv(photos, tmp_path / "out", "--image-size", 32)
     with monkeypatch.context() as m:  # stop after the first step, as a SIGTERM would
-        m.setattr(step.StopRequest, "check", lambda self, device, diverged=False, unreadable=False:
+        m.setattr(stopping.StopRequest, "check", lambda self, device, diverged=False, unreadable=False:
                   (diverged, True, unreadable))
         code, out, err = call(train, argv)
     assert code == 128 + signal.SIGTERM, err

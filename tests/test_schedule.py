@@ -14,7 +14,8 @@ import torch
 
 import train
 from helpers import call, load, make_tree, stop_after_step, train_argv
-from training import data, schedule, step
+from plumbing import stopping
+from training import data, schedule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_a_budget_run_plans_ends_on_time_and_resumes_exactly(tree, tmp_path, mon
     argv = ["--time-budget", 0.2, "--image-size", 32, "--warmup-epochs", 1]  # 12 s of 3-second epochs
     clock = StepClock()
     monkeypatch.setattr(train, "clock", clock)
-    monkeypatch.setattr(step.StopRequest, "check", ticking(clock))
+    monkeypatch.setattr(stopping.StopRequest, "check", ticking(clock))
     code, stdout, err = call(train, train_argv(tree, tmp_path / "A", *argv, epochs=None))
     assert code == 0, err
     assert "train 1/? (32 px)" in stdout
@@ -155,12 +156,12 @@ def test_a_budget_run_plans_ends_on_time_and_resumes_exactly(tree, tmp_path, mon
     assert reference["plan"]["elapsed_s"] == pytest.approx(12.0)
 
     clock.now = 0.0  # a new session: its clock starts again, the run's minutes go on
-    monkeypatch.setattr(step.StopRequest, "check", ticking(clock, stop_at=8))  # in epoch 3; the stop saves last.pth
+    monkeypatch.setattr(stopping.StopRequest, "check", ticking(clock, stop_at=8))  # in epoch 3; the stop saves last.pth
     out = tmp_path / "B"
     code, stdout, _ = call(train, train_argv(tree, out, *argv, epochs=None))
     assert code == 128 + signal.SIGTERM and "stopped at epoch 3, step 2" in stdout
     clock.now = 0.0
-    monkeypatch.setattr(step.StopRequest, "check", ticking(clock))
+    monkeypatch.setattr(stopping.StopRequest, "check", ticking(clock))
     code, stdout, err = call(train, ["--resume", out / "last.pth"])
     assert code == 0, err
     assert "plan:" not in stdout  # the saved plan goes on
@@ -195,7 +196,7 @@ def test_progressive_resizing_changes_the_crop_at_the_planned_epochs_and_resumes
 
     out = tmp_path / "B"
     with monkeypatch.context() as m:  # stopped in epoch 2; epoch 1's end left the place to resume from
-        m.setattr(step.StopRequest, "check", stop_after_step(4, out, tmp_path / "after_epoch_1.pth"))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(4, out, tmp_path / "after_epoch_1.pth"))
         code, stdout, _ = call(train, train_argv(tree, out, *argv, epochs=3))
     assert code == 128 + signal.SIGTERM
     code, stdout, err = call(train, train_argv(tree, out, *argv, "--resume", tmp_path / "after_epoch_1.pth", epochs=3))

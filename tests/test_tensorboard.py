@@ -7,7 +7,7 @@ import pytest
 
 import train
 from helpers import assert_clean_error, call, make_tree, needs, stop_after_step, train_argv
-from training import step
+from plumbing import stopping
 
 pytestmark = needs("tensorboard", why="--tensorboard needs it: requirements-dev.txt")
 
@@ -55,7 +55,7 @@ def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tree, straig
     out, saved = tmp_path / "C", tmp_path / "after_epoch_1.pth"
     argv = train_argv(tree, out, "--image-size", 48, "--tensorboard", epochs=2)
     with monkeypatch.context() as m:
-        m.setattr(step.StopRequest, "check", stop_after_step(4, out, saved))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(4, out, saved))
         code, _, err = call(train, argv)
     assert code == 128 + signal.SIGTERM, err
     assert [s for s, _ in scalars(out)["train/step_loss"]] == [1, 2, 3, 4]

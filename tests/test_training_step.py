@@ -14,6 +14,7 @@ from helpers import assert_clean_error, call, dataset_of, load, make_tree, train
 from inference import checkpoint as ckpt
 from inference import images
 from plumbing import device as dev
+from plumbing import stopping
 from training import data, run_state, schedule, step
 
 CPU = torch.device("cpu")
@@ -136,7 +137,7 @@ def test_aux_heads_get_the_same_soft_targets(tree):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                     dev.grad_scaler(CPU, None), None)
-    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), None, step.StopRequest())
+    training = train.Training(model, state, criterion, data.build_batch_mix(0.4, 0.0, 3), None, stopping.StopRequest())
     record = ckpt.Record(["daisy", "roses", "tulips"], "paper", (32, 32), images.Preprocessing(32, 32), None, {})
     run = train.Run(args, 0, 1, dev.place("cpu", "off"), record)
     progress = run_state.Progress(plan=schedule.fixed_plan(1))

@@ -28,6 +28,7 @@ from inference import calibration, classify
 from inference import checkpoint as ckpt
 from inference.calibration import Calibration
 from model import GoogLeNet
+from plumbing import stopping
 from training import recipe, rotation, step
 from training.data import MEAN, STD
 from training.outliers import energy, energy_margin_loss, outlier_loss
@@ -346,7 +347,7 @@ def stopped(tree, tmp_path_factory):
     code, stdout, err = call(train, train_argv(tree, whole, *argv, epochs=2))
     assert code == 0, err
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(step.StopRequest, "check", stop_after_step(4, cut, root / "unused.pth"))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(4, cut, root / "unused.pth"))
         code, _, err = call(train, train_argv(tree, cut, *argv, epochs=2))
     assert code == 128 + signal.SIGTERM, err
     return {"whole": whole, "cut": cut, "stdout": stdout}

@@ -23,7 +23,8 @@ from helpers import (
     write_truncated_jpeg,
 )
 from inference import images
-from training import data, step
+from plumbing import stopping
+from training import data
 
 
 @pytest.mark.quick
@@ -91,7 +92,7 @@ def test_resume_holds_exactly_with_an_image_found_unreadable_mid_epoch(tmp_path,
     out, saved = tmp_path / "B", tmp_path / "after_step_3.pth"
     argv = train_argv(tree, out, "--image-size", 48)
     with monkeypatch.context() as m:
-        m.setattr(step.StopRequest, "check", stop_after_step(4, out, saved))
+        m.setattr(stopping.StopRequest, "check", stop_after_step(4, out, saved))
         assert call(train, argv + ["--save-every", "1"])[0] == 128 + signal.SIGTERM
     code, stdout, err = call(train, argv + ["--resume", saved, "--save-every", "0"])
     assert code == 0, err

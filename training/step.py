@@ -1,8 +1,7 @@
 """The parts of a training step around the lesson's five lines (forward, loss, backward, step):
-micro-batches, DDP's gradient sync, the per-step vote across processes, and stopping cleanly."""
+micro-batches, DDP's gradient sync and the per-step vote across processes (a plumbing.stopping.StopRequest's check)."""
 import contextlib
 import math
-import signal
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,25 +11,6 @@ from torch import nn
 from plumbing import distributed
 from plumbing.options import UserError
 from training import data
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked after every step, so a stop never tears a step."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def check(self, device, diverged=False, unreadable=False):
-        """(diverged, stop requested, an unreadable image under --bad-images error), each anywhere:
-        every process acts at the same step."""
-        return distributed.any_process([diverged, self.signal is not None, unreadable], device)
 
 
 @dataclass
