@@ -144,12 +144,7 @@ def run_on_main(device, function, *args):
     UserError reaches every process at once. Returns its result on rank 0, None elsewhere."""
     if not is_distributed():
         return function(*args)
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = function(*args)
-        except UserError as e:
-            error = e
+    result, error = _attempt(function, args) if dist.get_rank() == 0 else (None, None)
     fail_together(error, device)
     return result
 
@@ -157,13 +152,17 @@ def run_on_main(device, function, *args):
 def run_everywhere(device, function, *args):
     """function(*args) in every process (a check whose answer may differ between them: a folder one
     machine lacks), then fail_together: a UserError in one process ends every process at once."""
-    result, error = None, None
-    try:
-        result = function(*args)
-    except UserError as e:
-        error = e
+    result, error = _attempt(function, args)
     fail_together(error, device)
     return result
+
+
+def _attempt(function, args):
+    """(function(*args), None), or (None, the UserError it raised)."""
+    try:
+        return function(*args), None
+    except UserError as e:
+        return None, e
 
 
 def local_rank_and_size():
