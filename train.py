@@ -4,8 +4,12 @@
     python train.py --resume weights/last.pth          # continue an interrupted run
     torchrun --nproc_per_node=2 train.py ...           # data-parallel, one process per GPU
 
-main() reads top to bottom: set-up, data, model, --eval-only, the training objects, resume, and
-fit(), the epoch loop. What the run keeps fixed travels in Run, what moves in run_state.Progress.
+The file reads as torchvision's classification reference script does: train_one_epoch (one screen:
+forward, the paper's three losses, backward, step; training/step.py holds what the options add),
+fit (the epoch loop: train, validate with training/evaluation.py's evaluate, save), main (set-up,
+data, model, --eval-only, the training objects, resume, then fit), the helpers, and
+get_args_parser last, its groups those of docs/options.md. What the run keeps fixed travels in Run,
+what moves in run_state.Progress.
 """
 import argparse
 import contextlib
@@ -41,9 +45,9 @@ from training.metrics import (
     BEST_METRICS,
     TensorBoardLog,
 )
-from training.outliers import OutlierMaker, outlier_loss
+from training.outliers import OutlierMaker
 from training.pixmix import PixMixer
-from training.rotation import Rotator, rotation_loss, split_outputs
+from training.rotation import Rotator
 from training.step import TrainingError
 
 IMAGENET_URL = "https://download.pytorch.org/models/googlenet-1378be20.pth"
@@ -63,298 +67,41 @@ OUTLIER_WEIGHTS = {"uniform": 0.5, "energy": 0.1}  # --outlier-weight's default 
 COMPILE_BACKEND = "GOOGLENET_COMPILE_BACKEND"
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Train GoogLeNet (Inception v1) on a folder of flower photos.",
-                                formatter_class=options.HelpFormatter)
-    p.add_argument("--data-path", default=DEFAULT_DATA,
-                   help="folder of class folders (<class>/<images>), or with train/<class>/ and val/<class>/")
-    p.add_argument("--val-ratio", type=options.open_fraction, default=0.1,
-                   help="for a folder of class folders: the share of each class held out for validation")
-    p.add_argument("--split-seed", type=options.seed, default=0,
-                   help="for a folder of class folders: seed of that split (as split_data.py's --seed)")
-    p.add_argument("--download", action="store_true",
-                   help="if --data-path is missing, download the flower photos into it and split them 9:1")
-    p.add_argument("--data-url", default=download.FLOWERS_URL, help="mirror URL or local copy of flower_photos.tgz")
-    p.add_argument("--data-sha256", default=download.FLOWERS_SHA256, help="expected SHA-256 of the --data-url archive")
-    p.add_argument("--epochs", type=options.positive_int, default=None,
-                   help="passes over the training images (default 25; with --time-budget, the most it may plan)")
-    p.add_argument("--time-budget", type=options.positive_float, default=None, metavar="MINUTES",
-                   help="the whole run's minutes: the first epochs are timed, then as many epochs as fit are "
-                        "planned (the schedules end with the budget) and the plan is printed")
-    p.add_argument("--batch-size", type=options.positive_int, default=32, help="images per step in each process")
-    p.add_argument("--micro-batch", type=options.non_negative_int, default=0,
-                   help="split each step into chunks of this many images, accumulating gradients "
-                        "(same result without BatchNorm, less memory; 0: the whole batch at once)")
-    p.add_argument("--lr", type=options.positive_float, default=1e-3,
-                   help="learning rate, applied as given in every process")
-    p.add_argument("--opt", default="adamw", choices=["adam", "adamw", "sgd"], help="optimizer")
-    p.add_argument("--momentum", type=options.below_one, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=options.non_negative_float, default=0.05,
-                   help="L2 penalty (decoupled for adamw)")
-    p.add_argument("--lr-scheduler", default="cosine", choices=["none", "cosine", "step"],
-                   help="learning-rate schedule over the epochs, stepped once per epoch")
-    p.add_argument("--warmup-epochs", type=options.non_negative_int, default=3,
-                   help="linear warm-up before the schedule")
-    p.add_argument("--lr-step-size", type=options.positive_int, default=10,
-                   help="epochs between decays of the step schedule")
-    p.add_argument("--lr-gamma", type=options.positive_float, default=0.1, help="decay factor of the step schedule")
-    p.add_argument("--label-smoothing", type=options.below_one, default=0.1, help="cross-entropy label smoothing")
-    p.add_argument("--class-weights", default="none", choices=["none", "balanced"],
-                   help="weigh each class's loss (aux heads too): balanced = by the inverse of its share of "
-                        "the training images, so a small class counts as much as a large one")
-    p.add_argument("--sampler", default="shuffle", choices=["shuffle", "balanced"],
-                   help="the order of each epoch: every training image once (shuffle), or as many draws "
-                        "as images with every class equally likely (balanced; seeded per epoch)")
-    p.add_argument("--aux-weight", type=options.non_negative_float, default=0.3,
-                   help="weight of each auxiliary classifier's loss")
-    p.add_argument("--variant", default=None, choices=VARIANTS,
-                   help="network layout: the paper's, or torchvision's with BatchNorm, which trains "
-                        "faster from scratch (default: torchvision, or that of --weights)")
-    p.add_argument("--image-size", type=options.size_schedule, default="128", metavar="SIZE or FIRST:LAST",
-                   help="training crop size in pixels, or a schedule such as 96:160 that grows it linearly over "
-                        "the epochs in steps of 32 (progressive resizing)")
-    p.add_argument("--val-resize", type=options.image_size, default=None,
-                   help="evaluation: resize images to this square size (default: --val-crop)")
-    p.add_argument("--val-crop", type=options.image_size, default=None,
-                   help="evaluation: then take the centre crop of this size (default: 1.25 x the last --image-size, "
-                        "as random crops show objects larger than a whole image does; for --eval-only, "
-                        "the size recorded in --weights)")
-    p.add_argument("--auto-augment", default="trivialaugment", choices=["none", *data.AUTO_AUGMENT],
-                   help="augmentation policy applied after the crop and flip")
-    p.add_argument("--random-erase", type=options.probability, default=0.1,
-                   help="probability of erasing a random rectangle of each training image")
-    p.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0,
-                   help="MixUp's Beta(alpha, alpha) (0: off)")
-    p.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
-                   help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
-    p.add_argument("--outliers", type=options.non_negative_int, default=0,
-                   help="outlier exposure: generated images (noise, textures, shapes, shuffled and blended "
-                        "photos) added to each step, whose answers are pushed towards uniform probabilities, "
-                        "so that photos of none of the classes get low ones and are answered unknown (0: off)")
-    p.add_argument("--outlier-weight", type=options.non_negative_float, default=None,
-                   help="weight of the outliers' loss (default: 0.5 for the uniform loss, 0.1 for the energy "
-                        "margins, the weight Liu et al. used)")
-    p.add_argument("--outlier-loss", default="uniform", choices=["uniform", "energy"],
-                   help="what --outliers trains: uniform (cross-entropy to the uniform distribution) or energy "
-                        "(Liu et al. 2020: squared hinges that push the photos' energy, -log-sum-exp of the logits, "
-                        "below M_IN and the outliers' above M_OUT of --energy-margins)")
-    p.add_argument("--energy-margins", type=options.finite_float, nargs=2, default=list(ENERGY_MARGINS),
-                   metavar=("M_IN", "M_OUT"),
-                   help="with --outlier-loss energy: the photos' energies are pushed below M_IN and the outliers' "
-                        "above M_OUT (M_IN < M_OUT; the paper's -25 -7 were for fine-tuning, see docs/trust.md)")
-    p.add_argument("--logit-norm", type=options.non_negative_float, default=0.0, metavar="TAU",
-                   help="LogitNorm (Wei et al. 2022): every head's loss sees the logits scaled to the norm 1 / TAU, "
-                        "so that training cannot make the model surer by growing them (the paper: 0.04; 0: off)")
-    p.add_argument("--pixmix", type=options.non_negative_int, default=0, metavar="ROUNDS",
-                   help="PixMix (Hendrycks et al. 2022) with generated pictures: each photo mixed, in 0 to ROUNDS "
-                        "rounds (the paper: up to 4), with a fractal, noise, texture or shapes picture and its own "
-                        "mirror image, additively or multiplicatively; its label kept (0: off)")
-    p.add_argument("--pixmix-beta", type=options.positive_float, default=3.0, metavar="BETA",
-                   help="with --pixmix: the strength of the mixing weights' Beta distributions (the paper: 3; "
-                        "larger keeps more of the photo)")
-    p.add_argument("--rotation-weight", type=options.non_negative_float, default=0.0,
-                   help="a rotation head (a Linear on the pooled features) learns which quarter turn a copy of "
-                        "--rotation-share of each batch was given, with this weight on its loss (0: off, no head)")
-    p.add_argument("--rotation-share", type=options.share, default=0.25,
-                   help="with --rotation-weight: the share of each batch copied and turned by 90, 180 or 270 "
-                        "degrees, run beside it (1: a copy of every photo)")
-    p.add_argument("--not-sure-score", default=None, choices=calibration.SCORES,
-                   help="the score whose threshold makes a photo \"not sure\" (unknown), stored in best.pth and "
-                        "its .onnx export: max_probability (the top probability), energy (log-sum-exp of the "
-                        "calibrated logits) or rotation (needs --rotation-weight; 4 passes a photo). Default "
-                        "max_probability; with --eval-only, the weights' own (with --calibrate, the one to store)")
-    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep an exponential moving average of the weights; validate and save it as best.pth")
-    p.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
-                   help="EMA decay per step: the average spans about 1 / (1 - decay) steps")
-    p.add_argument("--workers", type=options.non_negative_int, default=None,
-                   help="data loader processes (default: min(cpu count, batch size, 8) on CUDA; "
-                        "on a CPU 0 with the cache and 1 without, so loading does not fight the compute)")
-    p.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
-                   help="keep decoded images in memory (auto: when they fit in half the free memory)")
-    p.add_argument("--review", default="on", choices=review.MODES,
-                   help="DIR/review.csv, the decisions of python app.py --review: on leaves its excluded photos "
-                        "out and trains its relabelled ones under their new class (train and val, after the split); "
-                        "off ignores it")
-    p.add_argument("--bad-images", default="skip", choices=["skip", "error"],
-                   help="unreadable image files: skip and list them, or stop with an error naming the first")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision. auto: on CUDA bf16 where the GPU has it natively (Ampere and later), "
-                        "else fp16 with loss scaling; on a CPU bf16 "
-                        "where it has native bf16 (avx512_bf16, amx_bf16), else fp32. off: fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format: faster convolutions on CPUs and tensor cores")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
-    p.add_argument("--weights", default=None,
-                   help="start from these weights: a checkpoint, a state dict, or 'imagenet' for "
-                        "torchvision's ImageNet GoogLeNet (downloaded with torch.hub)")
-    p.add_argument("--freeze-layers", action="store_true", help="train only the classifier heads")
-    p.add_argument("--eval-only", action="store_true",
-                   help="only evaluate --weights on every image of --data-path's class folders (or of its val/ "
-                        "folder), classes matched by name; in the folder the weights were trained on, on its val "
-                        "images only")
-    p.add_argument("--calibrate", action="store_true",
-                   help="with --eval-only: fit the temperature and the \"not sure\" threshold on the images "
-                        "scored (in fp32: it sets --amp off) and store them in --weights (training does this on its "
-                        "val images)")
-    p.add_argument("--unknowns", default=None, metavar="FOLDER",
-                   help="with --eval-only: also score these photos of none of the classes (every image under "
-                        "FOLDER) and report how well the top probability tells them from the test images: the "
-                        "AUROC, and the shares caught and answered at the \"not sure\" threshold")
-    p.add_argument("--tta", action="store_true",
-                   help="with --eval-only: average the logits of each image and its mirror image")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
-    p.add_argument("--save-every", type=options.non_negative_int, default=0,
-                   help="also save last.pth every this many steps inside an epoch (0: at epoch ends only)")
-    p.add_argument("--best-metric", default="accuracy", choices=list(BEST_METRICS),
-                   help="the validation score that chooses best.pth (and that --patience watches)")
-    p.add_argument("--patience", type=options.non_negative_int, default=0,
-                   help="end the run when --best-metric has not improved for this many epochs (0: never)")
-    p.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --output-dir that holds one (replacing its best.pth and "
-                        "last.pth) instead of refusing")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log the losses, accuracy, learning rate and speed to OUTPUT_DIR/tensorboard "
-                        "(needs tensorboard)")
-    p.add_argument("--class-indices", default="class_indices.json",
-                   help="also write the class index file here (it is always written into --output-dir)")
-    p.add_argument("--seed", type=options.seed, default=0, help="seeds the weights, the shuffling and the augmentation")
-    return p
-
-
-# ---------------------------------------------------------------------------------------------
-# What a run carries
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Run:
-    """What stays fixed for the whole run: its options, the processes, where and in which precision
-    the model runs, what every checkpoint records, and where they go."""
-
-    args: argparse.Namespace
-    rank: int
-    world_size: int
-    placement: dev.Placement
-    record: ckpt.Record
-    steps_per_epoch: int = 0
-    tensorboard: Optional[TensorBoardLog] = None
-    started: float = 0.0  # clock() when this session started
-    time_before: float = 0.0  # seconds the run took in the sessions before this one (--resume)
-
-    def elapsed(self):
-        """Seconds of the whole run so far, its earlier sessions included (what --time-budget counts)."""
-        return self.time_before + clock() - self.started
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def device(self):
-        return self.placement.device
-
-    @property
-    def best_path(self):
-        return os.path.join(self.args.output_dir, "best.pth")
-
-    @property
-    def last_path(self):
-        return os.path.join(self.args.output_dir, "last.pth")
-
-
-@dataclass
-class Training:
-    """The objects a training step uses. forward is the model as it runs (wrapped in
-    DistributedDataParallel under torchrun, then compiled with --compile); state.model is the model
-    itself, whose weights the checkpoints hold."""
-
-    forward: nn.Module
-    state: run_state.TrainingState
-    criterion: nn.Module
-    mix: Optional[nn.Module]
-    outliers: Optional[OutlierMaker]  # --outliers
-    stop: StopRequest
-    pixmix: Optional[PixMixer] = None  # --pixmix
-    rotator: Optional[Rotator] = None  # --rotation-weight
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
-def main(args, given, cleanup):
-    """The run, straight down. given: the options typed on the command line (--resume keeps the
-    others as the run had them); cleanup: what run() undoes however this ends."""
-    started = clock()
-    rank, world_size, local_rank = distributed.init()
-    cleanup.callback(distributed.close)
-    log = print if rank == 0 else silent
-    # --calibrate rewrites --weights: their folder's lock comes before they are read or anything is made
-    weights_lock = distributed.run_on_main(distributed.early_device(), evaluation.lock_weights_folder, args,
-                                           cleanup, log)
-    resume, start, source = read_checkpoints(args)
-    if resume is not None:
-        args = run_state.resumed_args(args, given, resume, args.resume, world_size, log)
-    placement = dev.place(args.device, args.amp, local_rank)
-    if placement.warning:
-        log(placement.warning)
-    preprocessing = evaluation_sizes(args, start)
-    # a run continues on its own split; fine-tuning from --weights splits the new data afresh
-    recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
-    evaluation.check_calibrate(args, start, preprocessing)
-    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"),  # lists files only
-                      resume)
-    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
-    cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
-    distributed.run_on_main(placement.device, prepare_output_dir, args, lock, weights_lock)
-    if resume is not None:
-        ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
-    loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
-    first, last = args.image_size
-    crops = f"{first}" if first == last else f"{first} to {last}"
-    log(f"data: {len(found.classes)} classes {found.classes}; "
-        + ("" if args.eval_only else f"{len(loaders.train.dataset)} train, ")
-        + f"{len(loaders.val.dataset)} val images "
-        + ("(" if args.eval_only else f"({crops} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
-        f"device {placement.device}, {placement.precision}; {loaders.workers} loader workers; {world_size} process(es)")
-    if not args.eval_only and trust_options(args):
-        log(f"not sure: {trust_options(args)}")
-
-    torch.manual_seed(args.seed)
-    model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
-    run = Run(args, rank, world_size, placement,
-              ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split,
-                          run_state.recorded_options(args), found.review))
-    criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
-                                         args.label_smoothing, 0.0 if args.eval_only else args.logit_norm)
-    if args.eval_only:
-        with data.worker_failures():
-            return evaluation.evaluate_only(run, compiled(model) if args.compile else model, criterion, loaders.val,
-                                            start, log)
-
-    plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
-            else schedule.fixed_plan(args.epochs or 25))
-    training = build_training(args, run, model, criterion, plan)
-    progress = run_state.Progress(plan=plan)
-    if resume is not None:
-        progress = run_state.restore_training(resume, args.resume, training.state, rank, placement.device, plan)
-        for loader in (loaders.train, loaders.val):
-            loader.dataset.mark_unreadable(progress.bad_images)
-        log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
-            f"best {args.best_metric} {progress.best_score:.3f}; it continues {run_state.resume_promise(run.device)}")
-    distributed.run_on_main(placement.device, write_class_indices, args, found.classes)
-    steps_per_epoch = math.ceil(loaders.train.sampler.epoch_length / args.batch_size)
-    tensorboard = None
-    if args.tensorboard:
-        next_step = progress.epoch * steps_per_epoch + progress.step + 1
-        tensorboard = distributed.run_on_main(placement.device, open_tensorboard, args.output_dir, next_step)
-    run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, started=started,
-                              time_before=plan.elapsed_s)
-    try:
-        with data.worker_failures():
-            return fit(run, training, loaders, progress)
-    except torch.OutOfMemoryError as e:
-        raise out_of_memory(run, progress) from e
+def train_one_epoch(training, loaders, run, progress):
+    """One pass over loaders.train, counting every step into progress (which may start mid-epoch); ends
+    early, with stopped=True, when a stop is requested."""
+    model, criterion, args = training.forward, training.criterion, run.args
+    optimizer, scaler = training.state.optimizer, training.state.scaler
+    step.train_mode(model, args.freeze_layers)
+    bar = epoch_bar(loaders.train, loaders.crop, run, progress)
+    meter = step.EpochMeter(run.device, counts_correct=training.mix is None)
+    optimizer.zero_grad(set_to_none=True)
+    for chunk in step.chunks(bar, training, run, progress):  # each batch, in chunks of --micro-batch photos
+        with step.forward_context(model, chunk, run):  # autocast; under DDP, gradients sync on a step's last chunk
+            outputs = model(chunk.inputs)  # the chunk's photos, then its outliers and turned copies if any
+        logits, aux2, aux1 = chunk.photo_outputs(outputs)
+        y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
+        loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
+        loss = step.weigh(loss, outputs, chunk, args)  # x the chunk's share; + the rotation and outlier losses
+        scaler.scale(loss).backward()
+        meter.add(loss, logits, chunk)
+        if not chunk.last:  # gradients add up over a step's chunks
+            continue
+        step_loss, stopping = step.vote(training.stop, loaders.train, run, meter.take_step_loss(), progress)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step.average_weights(training.state, args)  # --model-ema
+        progress.add_step(step_loss, chunk.step_images, 0)  # its right answers are counted in meter
+        log_step(run, bar, progress, step_loss)
+        if stopping:
+            bar.close()
+            return meter.stopped(progress)
+        if args.save_every and progress.step % args.save_every == 0:
+            meter.count_into(progress)
+            save_last(run, training.state, progress)
+    bar.close()
+    return meter.result(progress)
 
 
 def fit(run, training, loaders, progress):
@@ -430,71 +177,158 @@ def fit(run, training, loaders, progress):
     return 0
 
 
-def train_one_epoch(training, loaders, run, progress):
-    """One pass over loaders.train, counting every step into progress (which may start mid-epoch); ends
-    early, with stopped=True, when a stop is requested."""
-    args, state, criterion = run.args, training.state, training.criterion
-    step.train_mode(training.forward, args.freeze_layers)
-    loader = loaders.train
-    bar = epoch_bar(loader, loaders.crop, run, progress)
-    start, images_timed = clock(), 0
-    margins = tuple(args.energy_margins) if args.outlier_loss == "energy" else None
-    # right answers, counted on the device and read only when needed (a save, the epoch's end): a read
-    # of a GPU's tensor waits for every queued kernel. The step's loss is read once, by the stop vote.
-    correct = torch.zeros((), dtype=torch.int64, device=run.device)
-    for images, labels, _ in bar:  # training batches are all valid: an unreadable image is replaced
-        images, labels = to_device(images, run), labels.to(run.device, non_blocking=True)
-        targets = labels
-        outliers = training.outliers.make(images, progress.epoch, progress.step) if training.outliers else None
-        if training.pixmix is not None:  # mixed with generated pictures, labels kept
-            images = training.pixmix.mix(images, progress.epoch, progress.step)
-        if training.mix is not None:
-            images, targets = training.mix(images, labels)  # soft targets, for the aux heads too
-        rotated = training.rotator.make(images, progress.epoch, progress.step) if training.rotator else None
-        state.optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=run.device)
-        for chunk in step.micro_batches(images, targets, labels, args.micro_batch, outliers, rotated):
-            with step.gradient_sync(training.forward, chunk):
-                with dev.autocast(run.device, run.placement.amp_dtype):
-                    out = training.forward(chunk.inputs)  # the chunk's photos, its outliers, its turned copies
-                n = len(chunk.images)
-                out, turn_logits = split_outputs(out, 0 if chunk.turns is None else len(chunk.turns))
-                logits, aux2, aux1 = (o.float()[:n] for o in out)
-                y = chunk.targets  # the paper's loss: the main classifier's plus 0.3 x each auxiliary one's
-                loss = criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))
-                if turn_logits is not None:  # the rotation head: which quarter turn each copy was given
-                    loss = loss + args.rotation_weight * rotation_loss(turn_logits, n, chunk.turns)
-                loss = loss * chunk.share  # chunks add up to the mean over the batch
-                if training.outliers:  # outlier exposure: uniform answers, or energy margins, each part weighed
-                    # by the chunk's share of the photos and of the outliers: the step's mean, however it is split
-                    loss = loss + args.outlier_weight * outlier_loss(out, n, args.aux_weight, margins,
-                                                                     (chunk.share, chunk.outlier_share))
-                state.scaler.scale(loss).backward()
-            step_loss += loss.detach()
-            if training.mix is None:
-                correct += (logits.argmax(1) == chunk.labels).sum()
-        step_loss, stopping = step.vote(training.stop, loader, run.device, step_loss, args.bad_images,
-                                        f"epoch {progress.epoch + 1}, step {progress.step + 1}")
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        if state.ema is not None:
-            recipe.update_ema(state.ema, state.model, args.model_ema_decay)
-        progress.add_step(step_loss, len(images), 0)  # its right answers went into correct, on the device
-        images_timed += len(images)
-        log_step(run, bar, progress, step_loss)
-        if stopping:
-            bar.close()
-            count_correct(progress, correct)
-            return step.EpochResult(float("nan"), None, 0.0, stopped=True)
-        if args.save_every and progress.step % args.save_every == 0:
-            count_correct(progress, correct)
-            save_last(run, state, progress)
-    bar.close()
-    count_correct(progress, correct)
-    loss_sum, seen, timed, correct = distributed.all_reduce_sum(
-        [progress.loss_sum, progress.seen, images_timed, progress.correct], run.device)
-    accuracy = correct / max(seen, 1) if training.mix is None else None
-    return step.EpochResult(loss_sum / max(seen, 1), accuracy, timed / max(clock() - start, 1e-9))
+def main(args, given, cleanup):
+    """The run, straight down. given: the options typed on the command line (--resume keeps the
+    others as the run had them); cleanup: what run() undoes however this ends."""
+    started = clock()
+    rank, world_size, local_rank = distributed.init()
+    cleanup.callback(distributed.close)
+    log = print if rank == 0 else silent
+    # --calibrate rewrites --weights: their folder's lock comes before they are read or anything is made
+    weights_lock = distributed.run_on_main(distributed.early_device(), evaluation.lock_weights_folder, args,
+                                           cleanup, log)
+    resume, start, source = read_checkpoints(args)
+    if resume is not None:
+        args = run_state.resumed_args(args, given, resume, args.resume, world_size, log)
+    placement = dev.place(args.device, args.amp, local_rank)
+    if placement.warning:
+        log(placement.warning)
+    preprocessing = evaluation_sizes(args, start)
+    # a run continues on its own split; fine-tuning from --weights splits the new data afresh
+    recorded_split = (resume or (start if args.eval_only else None) or {}).get("split")
+    evaluation.check_calibrate(args, start, preprocessing)
+    found = load_data(args, placement.device, recorded_split, log, (start or {}).get("classes"),  # lists files only
+                      resume)
+    lock = RunLock(args.output_dir, purpose="evaluation" if args.eval_only else "training", log=log)
+    cleanup.callback(lock.release)  # one run per output folder: rank 0 takes it, however the run ends it goes
+    distributed.run_on_main(placement.device, prepare_output_dir, args, lock, weights_lock)
+    if resume is not None:
+        ckpt.check_classes(args.resume, resume.get("classes"), found.classes, "the data")
+    loaders = data.build_loaders(args, found, preprocessing, placement.device, rank, world_size, log)
+    first, last = args.image_size
+    crops = f"{first}" if first == last else f"{first} to {last}"
+    log(f"data: {len(found.classes)} classes {found.classes}; "
+        + ("" if args.eval_only else f"{len(loaders.train.dataset)} train, ")
+        + f"{len(loaders.val.dataset)} val images "
+        + ("(" if args.eval_only else f"({crops} px training crops, ") + f"evaluation at {preprocessing.crop} px); "
+        f"device {placement.device}, {placement.precision}; {loaders.workers} loader workers; {world_size} process(es)")
+    if not args.eval_only and trust_options(args):
+        log(f"not sure: {trust_options(args)}")
+
+    torch.manual_seed(args.seed)
+    model = build_model(args, found.classes, resume or start, start, source, placement.device, log)
+    run = Run(args, rank, world_size, placement,
+              ckpt.Record(found.classes, model.variant, args.image_size, preprocessing, found.split,
+                          run_state.recorded_options(args), found.review))
+    criterion = recipe.ClassWeightedLoss(recipe.class_weights(args, loaders.train, placement.device),
+                                         args.label_smoothing, 0.0 if args.eval_only else args.logit_norm)
+    if args.eval_only:
+        with data.worker_failures():
+            return evaluation.evaluate_only(run, compiled(model) if args.compile else model, criterion, loaders.val,
+                                            start, log)
+
+    plan = (schedule.budget_plan(args.time_budget, args.epochs) if args.time_budget
+            else schedule.fixed_plan(args.epochs or 25))
+    training = build_training(args, run, model, criterion, plan)
+    progress = run_state.Progress(plan=plan)
+    if resume is not None:
+        progress = run_state.restore_training(resume, args.resume, training.state, rank, placement.device, plan)
+        for loader in (loaders.train, loaders.val):
+            loader.dataset.mark_unreadable(progress.bad_images)
+        log(f"resuming {args.resume}: epoch {progress.epoch + 1}, step {progress.step}, "
+            f"best {args.best_metric} {progress.best_score:.3f}; it continues {run_state.resume_promise(run.device)}")
+    distributed.run_on_main(placement.device, write_class_index_files, args, found.classes)
+    steps_per_epoch = math.ceil(loaders.train.sampler.epoch_length / args.batch_size)
+    tensorboard = None
+    if args.tensorboard:
+        next_step = progress.epoch * steps_per_epoch + progress.step + 1
+        tensorboard = distributed.run_on_main(placement.device, open_tensorboard, args.output_dir, next_step)
+    run = dataclasses.replace(run, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, started=started,
+                              time_before=plan.elapsed_s)
+    try:
+        with data.worker_failures():
+            return fit(run, training, loaders, progress)
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(run, progress) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run carries
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """What stays fixed for the whole run: its options, the processes, where and in which precision
+    the model runs, what every checkpoint records, and where they go."""
+
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    placement: dev.Placement
+    record: ckpt.Record
+    steps_per_epoch: int = 0
+    tensorboard: Optional[TensorBoardLog] = None
+    started: float = 0.0  # clock() when this session started
+    time_before: float = 0.0  # seconds the run took in the sessions before this one (--resume)
+
+    def elapsed(self):
+        """Seconds of the whole run so far, its earlier sessions included (what --time-budget counts)."""
+        return self.time_before + clock() - self.started
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def device(self):
+        return self.placement.device
+
+    @property
+    def best_path(self):
+        return os.path.join(self.args.output_dir, "best.pth")
+
+    @property
+    def last_path(self):
+        return os.path.join(self.args.output_dir, "last.pth")
+
+
+@dataclass
+class Training:
+    """The objects a training step uses. forward is the model as it runs (wrapped in
+    DistributedDataParallel under torchrun, then compiled with --compile); state.model is the model
+    itself, whose weights the checkpoints hold."""
+
+    forward: nn.Module
+    state: run_state.TrainingState
+    criterion: nn.Module
+    mix: Optional[nn.Module]
+    outliers: Optional[OutlierMaker]  # --outliers
+    stop: StopRequest
+    pixmix: Optional[PixMixer] = None  # --pixmix
+    rotator: Optional[Rotator] = None  # --rotation-weight
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch's helpers
+# ---------------------------------------------------------------------------------------------
+def epoch_bar(loader, crop, run, progress):
+    """The epoch's progress bar (rank 0 only), starting where a resumed epoch stands."""
+    plan = progress.plan
+    return tqdm(loader, desc=f"train {progress.epoch + 1}/{plan.epochs if plan.planned else '?'} ({crop} px)",
+                disable=not run.is_main, initial=progress.step, total=progress.step + len(loader), file=sys.stdout,
+                dynamic_ncols=True)
+
+
+def log_step(run, bar, progress, step_loss):
+    if run.tensorboard:
+        run.tensorboard.add({"train/step_loss": step_loss}, progress.epoch * run.steps_per_epoch + progress.step)
+    bar.set_postfix(loss=f"{step_loss:.3f}")
+
+
+def save_last(run, state, progress):
+    """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
+    progress.plan.elapsed_s = run.elapsed()
+    rngs = distributed.all_gather(run_state.capture_rng_state(run.device), run.device)
+    distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
 
 
 def out_of_memory(run, progress):
@@ -507,32 +341,6 @@ def out_of_memory(run, progress):
     return TrainingError(f"out of memory on {run.device} in epoch {progress.epoch + 1} with --batch-size "
                          f"{args.batch_size}: start a new run with a smaller --batch-size, --micro-batch N (each "
                          f"step in chunks of N images) or a smaller --image-size; {kept}")
-
-
-def count_correct(progress, correct):
-    """Move the right answers counted on the device into progress (one read of the device)."""
-    progress.correct += int(correct)
-    correct.zero_()
-
-
-def epoch_bar(loader, crop, run, progress):
-    """The epoch's progress bar (rank 0 only), starting where a resumed epoch stands."""
-    plan = progress.plan
-    return tqdm(loader, desc=f"train {progress.epoch + 1}/{plan.epochs if plan.planned else '?'} ({crop} px)",
-                disable=not run.is_main, initial=progress.step, total=progress.step + len(loader), file=sys.stdout,
-                dynamic_ncols=True)
-
-
-def to_device(images, run):
-    """A uint8 batch from the loader as the model's normalised float input, on the run's device."""
-    return data.normalize_batch(images.to(run.device, non_blocking=True), run.record.preprocessing.mean,
-                                run.record.preprocessing.std, channels_last=run.args.channels_last)
-
-
-def log_step(run, bar, progress, step_loss):
-    if run.tensorboard:
-        run.tensorboard.add({"train/step_loss": step_loss}, progress.epoch * run.steps_per_epoch + progress.step)
-    bar.set_postfix(loss=f"{step_loss:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,7 +517,8 @@ def compiled(module):
     return torch.compile(module, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
 
 
-def write_class_indices(args, classes):
+def write_class_index_files(args, classes):
+    """class_indices.json in --output-dir, and the copy --class-indices asks for."""
     ckpt.write_class_indices(os.path.join(args.output_dir, "class_indices.json"), classes)
     if args.class_indices:
         try:
@@ -728,15 +537,183 @@ def open_tensorboard(output_dir, next_step):
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving and reporting
+# The options (docs/options.md has them in the same groups)
 # ---------------------------------------------------------------------------------------------
-
-
-def save_last(run, state, progress):
-    """last.pth, with every process's RNG state (gathered from all of them, written by rank 0)."""
-    progress.plan.elapsed_s = run.elapsed()
-    rngs = distributed.all_gather(run_state.capture_rng_state(run.device), run.device)
-    distributed.run_on_main(run.device, run_state.save_training, run.last_path, run.record, state, progress, rngs)
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train GoogLeNet (Inception v1) on a folder of flower photos.",
+                                formatter_class=options.HelpFormatter)
+    inputs = p.add_argument_group('Data', 'what to train on, how it is split, read and sampled')
+    inputs.add_argument("--data-path", default=DEFAULT_DATA,
+                        help="folder of class folders (<class>/<images>), or with train/<class>/ and val/<class>/")
+    inputs.add_argument("--val-ratio", type=options.open_fraction, default=0.1,
+                        help="for a folder of class folders: the share of each class held out for validation")
+    inputs.add_argument("--split-seed", type=options.seed, default=0,
+                        help="for a folder of class folders: seed of that split (as split_data.py's --seed)")
+    inputs.add_argument("--download", action="store_true",
+                        help="if --data-path is missing, download the flower photos into it and split them 9:1")
+    inputs.add_argument("--data-url", default=download.FLOWERS_URL,
+                        help="mirror URL or local copy of flower_photos.tgz")
+    inputs.add_argument("--data-sha256", default=download.FLOWERS_SHA256,
+                        help="expected SHA-256 of the --data-url archive")
+    inputs.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
+                        help="keep decoded images in memory (auto: when they fit in half the free memory)")
+    inputs.add_argument("--bad-images", default="skip", choices=["skip", "error"],
+                        help="unreadable image files: skip and list them, or stop with an error naming the first")
+    inputs.add_argument("--review", default="on", choices=review.MODES,
+                        help="DIR/review.csv, the decisions of python app.py --review: on leaves its excluded photos "
+                             "out and trains its relabelled ones under their new class (train and val, after the "
+                             "split); off ignores it")
+    inputs.add_argument("--workers", type=options.non_negative_int, default=None,
+                        help="data loader processes (default: min(cpu count, batch size, 8) on CUDA; on a CPU 0 with "
+                             "the cache and 1 without, so loading does not fight the compute)")
+    inputs.add_argument("--sampler", default="shuffle", choices=["shuffle", "balanced"],
+                        help="the order of each epoch: every training image once (shuffle), or as many draws as "
+                             "images with every class equally likely (balanced; seeded per epoch)")
+    inputs.add_argument("--class-weights", default="none", choices=["none", "balanced"],
+                        help="weigh each class's loss (aux heads too): balanced = by the inverse of its share of the "
+                             "training images, so a small class counts as much as a large one")
+    schedule = p.add_argument_group('Length, optimizer and schedule')
+    schedule.add_argument("--epochs", type=options.positive_int, default=None,
+                          help="passes over the training images (default 25; with --time-budget, the most it may plan)")
+    schedule.add_argument("--time-budget", type=options.positive_float, default=None, metavar="MINUTES",
+                          help="the whole run's minutes: the first epochs are timed, then as many epochs as fit are "
+                               "planned (the schedules end with the budget) and the plan is printed")
+    schedule.add_argument("--batch-size", type=options.positive_int, default=32, help="images per step in each process")
+    schedule.add_argument("--micro-batch", type=options.non_negative_int, default=0,
+                          help="split each step into chunks of this many images, accumulating gradients (same result "
+                               "without BatchNorm, less memory; 0: the whole batch at once)")
+    schedule.add_argument("--lr", type=options.positive_float, default=1e-3,
+                          help="learning rate, applied as given in every process")
+    schedule.add_argument("--opt", default="adamw", choices=["adam", "adamw", "sgd"], help="optimizer")
+    schedule.add_argument("--momentum", type=options.below_one, default=0.9, help="SGD momentum")
+    schedule.add_argument("--weight-decay", type=options.non_negative_float, default=0.05,
+                          help="L2 penalty (decoupled for adamw)")
+    schedule.add_argument("--lr-scheduler", default="cosine", choices=["none", "cosine", "step"],
+                          help="learning-rate schedule over the epochs, stepped once per epoch")
+    schedule.add_argument("--warmup-epochs", type=options.non_negative_int, default=3,
+                          help="linear warm-up before the schedule")
+    schedule.add_argument("--lr-step-size", type=options.positive_int, default=10,
+                          help="epochs between decays of the step schedule")
+    schedule.add_argument("--lr-gamma", type=options.positive_float, default=0.1,
+                          help="decay factor of the step schedule")
+    schedule.add_argument("--label-smoothing", type=options.below_one, default=0.1,
+                          help="cross-entropy label smoothing")
+    schedule.add_argument("--aux-weight", type=options.non_negative_float, default=0.3,
+                          help="weight of each auxiliary classifier's loss")
+    schedule.add_argument("--patience", type=options.non_negative_int, default=0,
+                          help="end the run when --best-metric has not improved for this many epochs (0: never)")
+    schedule.add_argument("--best-metric", default="accuracy", choices=list(BEST_METRICS),
+                          help="the validation score that chooses best.pth (and that --patience watches)")
+    network = p.add_argument_group('Network, sizes and augmentation')
+    network.add_argument("--variant", default=None, choices=VARIANTS,
+                         help="network layout: the paper's, or torchvision's with BatchNorm, which trains faster "
+                              "from scratch (default: torchvision, or that of --weights)")
+    network.add_argument("--image-size", type=options.size_schedule, default="128", metavar="SIZE or FIRST:LAST",
+                         help="training crop size in pixels, or a schedule such as 96:160 that grows it linearly "
+                              "over the epochs in steps of 32 (progressive resizing)")
+    network.add_argument("--val-resize", type=options.image_size, default=None,
+                         help="evaluation: resize images to this square size (default: --val-crop)")
+    network.add_argument("--val-crop", type=options.image_size, default=None,
+                         help="evaluation: then take the centre crop of this size (default: 1.25 x the last "
+                              "--image-size, as random crops show objects larger than a whole image does; for "
+                              "--eval-only, the size recorded in --weights)")
+    network.add_argument("--auto-augment", default="trivialaugment", choices=["none", *data.AUTO_AUGMENT],
+                         help="augmentation policy applied after the crop and flip")
+    network.add_argument("--random-erase", type=options.probability, default=0.1,
+                         help="probability of erasing a random rectangle of each training image")
+    network.add_argument("--mixup-alpha", type=options.non_negative_float, default=0.0,
+                         help="MixUp's Beta(alpha, alpha) (0: off)")
+    network.add_argument("--cutmix-alpha", type=options.non_negative_float, default=0.0,
+                         help="CutMix's Beta(alpha, alpha) (0: off; with MixUp on, each batch gets one of the two)")
+    network.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
+                         help="keep an exponential moving average of the weights; validate and save it as best.pth")
+    network.add_argument("--model-ema-decay", type=options.open_fraction, default=0.999,
+                         help="EMA decay per step: the average spans about 1 / (1 - decay) steps")
+    not_sure = p.add_argument_group("What is not a flower",
+                                    "training the \"not sure\" answer (docs/trust.md); all off by default")
+    not_sure.add_argument("--outliers", type=options.non_negative_int, default=0,
+                          help="outlier exposure: generated images (noise, textures, shapes, shuffled and blended "
+                               "photos) added to each step, whose answers are pushed towards uniform probabilities, "
+                               "so that photos of none of the classes get low ones and are answered unknown (0: off)")
+    not_sure.add_argument("--outlier-weight", type=options.non_negative_float, default=None,
+                          help="weight of the outliers' loss (default: 0.5 for the uniform loss, 0.1 for the energy "
+                               "margins, the weight Liu et al. used)")
+    not_sure.add_argument("--outlier-loss", default="uniform", choices=["uniform", "energy"],
+                          help="what --outliers trains: uniform (cross-entropy to the uniform distribution) or "
+                               "energy (Liu et al. 2020: squared hinges that push the photos' energy, -log-sum-exp "
+                               "of the logits, below M_IN and the outliers' above M_OUT of --energy-margins)")
+    not_sure.add_argument("--energy-margins", type=options.finite_float, nargs=2, default=list(ENERGY_MARGINS),
+                          metavar=("M_IN", "M_OUT"),
+                          help="with --outlier-loss energy: the photos' energies are pushed below M_IN and the "
+                               "outliers' above M_OUT (M_IN < M_OUT; the paper's -25 -7 were for fine-tuning, see "
+                               "docs/trust.md)")
+    not_sure.add_argument("--logit-norm", type=options.non_negative_float, default=0.0, metavar="TAU",
+                          help="LogitNorm (Wei et al. 2022): every head's loss sees the logits scaled to the norm 1 "
+                               "/ TAU, so that training cannot make the model surer by growing them (the paper: "
+                               "0.04; 0: off)")
+    not_sure.add_argument("--pixmix", type=options.non_negative_int, default=0, metavar="ROUNDS",
+                          help="PixMix (Hendrycks et al. 2022) with generated pictures: each photo mixed, in 0 to "
+                               "ROUNDS rounds (the paper: up to 4), with a fractal, noise, texture or shapes picture "
+                               "and its own mirror image, additively or multiplicatively; its label kept (0: off)")
+    not_sure.add_argument("--pixmix-beta", type=options.positive_float, default=3.0, metavar="BETA",
+                          help="with --pixmix: the strength of the mixing weights' Beta distributions (the paper: 3; "
+                               "larger keeps more of the photo)")
+    not_sure.add_argument("--rotation-weight", type=options.non_negative_float, default=0.0,
+                          help="a rotation head (a Linear on the pooled features) learns which quarter turn a copy "
+                               "of --rotation-share of each batch was given, with this weight on its loss (0: off, "
+                               "no head)")
+    not_sure.add_argument("--rotation-share", type=options.share, default=0.25,
+                          help="with --rotation-weight: the share of each batch copied and turned by 90, 180 or 270 "
+                               "degrees, run beside it (1: a copy of every photo)")
+    not_sure.add_argument("--not-sure-score", default=None, choices=calibration.SCORES,
+                          help="the score whose threshold makes a photo \"not sure\" (unknown), stored in best.pth "
+                               "and its .onnx export: max_probability (the top probability), energy (log-sum-exp of "
+                               "the calibrated logits) or rotation (needs --rotation-weight; 4 passes a photo). "
+                               "Default max_probability; with --eval-only, the weights' own (with --calibrate, the "
+                               "one to store)")
+    where = p.add_argument_group('Where it runs')
+    where.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    where.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                       help="mixed precision. auto: on CUDA bf16 where the GPU has it natively (Ampere and later), "
+                            "else fp16 with loss scaling; on a CPU bf16 where it has native bf16 (avx512_bf16, "
+                            "amx_bf16), else fp32. off: fp32")
+    where.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="NHWC memory format: faster convolutions on CPUs and tensor cores")
+    where.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    saving = p.add_argument_group('Starting, resuming, saving')
+    saving.add_argument("--weights", default=None,
+                        help="start from these weights: a checkpoint, a state dict, or 'imagenet' for torchvision's "
+                             "ImageNet GoogLeNet (downloaded with torch.hub)")
+    saving.add_argument("--freeze-layers", action="store_true", help="train only the classifier heads")
+    saving.add_argument("--eval-only", action="store_true",
+                        help="only evaluate --weights on every image of --data-path's class folders (or of its val/ "
+                             "folder), classes matched by name; in the folder the weights were trained on, on its "
+                             "val images only")
+    saving.add_argument("--unknowns", default=None, metavar="FOLDER",
+                        help="with --eval-only: also score these photos of none of the classes (every image under "
+                             "FOLDER) and report how well the top probability tells them from the test images: the "
+                             "AUROC, and the shares caught and answered at the \"not sure\" threshold")
+    saving.add_argument("--tta", action="store_true",
+                        help="with --eval-only: average the logits of each image and its mirror image")
+    saving.add_argument("--calibrate", action="store_true",
+                        help="with --eval-only: fit the temperature and the \"not sure\" threshold on the images "
+                             "scored (in fp32: it sets --amp off) and store them in --weights (training does this on "
+                             "its val images)")
+    saving.add_argument("--resume", default=None, help="continue the run saved in this last.pth")
+    saving.add_argument("--save-every", type=options.non_negative_int, default=0,
+                        help="also save last.pth every this many steps inside an epoch (0: at epoch ends only)")
+    saving.add_argument("--output-dir", default="weights", help="where best.pth, last.pth and metrics.csv go")
+    saving.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --output-dir that holds one (replacing its best.pth and "
+                             "last.pth) instead of refusing")
+    saving.add_argument("--tensorboard", action="store_true",
+                        help="also log the losses, accuracy, learning rate and speed to OUTPUT_DIR/tensorboard "
+                             "(needs tensorboard)")
+    saving.add_argument("--class-indices", default="class_indices.json",
+                        help="also write the class index file here (it is always written into --output-dir)")
+    saving.add_argument("--seed", type=options.seed, default=0,
+                        help="seeds the weights, the shuffling and the augmentation")
+    return p
 
 
 def run(argv=None):

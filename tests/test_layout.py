@@ -81,3 +81,32 @@ def test_no_import_cycle_among_modules_or_folders():
         for node in g:
             if node not in state:
                 visit(node, [node])
+
+
+def test_train_one_epoch_reads_in_one_screen():
+    """The lesson's step in one screen (issue 36): train.py's train_one_epoch is at most 35 lines, its
+    blocks nest at most two deep, it names what it uses from at most four modules, and the learner
+    sees the forward pass, the paper's three losses with the aux weight, backward and the step."""
+    source = (REPO / "train.py").read_text()
+    tree = ast.parse(source)
+    (function,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train_one_epoch"]
+    assert function.end_lineno - function.lineno + 1 <= 35
+
+    def depth(node):
+        blocks = (ast.For, ast.While, ast.If, ast.With, ast.Try)
+        inner = [depth(child) for child in ast.iter_child_nodes(node)]
+        return (isinstance(node, blocks)) + max(inner, default=0)
+
+    assert max(depth(statement) for statement in function.body) <= 2
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported.update({(a.asname or a.name).split(".")[0]: a.name for a in node.names})
+        elif isinstance(node, ast.ImportFrom):
+            imported.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    used = {imported[n.id] for n in ast.walk(function) if isinstance(n, ast.Name) and n.id in imported}
+    assert len(used) <= 4, used
+    text = ast.get_source_segment(source, function)
+    paper_loss = "criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))"
+    for line in ("outputs = model(", paper_loss, ".backward()", "scaler.step(optimizer)"):
+        assert line in text, line

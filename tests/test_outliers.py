@@ -166,6 +166,8 @@ def one_step_gradients(outliers, micro_batch, batch=8):
     torch.manual_seed(0)
     model = Heads()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    gradients = []  # as the step sees them (train_one_epoch sets them to None after it)
+    optimizer.register_step_pre_hook(lambda *_: gradients.extend(p.grad.clone() for p in model.parameters()))
     state = run_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
                                     dev.grad_scaler(torch.device("cpu"), None), None)
     maker = OutlierMaker(outliers, MEAN, STD, seed=0)
@@ -177,8 +179,8 @@ def one_step_gradients(outliers, micro_batch, batch=8):
               torch.arange(batch) % 3, torch.ones(batch, dtype=torch.bool))
     progress = run_state.Progress(plan=schedule.fixed_plan(1))
     train.train_one_epoch(training, data.Loaders([batch_], None, 0, 16), run, progress)
-    assert progress.step == 1
-    return [p.grad.clone() for p in model.parameters()], progress.loss_sum / progress.seen
+    assert progress.step == 1 and len(gradients) == len(list(model.parameters()))
+    return gradients, progress.loss_sum / progress.seen
 
 
 @pytest.mark.quick
