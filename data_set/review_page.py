@@ -139,7 +139,7 @@ def load_model(weights, default_weights, device, amp, log, class_indices="class_
         log(f"no weights ({weights} does not exist): listing copies, leakage and unreadable files; "
             "--weights RUN/best.pth adds the model's view (suspect labels, not sure, confidently wrong)")
         return None, {}
-    if weights.lower().endswith(".onnx"):
+    if not classify.weights_format(weights).torch:  # a .onnx file: no checkpoint to read the split from
         return classify.load_classifier(weights, class_indices, device=device, amp=amp, warn=log), {}
     loaded = ckpt.load_checkpoint(weights)  # read once: the classifier is made of it, the page reads its split
     return classify.load_classifier(weights, class_indices, device=device, amp=amp, warn=log, loaded=loaded), loaded

@@ -75,22 +75,57 @@ class Classifier:
         return self.calibration.min_confidence
 
 
+@dataclass(frozen=True)
+class WeightsFormat:
+    """A kind of weights file, and what opens it (a row of WEIGHTS_FORMATS)."""
+
+    files: str  # what the file is and where it comes from
+    opened_by: str  # what runs it
+    torch: bool  # runs in PyTorch: the gradients Grad-CAM needs, --amp bf16/fp16; else never imports torch
+
+
+# The weight formats and what opens each: the one place that tells them apart by a file's name. An INT8
+# .onnx file opens as an fp32 one does: its graph holds the quantized operators, and the runtime runs them.
+WEIGHTS_FORMATS = {
+    ".pth": WeightsFormat("a checkpoint from train.py (best.pth, last.pth), or a plain state dict (any name but "
+                          ".onnx; --class-indices names its classes)", "PyTorch: checkpoint.load_model",
+                          torch=True),
+    ".onnx": WeightsFormat("an ONNX file from export.py, fp32 or INT8 (--int8); its metadata holds the classes, "
+                           "preprocessing and calibration", "ONNX Runtime or OpenVINO: runtimes.load_onnx",
+                           torch=False),
+}
+
+
+def weights_format(weights):
+    """The row of WEIGHTS_FORMATS a weights file is opened by."""
+    return WEIGHTS_FORMATS[".onnx" if weights.lower().endswith(".onnx") else ".pth"]
+
+
 def load_classifier(weights, class_indices="class_indices.json", device="auto", amp="auto", warn=print,
                     runtime="onnxruntime", loaded=None):
-    """The Classifier of a .pth checkpoint (in PyTorch) or of a .onnx file (in `runtime`). loaded:
-    the checkpoint dict of a .pth file its caller has read already (it is read once)."""
-    if weights.lower().endswith(".onnx"):
-        if not os.path.isfile(weights):
-            raise PredictionError(f"weights file {weights} does not exist: export one with "
-                                  f"python export.py --output {weights}, or pass --weights with the right path")
-        from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
+    """The Classifier of a weights file, opened as WEIGHTS_FORMATS says: a .pth checkpoint in PyTorch,
+    a .onnx file in `runtime`. loaded: the checkpoint dict of a .pth file its caller has read already
+    (it is read once)."""
+    if weights_format(weights).torch:
+        return _load_torch(weights, class_indices, device, amp, warn, loaded)
+    return _load_onnx(weights, device, amp, runtime)
 
-        model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp, device=device)
-        recorded = recorded_calibration(model, weights)
-        if recorded.needs_rotation and not model.has_rotation:
-            raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation output: "
-                                  "export it again with export.py")
-        return Classifier(model, classes, preprocessing, calibration=recorded)
+
+def _load_onnx(weights, device, amp, runtime):
+    if not os.path.isfile(weights):
+        raise PredictionError(f"weights file {weights} does not exist: export one with "
+                              f"python export.py --output {weights}, or pass --weights with the right path")
+    from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
+
+    model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp, device=device)
+    recorded = recorded_calibration(model, weights)
+    if recorded.needs_rotation and not model.has_rotation:
+        raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation output: "
+                              "export it again with export.py")
+    return Classifier(model, classes, preprocessing, calibration=recorded)
+
+
+def _load_torch(weights, class_indices, device, amp, warn, loaded):
     # torch only here: importing it takes seconds that a .onnx file never pays
     from inference import checkpoint as ckpt
     from plumbing import device as dev
@@ -160,24 +195,44 @@ def predict(classifier, files, batch_size=32, workers=1, tta=False, sureness=Fal
     files get a row of zeros. workers threads decode the next two batches while the model runs
     (Pillow decodes without the GIL); 0 decodes in this thread. sureness: (probabilities, errors,
     the "not sure" scores N) instead."""
-    probabilities, errors, scores = [], [], []
-    for _, batch_probabilities, batch_scores, batch_errors in predict_batches(classifier, files, batch_size,
-                                                                              workers, tta):
-        probabilities.append(batch_probabilities)
-        scores.append(batch_scores)
-        errors.extend(batch_errors)
+    batches = list(score_batches(classifier, files, batch_size, workers, tta))
+    probabilities = np.concatenate([b.probabilities for b in batches])
+    errors = [e for b in batches for e in b.errors]
     if sureness:
-        return np.concatenate(probabilities), errors, np.concatenate(scores)
-    return np.concatenate(probabilities), errors
+        return probabilities, errors, np.concatenate([b.sureness for b in batches])
+    return probabilities, errors
 
 
-def predict_batches(classifier, files, batch_size=32, workers=1, tta=False):
-    """predict() a batch at a time, in order: (files of the batch, their probabilities, their "not
-    sure" scores, their errors), so that a caller can write each batch before the next one is classified."""
+@dataclass
+class ScoredBatch:
+    """A batch of photos as score_batches gives it (errors[i] '' for a readable photo; an unreadable
+    one has a row of zero probabilities) and decide completes it (answers)."""
+
+    files: list
+    probabilities: np.ndarray  # calibrated, N x classes
+    sureness: np.ndarray  # the "not sure" score of each photo (the weights' own: calibration.SCORES)
+    errors: list
+    answers: Optional[list] = None  # decide: the class each photo is given, or "unknown"
+
+
+def score_batches(classifier, files, batch_size=32, workers=1, tta=False):
+    """The photos scored a batch at a time, in order: each read and preprocessed (prepare, in worker
+    threads), run and calibrated (Classifier.assess); a ScoredBatch each, so that a caller can write
+    each batch before the next one is classified."""
     crop = classifier.preprocessing.crop
     for batch, prepared in _prepared_batches(files, classifier.preprocessing, batch_size, workers):
         pixels = np.stack([p if p is not None else np.zeros((crop, crop, 3), np.uint8) for p, _ in prepared])
-        yield batch, *classifier.assess(pixels, tta), [e for _, e in prepared]
+        yield ScoredBatch(batch, *classifier.assess(pixels, tta), [e for _, e in prepared])
+
+
+def decide(batch, classifier):
+    """The batch's readable photos with their answers (decided_class at the weights' threshold, or
+    --min-confidence's); the unreadable ones are left out (their errors stay in batch.errors)."""
+    good = [i for i, e in enumerate(batch.errors) if not e]
+    probabilities, sureness = batch.probabilities[good], batch.sureness[good]
+    answers = [decided_class(classifier.classes, p, classifier.min_confidence, s)
+               for p, s in zip(probabilities, sureness, strict=True)]
+    return ScoredBatch([batch.files[i] for i in good], probabilities, sureness, [""] * len(good), answers)
 
 
 def _prepared_batches(files, preprocessing, batch_size, workers):
@@ -215,10 +270,11 @@ def csv_header(classes):
     return ["file", "class", "probability"] + list(classes)
 
 
-def csv_rows(files, classes, probabilities, min_confidence=0.0, sureness=None):
-    scores = [None] * len(files) if sureness is None else np.asarray(sureness).tolist()
-    for f, p, s in zip(files, np.asarray(probabilities).tolist(), scores, strict=True):
-        yield [f, decided_class(classes, p, min_confidence, s), f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
+def csv_rows(files, answers, probabilities):
+    """A predictions table's rows: file, the class it was given (decide), its top probability, then
+    one probability per class."""
+    for f, answer, p in zip(files, answers, np.asarray(probabilities).tolist(), strict=True):
+        yield [f, answer, f"{max(p):.6f}"] + [f"{v:.6f}" for v in p]
 
 
 def _csv_text(rows):
@@ -227,15 +283,15 @@ def _csv_text(rows):
     return out.getvalue()
 
 
-def write_output(path, files, classes, probabilities, min_confidence=0.0, sureness=None):
-    """The whole table at once, as .json or .csv (CsvOutput writes a .csv a batch at a time)."""
-    scores = [None] * len(files) if sureness is None else np.asarray(sureness).tolist()
+def write_output(path, classes, batch):
+    """A decided batch's whole table at once, as .json or .csv (CsvOutput writes a .csv a batch at a time)."""
     if path.lower().endswith(".json"):
-        text = json.dumps([{"file": f, "class": decided_class(classes, p, min_confidence, s), "probability": max(p),
+        text = json.dumps([{"file": f, "class": answer, "probability": max(p),
                             "probabilities": dict(zip(classes, p, strict=True))}
-                           for f, p, s in zip(files, probabilities.tolist(), scores, strict=True)], indent=2) + "\n"
+                           for f, answer, p in zip(batch.files, batch.answers, batch.probabilities.tolist(),
+                                                   strict=True)], indent=2) + "\n"
     elif path.lower().endswith(".csv"):
-        text = _csv_text([csv_header(classes), *csv_rows(files, classes, probabilities, min_confidence, sureness)])
+        text = _csv_text([csv_header(classes), *csv_rows(batch.files, batch.answers, batch.probabilities)])
     else:
         raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
     atomic_write_text(path, text)
@@ -312,10 +368,10 @@ class CsvOutput:
             except OSError as e:
                 raise SaveError(self.path, e, "pass another --output") from e
 
-    def append(self, files, classes, probabilities, min_confidence=0.0, sureness=None):
-        """Write the rows of one batch to the file, straight through to it. Where a write fails (a
-        full disk), the file is cut back to the rows before the batch and SaveError raised."""
-        data = memoryview(_csv_text(csv_rows(files, classes, probabilities, min_confidence, sureness)).encode("utf-8"))
+    def append(self, files, answers, probabilities):
+        """Write the rows of one decided batch to the file, straight through to it. Where a write fails
+        (a full disk), the file is cut back to the rows before the batch and SaveError raised."""
+        data = memoryview(_csv_text(csv_rows(files, answers, probabilities)).encode("utf-8"))
         size = len(data)
         try:
             while data:

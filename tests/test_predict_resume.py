@@ -83,7 +83,7 @@ def test_a_torn_last_row_is_dropped_whatever_byte_it_ends_in(tmp_path):
     path = tmp_path / "p.csv"
     header = classify.csv_header(CLASSES)
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
-    whole = classify._csv_text([header, *classify.csv_rows(["a/blüte.jpg", "b/花\nzwei ü.jpg"], CLASSES,
+    whole = classify._csv_text([header, *classify.csv_rows(["a/blüte.jpg", "b/花\nzwei ü.jpg"], ["a", "c"],
                                                              probabilities)]).encode("utf-8")
     last_row_starts = whole.index(b'"b/')
     for cut in range(last_row_starts + 1, len(whole)):
@@ -134,14 +134,14 @@ def test_a_failed_write_is_one_error_and_closing_adds_none(tmp_path):
     """The file's writes go to /dev/full after one batch, which fails every write with ENOSPC."""
     path = tmp_path / "p.csv"
     rows = classify.CsvOutput(str(path), CLASSES)
-    rows.append(["a.jpg"], CLASSES, np.array([[0.7, 0.2, 0.1]]))
+    rows.append(["a.jpg"], ["a"], np.array([[0.7, 0.2, 0.1]]))
     full = os.open("/dev/full", os.O_WRONLY)
     try:
         os.dup2(full, rows.file.fileno())
     finally:
         os.close(full)
     with pytest.raises(SaveError) as caught:
-        rows.append(["b.jpg", "c.jpg"], CLASSES, np.array([[0.1, 0.2, 0.7], [0.2, 0.7, 0.1]]))
+        rows.append(["b.jpg", "c.jpg"], ["c", "b"], np.array([[0.1, 0.2, 0.7], [0.2, 0.7, 0.1]]))
     assert caught.value.errno == errno.ENOSPC
     rows.close()  # the failed write was reported once: closing raises nothing more
     assert rows.written == 1
