@@ -186,10 +186,10 @@ def one_run(opts, train_args, options, name, seed, near, dry_run):
         print("  $ " + " ".join(shlex.quote(c) for c in ["python", *cmd[1:]]), flush=True)
         if dry_run:
             continue
-        scores[folder_of_unknowns] = evaluate(cmd, name)
+        scores[folder_of_unknowns] = run_eval_only(cmd, name)
     if dry_run:
         return None
-    result = summary(folder, scores, near, bool(opts.test_path))
+    result = summarize_run(folder, scores, near, bool(opts.test_path))
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -208,7 +208,7 @@ def without(args, option):
     return kept
 
 
-def evaluate(cmd, name):
+def run_eval_only(cmd, name):
     """The figures train.py --eval-only --unknowns prints (see parse_evaluation)."""
     with tempfile.TemporaryFile("w+") as err:
         out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -237,7 +237,7 @@ def parse_evaluation(text):
             "aurocs": {s: float(v) for s, v in (pair.rsplit(" ", 1) for pair in each.group(1).split(", "))}}
 
 
-def summary(folder, scores, near, held_out_test):
+def summarize_run(folder, scores, near, held_out_test):
     """What the table shows of one run: best.pth's val accuracy, the minutes, and its scores (for a near
     run, the AUROC over the held-out class's photos in every folder, weighted by their numbers)."""
     from inference import checkpoint as ckpt

@@ -118,7 +118,7 @@ def calibrate_best(run, model, val_loader, criterion, log):
     score = run.args.not_sure_score
     result = evaluate(model, val_loader, criterion, run, per_image=True, fp32=True, rotation=score == "rotation")
     _, logits, labels = labelled_logits(result, val_loader.dataset, len(run.record.classes))
-    fitted = calibration.fit(logits, labels, score=score, rotation=rotation_agreements(result))
+    fitted = calibration.fit_calibration(logits, labels, score=score, rotation=rotation_agreements(result))
     if fitted is None:
         log(f"calibration: {len(labels)} readable val images, fewer than {calibration.MIN_FIT_IMAGES}: no "
             "temperature or \"not sure\" threshold fitted (probabilities stay the softmax of the logits)")
@@ -267,7 +267,7 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
         used = calibration.Calibration(used.temperature, threshold, score)
         source += f"; the {score} score's threshold chosen here to answer 95% of these images"
     if args.calibrate:
-        fitted = calibration.fit(logits, labels, score=score, rotation=rotation)
+        fitted = calibration.fit_calibration(logits, labels, score=score, rotation=rotation)
         if fitted is None:
             raise TestDataError(f"--calibrate needs at least {calibration.MIN_FIT_IMAGES} readable images to fit on, "
                                 f"and {args.data_path} has {len(labels)} here: pass a folder with more")
