@@ -101,10 +101,6 @@ CSS = """
 """
 
 
-class ReviewPageError(UserError):
-    """Something that keeps the review page from starting: the message says what to do."""
-
-
 @dataclass(frozen=True)
 class Item:
     """One entry of a list: photos (indices into Data.photos), the one a decision applies to first
@@ -299,7 +295,7 @@ def compute_review_data(root, weights, default_weights, device="auto", amp="auto
         mismatch = (f"{weights} knows the classes {', '.join(classifier.classes)} and {root} has "
                     f"{', '.join(classes)}: pass the --weights of a run trained on {root}")
         if weights != default_weights:
-            raise ReviewPageError(mismatch + ", or none")
+            raise UserError(mismatch + ", or none")
         log(f"note: {mismatch}; without them the page lists copies, leakage and unreadable files")
         classifier, loaded = None, {}
     # a bad file is refused now, not on the first key
@@ -518,14 +514,14 @@ def check_writable(root):
         if os.path.lexists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # opened as append opens it, without making it
     except OSError as e:
-        raise ReviewPageError(f"cannot write {path} ({e.strerror or e}): the page appends every decision to it; "
-                              f"pass --data-path a writable copy of {root}") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}): the page appends every decision to it; "
+                        f"pass --data-path a writable copy of {root}") from None
 
 
 def main(args, default_weights):
     """app.py --review: compute the lists, then serve the page until Ctrl-C or a terminate."""
     if not args.data_path:
-        raise ReviewPageError("--review needs --data-path DIR: the folder of photos to review (as train.py's)")
+        raise UserError("--review needs --data-path DIR: the folder of photos to review (as train.py's)")
     check_writable(args.data_path)
     log = functools.partial(print, flush=True)
     d = compute_review_data(args.data_path, args.weights, default_weights, args.device, args.amp, args.min_confidence,

@@ -4,6 +4,7 @@ the space free there (Docker gives a container 64 MB by default). The free figur
 import pytest
 
 from plumbing import cache
+from plumbing.options import UserError
 from training import data
 
 pytestmark = pytest.mark.quick
@@ -34,7 +35,7 @@ def test_one_process_caches_in_memory_whatever_dev_shm_holds(machine, mode):
 
 def test_one_process_is_still_limited_by_free_memory(machine):
     machine.setattr(data, "available_memory_bytes", lambda: GIB)
-    with pytest.raises(data.DataError, match="needs about 0.9 GiB but only 1.0 GiB is available in memory"):
+    with pytest.raises(UserError, match="needs about 0.9 GiB but only 1.0 GiB is available in memory"):
         data.cache_capacity("on", ["a.jpg"], log=lambda line: None)
 
 
@@ -46,7 +47,7 @@ def test_processes_that_share_the_cache_are_limited_by_dev_shm(machine):
     assert data.cache_capacity("auto", ["a.jpg"], log=lines.append) == 0
     assert lines == [f"cache: decoded images need about 0.9 GiB, more than half of the 0.1 GiB available in "
                      f"{folder}, where this machine's processes share it: streaming from disk instead"]
-    with pytest.raises(data.DataError, match=f"only 0.1 GiB is available in {folder}, where"):
+    with pytest.raises(UserError, match=f"only 0.1 GiB is available in {folder}, where"):
         data.cache_capacity("on", ["a.jpg"], log=lambda line: None)
     machine.setattr(cache, "free_bytes", lambda folder: 64 * GIB)  # a large /dev/shm: memory decides
     assert data.cache_capacity("on", ["a.jpg"], log=lines.append) == NEED + NEED // 4

@@ -31,11 +31,9 @@ from plumbing import cache, distributed
 from plumbing.cache import BAD, UNKNOWN
 from plumbing.options import UserError
 
+# train.py still raises data.DataError: the name goes once it raises UserError (#36)
+DataError = UserError
 LAYOUTS = "a folder of class folders (DIR/<class>/<images>) or of a split (DIR/train/<class>/, DIR/val/<class>/)"
-
-
-class DataError(UserError):
-    """Something wrong with the user's data: the message says what and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +108,10 @@ def normalization(mean, std, device):
 def find_classes(root):
     """Sorted class folder names, as torchvision's ImageFolder orders them."""
     if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist")
+        raise UserError(f"data folder {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"{root} has no class folders: expected {root}/<class name>/<images>")
+        raise UserError(f"{root} has no class folders: expected {root}/<class name>/<images>")
     return classes
 
 
@@ -142,8 +140,8 @@ def no_images_error(folders):
     """The one line for class folders that hold no image: what train.py stops at, and data_set.check ends with."""
     kinds = ", ".join(IMAGE_EXTENSIONS)
     if len(folders) == 1:
-        return DataError(f"class folder {folders[0]} has no images ({kinds}): add images or remove the folder")
-    return DataError(f"class folders {', '.join(folders)} have no images ({kinds}): add images or remove them")
+        return UserError(f"class folder {folders[0]} has no images ({kinds}): add images or remove the folder")
+    return UserError(f"class folders {', '.join(folders)} have no images ({kinds}): add images or remove them")
 
 
 def val_count(n, val_ratio):
@@ -199,19 +197,19 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
     """
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist: {missing_hint or 'pass --data-path with ' + LAYOUTS}")
+        raise UserError(f"data folder {root} does not exist: {missing_hint or 'pass --data-path with ' + LAYOUTS}")
     if os.path.isdir(train_dir) or os.path.isdir(val_dir):
         for folder in ([] if eval_only else [train_dir]) + [val_dir]:
             if not os.path.isdir(folder):
-                raise DataError(f"data folder {folder} does not exist: a split needs both "
+                raise UserError(f"data folder {folder} does not exist: a split needs both "
                                 f"{train_dir} and {val_dir}")
         classes = find_classes(val_dir if eval_only else train_dir)
         if not eval_only:
             for name, there, missing in ((c, val_dir, train_dir) for c in find_classes(val_dir) if c not in classes):
-                raise DataError(f"class {name} has a folder in {there} but none in {missing}: its val images would "
+                raise UserError(f"class {name} has a folder in {there} but none in {missing}: its val images would "
                                 f"never be evaluated; add {os.path.join(missing, name)} or remove the class")
             for name in (c for c in classes if not os.path.isdir(os.path.join(val_dir, c))):
-                raise DataError(f"class {name} has a folder in {train_dir} but none in {val_dir}: it would never "
+                raise UserError(f"class {name} has a folder in {train_dir} but none in {val_dir}: it would never "
                                 f"be evaluated; add {os.path.join(val_dir, name)} or remove the class")
         train = [] if eval_only else list_images(train_dir, classes, allow_empty)
         return FoundData(classes, train, list_images(val_dir, classes, allow_empty), None)
@@ -219,7 +217,7 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
     folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
     if not folders:
         files = sum(1 for e in os.scandir(root) if e.is_file())
-        raise DataError(f"{root} holds {files} file(s) and no folders: pass --data-path with {LAYOUTS}")
+        raise UserError(f"{root} holds {files} file(s) and no folders: pass --data-path with {LAYOUTS}")
     classes = sorted(folders)
     samples = list_images(root, classes, allow_empty)
     if recorded_split is not None:
@@ -227,7 +225,7 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
                for f in recorded_split["val_files"] if f.split("/")[0] in classes]
         missing = [p for p, _ in val if not os.path.isfile(p)]
         if missing or len(val) != len(recorded_split["val_files"]):
-            raise DataError(f"{root} no longer holds the run's val images ({(missing or ['a class'])[0]} "
+            raise UserError(f"{root} no longer holds the run's val images ({(missing or ['a class'])[0]} "
                             "is missing): use the folder the run was trained on")
         held_out = {p for p, _ in val}
         train = [s for s in samples if s[0] not in held_out]
@@ -245,9 +243,9 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
 def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
     """Copy source/<class>/* into dest/{train,val}/<class>/ with split_samples; {class: (n_train, n_val)}."""
     if not 0 < val_ratio < 1:
-        raise DataError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+        raise UserError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
     if not os.path.isdir(source):
-        raise DataError(f"source folder {source} does not exist: extract flower_photos.tgz there "
+        raise UserError(f"source folder {source} does not exist: extract flower_photos.tgz there "
                         "(see data_set/README.md), or pass --source with a folder of class folders")
     classes = find_classes(source)
     samples = list_images(source, classes)
@@ -257,10 +255,10 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
         # sit inside the source, where the next run would take them for classes.
         real_source, real_out = os.path.realpath(source), os.path.realpath(out)
         if images.inside(real_source, real_out) or images.inside(real_out, real_source):
-            raise DataError(f"source {source} and output {out} overlap: choose a --dest outside "
+            raise UserError(f"source {source} and output {out} overlap: choose a --dest outside "
                             "the source folder")
         if os.path.exists(out) and not force:
-            raise DataError(f"{out} already exists: pass --force to replace it")
+            raise UserError(f"{out} already exists: pass --force to replace it")
     for out in outputs:
         if os.path.exists(out):
             shutil.rmtree(out)  # only train/ and val/: dest may also hold the source photos
@@ -275,7 +273,7 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 shutil.copy2(path, target)
             except OSError as e:
-                raise DataError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
+                raise UserError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
                                 "or pass --dest with another folder") from e
     counts = {name: (sum(1 for _, k in train if k == i), sum(1 for _, k in val if k == i))
               for i, name in enumerate(classes)}
@@ -300,7 +298,7 @@ def _log_table(counts, log):
 # ---------------------------------------------------------------------------------------------
 def unreadable_error(path, reason=None):
     """--bad-images error's one line."""
-    return DataError(f"cannot read image {path}" + (f" ({reason})" if reason else "")
+    return UserError(f"cannot read image {path}" + (f" ({reason})" if reason else "")
                      + ": remove or replace it, or pass --bad-images skip")
 
 
@@ -344,7 +342,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples, transform, cache, substitute=True, writer=0):
         if not samples:
-            raise DataError("no readable images: every file failed the check")
+            raise UserError("no readable images: every file failed the check")
         self.samples, self.transform, self.cache = samples, transform, cache
         self.substitute, self.writer = substitute, writer
         self.targets = [t for _, t in samples]
@@ -389,7 +387,7 @@ class ImageDataset(Dataset):
         while pixels is None and self.substitute:
             used = (used + 1) % len(self.samples)
             if used == index:
-                raise DataError(f"none of the {len(self.samples)} images could be read")
+                raise UserError(f"none of the {len(self.samples)} images could be read")
             pixels = self.pixels(used)
         if pixels is None:
             crop = self.transform.preprocessing.crop
@@ -534,7 +532,7 @@ def cache_capacity(mode, paths, log=print):
         log(f"cache: keeping decoded images in memory as they are first loaded: about {need / gib:.2f} GiB "
             f"of {free / gib:.1f} GiB available {where}")
     elif mode == "on":
-        raise DataError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
+        raise UserError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
                         f"{where} (the cache may take at most half): use --cache auto or --cache off")
     else:
         log(f"cache: decoded images need about {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
@@ -553,7 +551,7 @@ def machine_cache(count, capacity, writers_per_process, device):
         try:
             made = cache.SharedImageCache.create(count, capacity, local_size * writers_per_process, as_file=True)
         except OSError as e:
-            error = DataError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
+            error = UserError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
                               "free some space there, or pass --cache off")
     distributed.fail_together(error, device)
     path = distributed.from_machine_leader(made.path if made is not None else None, device)
@@ -576,7 +574,7 @@ def worker_failures():
     except RuntimeError as e:
         if not out_of_shared_memory(e):
             raise
-        raise DataError("a data loader worker ran out of shared memory (/dev/shm, 64 MB in a Docker container "
+        raise UserError("a data loader worker ran out of shared memory (/dev/shm, 64 MB in a Docker container "
                         "by default): pass --workers 0 to load in the main process, or give the container more "
                         "(docker run --shm-size 8g ...)") from e
 
@@ -656,12 +654,12 @@ def find_unknowns(folder, bad_images, log):
     """The readable images under folder (--unknowns: photos of none of the classes), checked as the
     data's are at start-up."""
     if not os.path.isdir(folder):
-        raise DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
+        raise UserError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
     paths = images.find_image_files(folder)
     bad = unreadable_paths(paths, bad_images, log)
     paths = [p for p in paths if p not in bad]
     if not paths:
-        raise DataError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
+        raise UserError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
     return paths
 
 
