@@ -107,11 +107,11 @@ def dataset_of(root, transform, cached=True, substitute=True, workers=0):
     image, or none with cached=False) for a loader with that many workers."""
     import torch
 
-    from training import data
+    from training import data, image_cache
 
     samples = samples_of(root)
-    images_cache, _ = data.machine_cache(len(samples), 2 ** 26 if cached else 0, max(workers, 1), torch.device("cpu"))
-    return data.ImageDataset(samples, transform, images_cache, substitute=substitute)
+    shared, _ = image_cache.machine_cache(len(samples), 2 ** 26 if cached else 0, max(workers, 1), torch.device("cpu"))
+    return data.ImageDataset(samples, transform, shared, substitute=substitute)
 
 
 def write_corrupt(path, n=2000, seed=1):

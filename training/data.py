@@ -1,8 +1,9 @@
-"""Training data: finding the images and the split, the transforms, the dataset, its order and cache.
+"""Training data: finding the images and the split, the transforms, the dataset, its order, the loaders.
 
     find_data       a folder of class folders (split here) or a train/ and val/ split -> FoundData
     train_transform, EvalTransform   the per-image transforms, the one place they are built
-    ImageDataset    (path, class) samples decoded when first needed, kept in the shared cache
+    ImageDataset    (path, class) samples decoded when first needed, kept in the machine's image cache
+                    (training/image_cache.py: its size, --cache, and where it lives)
     EpochSampler    the order of one epoch, split over processes, seeded per image for exact resume
 
 Scaling to [0, 1] and the normalisation happen once per batch on the training device
@@ -27,9 +28,10 @@ from torchvision.transforms import v2 as transforms_v2
 
 from inference import calibration, images
 from inference.images import IMAGE_EXTENSIONS, MEAN, STD
-from plumbing import cache, distributed
-from plumbing.cache import BAD, UNKNOWN
+from plumbing import distributed
 from plumbing.options import UserError
+from training import image_cache
+from training.image_cache import BAD, UNKNOWN
 
 # train.py still raises data.DataError: the name goes once it raises UserError (#36)
 DataError = UserError
@@ -294,7 +296,7 @@ def _log_table(counts, log):
 
 
 # ---------------------------------------------------------------------------------------------
-# The dataset, its order, its cache
+# The dataset and its order
 # ---------------------------------------------------------------------------------------------
 def unreadable_error(path, reason=None):
     """--bad-images error's one line."""
@@ -329,7 +331,7 @@ def check_files(paths):
 
 class ImageDataset(Dataset):
     """(path, class index) samples, decoded with images.load_image when first needed and kept in
-    the shared cache (cache.SharedImageCache) while it has room; each item is (image, class, valid).
+    the shared cache (image_cache.SharedImageCache) while it has room; each item is (image, class, valid).
 
     An image that cannot be decoded is marked unreadable in the cache's statuses, which every local
     process and loader worker shares, and is never decoded again. In training (substitute=True)
@@ -474,96 +476,6 @@ class EpochSampler(Sampler):
         return len(self._indices()) - self.skip
 
 
-def estimate_decoded_bytes(paths, sample=1000):
-    """Bytes these images take decoded to RGB: the mean of up to `sample` of them (read from their
-    headers, not decoded, a fixed choice) times their number, so it costs the same for any count."""
-    chosen = paths if len(paths) <= sample else random.Random(0).sample(paths, sample)
-    sizes = []
-    for path in chosen:
-        try:
-            width, height = images.decoded_size(path)
-            sizes.append(width * height * 3)
-        except Exception:
-            pass  # unreadable files are found and reported elsewhere
-    return int(sum(sizes) / max(len(sizes), 1) * len(paths))
-
-
-def available_memory_bytes():
-    """MemAvailable from /proc/meminfo where there is one, else free physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def cache_in_shared_folder():
-    """Whether this machine's cache is a file in cache.shared_folder() (/dev/shm): so it is for the
-    processes of a torchrun on this machine, and where loader workers are spawned; a single process
-    whose workers are forked keeps it in anonymous memory, which /dev/shm's size does not limit."""
-    _, local_size = distributed.local_rank_and_size()
-    return not (local_size == 1 and cache.FORKED_WORKERS)
-
-
-def cache_capacity(mode, paths, log=print):
-    """Bytes of decoded pixels to keep in the machine's one cache (0: none). 'auto' caches when
-    the images fit in half the free memory (counted once per machine, however many processes
-    share it; for a cache in /dev/shm, half of what is free there if that is less), 'on' insists,
-    'off' never does. A quarter more than the estimate is kept in reserve: an unused reserve takes
-    no memory."""
-    if mode == "off":
-        return 0
-    need = estimate_decoded_bytes(paths)
-    free, where = available_memory_bytes(), "in memory"
-    if cache_in_shared_folder():
-        folder = cache.shared_folder()
-        in_folder = cache.free_bytes(folder)
-        if in_folder < free:
-            free, where = in_folder, f"in {folder}, where this machine's processes share it"
-    fits = need <= free // 2
-    gib = 2 ** 30
-    if fits:
-        log(f"cache: keeping decoded images in memory as they are first loaded: about {need / gib:.2f} GiB "
-            f"of {free / gib:.1f} GiB available {where}")
-    elif mode == "on":
-        raise UserError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
-                        f"{where} (the cache may take at most half): use --cache auto or --cache off")
-    else:
-        log(f"cache: decoded images need about {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
-            f"available {where}: streaming from disk instead")
-    return min(need + need // 4, free // 2) if fits else 0
-
-
-def machine_cache(count, capacity, writers_per_process, device):
-    """This machine's SharedImageCache for `count` images, made by its first process and opened by
-    the others, and this process's first writer number in it."""
-    local_rank, local_size = distributed.local_rank_and_size()
-    if not cache_in_shared_folder():  # this process alone, and the loader workers it forks
-        return cache.SharedImageCache.create(count, capacity, writers_per_process), 0
-    made, error = None, None
-    if local_rank == 0:
-        try:
-            made = cache.SharedImageCache.create(count, capacity, local_size * writers_per_process, as_file=True)
-        except OSError as e:
-            error = UserError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
-                              "free some space there, or pass --cache off")
-    distributed.fail_together(error, device)
-    path = distributed.from_machine_leader(made.path if made is not None else None, device)
-    shared = made if made is not None else cache.SharedImageCache.attach(path)
-    distributed.barrier(device)  # every process has it open: its name can go
-    if made is not None:
-        made.unlink()
-    elif cache.FORKED_WORKERS:
-        shared.path = None  # the leader removed it
-    return shared, local_rank * writers_per_process
-
-
 @contextlib.contextmanager
 def worker_failures():
     """A loader worker that dies for want of shared memory ends the command in one line. Workers hand
@@ -598,8 +510,8 @@ def make_loader(dataset, sampler, batch_size, workers, device):
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with compute
-        # forked workers share the image cache's anonymous mapping (cache.FORKED_WORKERS)
-        multiprocessing_context="fork" if workers > 0 and cache.FORKED_WORKERS else None,
+        # forked workers share the image cache's anonymous mapping (image_cache.FORKED_WORKERS)
+        multiprocessing_context="fork" if workers > 0 and image_cache.FORKED_WORKERS else None,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         # Each iterator draws its base seed from this generator, not from the global RNG that
@@ -627,7 +539,7 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     bad = unreadable_paths([p for p, _ in found.train + found.val], args.bad_images, log)
     samples = {part: [s for s in items if s[0] not in bad] for part, items in (("train", found.train),
                                                                             ("val", found.val))}
-    capacity = cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
+    capacity = image_cache.cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
     workers = (args.workers if args.workers is not None
                else images.default_workers(device.type, args.batch_size, capacity > 0))
     auto_augment = None if args.auto_augment == "none" else args.auto_augment
@@ -638,11 +550,11 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
             loaders.append(None)
             continue
         train = part == "train"
-        images_cache, writer = machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
-                                                  max(workers, 1), device)
+        shared, writer = image_cache.machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
+                                                   max(workers, 1), device)
         transform = (train_transform(args.image_size[0], auto_augment, args.random_erase) if train
                      else EvalTransform(preprocessing))
-        dataset = ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
+        dataset = ImageDataset(samples[part], transform, shared, substitute=train, writer=writer)
         weights = balanced_draws(dataset.targets) if train and args.sampler == "balanced" else None
         sampler = (EpochSampler(len(dataset), True, args.seed, rank, world_size, weights=weights) if train else
                    EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
@@ -666,7 +578,7 @@ def find_unknowns(folder, bad_images, log):
 def unknowns_loader(paths, preprocessing, args, device, rank, world_size, workers):
     """find_unknowns' images, loaded as the val images are, uncached. Their class index is a
     placeholder (0): only their logits are used. Every process makes it at once (machine_cache)."""
-    shared, writer = machine_cache(len(paths), 0, max(workers, 1), device)
+    shared, writer = image_cache.machine_cache(len(paths), 0, max(workers, 1), device)
     dataset = ImageDataset([(p, 0) for p in paths], EvalTransform(preprocessing), shared, substitute=False,
                            writer=writer)
     sampler = EpochSampler(len(dataset), False, 0, rank, world_size, pad=False)
