@@ -9,11 +9,8 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +24,9 @@ from helpers import (
     CLASSES,
     REPO,
     SMALL_RUN,
+    PageServer,
     assert_clean_error,
     call,
-    free_port,
     make_tree,
     needs,
     script_env,
@@ -56,40 +53,19 @@ def folder_and_run(small_run, tmp_path):
     return data, run / "best.pth"
 
 
-class ReviewServer:
+class ReviewServer(PageServer):
     """python app.py --review ... in its own process, until stop()."""
 
+    up_s, stop_s = 300, 60
+
     def __init__(self, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--review", *map(str, args), "--port",
-                                      str(self.port)], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.output = []
-        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-        deadline = time.monotonic() + 300
-        while True:
-            assert self.proc.poll() is None, "".join(self.output)
-            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(self.output)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.3)
+        super().__init__("--review", *args)
 
     @property
     def folder(self):
         found = re.search(r"the page's own files are in (\S+) until it stops", "".join(self.output))
         assert found, "".join(self.output)
         return Path(found.group(1))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def wait_for_text(locator, text):
