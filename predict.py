@@ -34,7 +34,6 @@ from inference.calibration import SCORE_NAMES, UNKNOWN
 from inference.classify import (
     CsvOutput,
     PhotoSorter,
-    PredictionError,
     ScoredBatch,
     collect_images,
     decide,
@@ -44,6 +43,7 @@ from inference.classify import (
     write_output,
 )
 from plumbing import options
+from plumbing.options import UserError
 from plumbing.stopping import StopRequest
 
 # More photos than this with --output or --sort-into: a progress bar on stderr instead of the table
@@ -52,8 +52,8 @@ TABLE_ROWS = 50
 
 def main(args):
     if args.output and not args.output.lower().endswith((".csv", ".json")):
-        raise PredictionError(f"--output {args.output}: the file name must end in .csv or .json")
-    files = find_photos(args.images, args.sort_into)
+        raise UserError(f"--output {args.output}: the file name must end in .csv or .json")
+    files = photos_to_classify(args.images, args.sort_into)
     check_format_options(args)
     classifier = load_classifier(args.weights, args.class_indices, args.device, args.amp,  # load
                                  warn=lambda line: print(line, file=sys.stderr), runtime=args.runtime)
@@ -239,21 +239,21 @@ def check_format_options(args):
     """The options the weights' format (classify.WEIGHTS_FORMATS) cannot take, before the weights are read."""
     if weights_format(args.weights).torch:
         if args.runtime != "onnxruntime":
-            raise PredictionError(f"--runtime {args.runtime} runs .onnx files and {args.weights} is PyTorch weights: "
+            raise UserError(f"--runtime {args.runtime} runs .onnx files and {args.weights} is PyTorch weights: "
                                   "export it with export.py, or leave --runtime out")
         return
     if args.cam:
-        raise PredictionError("--cam needs the gradients of PyTorch weights: pass the .pth file the "
+        raise UserError("--cam needs the gradients of PyTorch weights: pass the .pth file the "
                               ".onnx file was exported from")
     if args.amp in ("bf16", "fp16"):
-        raise PredictionError(f"--amp {args.amp} applies to PyTorch weights: a .onnx file runs as it was "
+        raise UserError(f"--amp {args.amp} applies to PyTorch weights: a .onnx file runs as it was "
                               "exported; leave it out or pass the .pth file")
     if args.runtime == "openvino" and args.device not in ("auto", "cpu"):
-        raise PredictionError(f"--device {args.device}: --runtime openvino runs a .onnx file on the CPU; "
+        raise UserError(f"--device {args.device}: --runtime openvino runs a .onnx file on the CPU; "
                               "leave --device out, or use --runtime onnxruntime (with onnxruntime-gpu)")
 
 
-def find_photos(paths, sort_into):
+def photos_to_classify(paths, sort_into):
     """The image files of the paths given (folders searched), less those inside --sort-into."""
     if sort_into:
         check_sort_folder_outside(sort_into, paths)
@@ -269,7 +269,7 @@ def check_sort_folder_outside(sort_into, paths):
     for path in paths:
         folder = path if os.path.isdir(path) else os.path.dirname(path) or os.getcwd()
         if images.inside(sorted_folder, os.path.realpath(folder)):
-            raise PredictionError(f"--sort-into {sort_into} lies inside {folder}, the photos' own folder: a later run "
+            raise UserError(f"--sort-into {sort_into} lies inside {folder}, the photos' own folder: a later run "
                                   f"over {folder} would count each sorted photo twice; pass a --sort-into folder "
                                   f"outside {folder}")
 
@@ -282,7 +282,7 @@ def outside_sorted_folder(files, sort_into):
     if len(kept) < len(files):
         print(f"{len(files) - len(kept):,} photo(s) inside --sort-into {sort_into} left out: they are sorted already")
     if not kept:
-        raise PredictionError(f"every photo given lies inside --sort-into {sort_into}: pass the photos' own folder "
+        raise UserError(f"every photo given lies inside --sort-into {sort_into}: pass the photos' own folder "
                               "and another --sort-into folder")
     return kept
 

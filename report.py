@@ -23,10 +23,6 @@ from plumbing.run_lock import RunLock
 MISSING = "plotting needs matplotlib, an optional dependency: pip install matplotlib"
 
 
-class ReportError(UserError):
-    """Nothing to draw, or a file named in a run's CSV that cannot be read: the message says what to do."""
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description="Draw a run's curves (metrics.csv), confusion matrix "
                                             "(confusion_matrix.csv), worst-classified images, reliability diagram "
@@ -72,7 +68,7 @@ def plot(folder, top_losses=16, suspect_labels=16):
         matplotlib.use("Agg")  # files only: works without a display
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ReportError(MISSING) from None
+        raise UserError(MISSING) from None
     written = []
     metrics_path = os.path.join(folder, "metrics.csv")
     if os.path.exists(metrics_path):
@@ -130,8 +126,8 @@ def plot(folder, top_losses=16, suspect_labels=16):
         written.append(os.path.join(folder, "suspect_labels.png"))
         save_png(draw_suspect_labels(plt, suspects_path, suspect_labels), written[-1])
     if not written:
-        raise ReportError(f"{folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
-                         "train (python train.py) or evaluate (python train.py --eval-only) first")
+        raise UserError(f"{folder} has no metrics.csv, confusion_matrix.csv or predictions.csv: "
+                        "train (python train.py) or evaluate (python train.py --eval-only) first")
     return written
 
 
@@ -156,7 +152,7 @@ def draw_suspect_labels(plt, suspects_path, count):
     with open(suspects_path, newline="") as f:
         rows = list(itertools.islice(csv.DictReader(f), count))
     if not rows:
-        raise ReportError(f"{suspects_path} lists no photos: train again to write it")
+        raise UserError(f"{suspects_path} lists no photos: train again to write it")
     captions = [f"given {row['given_class']}\nsuggested {row['suggested_class']}\nscore {float(row['score']):.2f}"
                 for row in rows]
     return photo_grid(plt, [row["file"] for row in rows], captions, suspects_path,
@@ -177,7 +173,7 @@ def photo_grid(plt, files, captions, listed_in, hint, title):
         try:
             image = load_image(file, min_side=256)
         except OSError as e:
-            raise ReportError(f"cannot read {file} named in {listed_in} ({e.strerror or e}): {hint}") from e
+            raise UserError(f"cannot read {file} named in {listed_in} ({e.strerror or e}): {hint}") from e
         image.thumbnail((256, 256))
         ax.imshow(image)
         ax.set_title(caption, fontsize=9)
@@ -198,8 +194,8 @@ def read_predictions(path):
         probabilities = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]).reshape(len(rows), len(classes))
         labels = np.array([classes.index(r["true_class"]) for r in rows], dtype=np.int64)
     except (KeyError, ValueError, TypeError) as e:
-        raise ReportError(f"{path} is not a predictions.csv of train.py --eval-only ({type(e).__name__}: {e}): "
-                          "run --eval-only again") from None
+        raise UserError(f"{path} is not a predictions.csv of train.py --eval-only ({type(e).__name__}: {e}): "
+                        "run --eval-only again") from None
     return probabilities, labels
 
 
@@ -257,17 +253,17 @@ def draw_network(args):
     from inference import checkpoint, visualize
 
     if not args.weights:
-        raise ReportError("--feature-maps and --filters draw trained weights: pass --weights weights/best.pth")
+        raise UserError("--feature-maps and --filters draw trained weights: pass --weights weights/best.pth")
     model, _, preprocessing = checkpoint.load_model(args.weights, "class_indices.json", torch.device("cpu"))
     if args.filters:
         picture, boxes = visualize.conv1_filters(model)
     else:
         if not os.path.isfile(args.feature_maps):
-            raise ReportError(f"photo {args.feature_maps} does not exist: check the path")
+            raise UserError(f"photo {args.feature_maps} does not exist: check the path")
         try:
             picture, boxes = visualize.feature_maps(model, args.feature_maps, preprocessing, args.layer, args.channels)
         except (OSError, ValueError) as e:
-            raise ReportError(f"cannot read image {args.feature_maps} ({type(e).__name__}: {e})") from e
+            raise UserError(f"cannot read image {args.feature_maps} ({type(e).__name__}: {e})") from e
     output = args.output or ("conv1_filters.png" if args.filters else f"feature_maps_{args.layer}.png")
     visualize.save_picture(picture, output)
     return [output], len(boxes)
@@ -279,7 +275,7 @@ def main(args):
         print(f"wrote {written[0]}: {tiles} tiles")
         return 0
     if not os.path.isdir(args.folder):
-        raise ReportError(f"folder {args.folder} does not exist: pass the --output-dir of a run of train.py")
+        raise UserError(f"folder {args.folder} does not exist: pass the --output-dir of a run of train.py")
     with RunLock(args.folder, purpose="report", instead=None):  # never beside a run writing there
         for path in plot(args.folder, args.top_losses, args.suspect_labels):
             print(f"wrote {path}")

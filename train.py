@@ -358,7 +358,7 @@ def read_checkpoints(args):
                         "(to score a run, pass its best.pth or last.pth as --weights)")
     resume = ckpt.load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None and "optimizer" not in resume:
-        raise ckpt.CheckpointError(f"{args.resume} holds weights only, not a run to resume: "
+        raise UserError(f"{args.resume} holds weights only, not a run to resume: "
                                    "pass the last.pth of the run, or use --weights to start from it")
     if args.eval_only and not args.weights:
         raise TrainingError("--eval-only needs --weights PATH: the weights to evaluate")
@@ -370,7 +370,7 @@ def read_checkpoints(args):
         state_dict = torch.hub.load_state_dict_from_url(IMAGENET_URL, map_location="cpu", progress=True,
                                                         check_hash=True, weights_only=True)
     except Exception as e:
-        raise ckpt.CheckpointError(f"cannot download the ImageNet weights ({str(e)[:120]}): check the "
+        raise UserError(f"cannot download the ImageNet weights ({str(e)[:120]}): check the "
                                    f"network, or download {IMAGENET_URL} and pass --weights FILE") from e
     return None, {"model": state_dict, "variant": "torchvision"}, IMAGENET_URL
 
@@ -389,10 +389,10 @@ def load_data(args, device, recorded_split, log, weights_classes=None, resume=No
         found = data.find_data(args.data_path, args.val_ratio, args.split_seed, recorded_split, missing_hint=hint,
                                log=log)
         if data.not_sure_class(found.classes):
-            raise data.DataError(f"{data.not_sure_class(found.classes)}: rename the folder")
+            raise UserError(f"{data.not_sure_class(found.classes)}: rename the folder")
     if len(found.classes) < 2 and not args.eval_only:
         only = found.classes[0]
-        raise data.DataError(f"{args.data_path} has one class folder ({only}): a classifier needs two or "
+        raise UserError(f"{args.data_path} has one class folder ({only}): a classifier needs two or "
                              f"more; if {only} holds the class folders, pass --data-path "
                              f"{os.path.join(args.data_path, only)}")
     return review.apply(found, args.data_path, args.review, log, resumed=resume is not None,
@@ -451,7 +451,7 @@ def build_model(args, classes, recorded, start, source, device, log):
     if recorded is not None:
         variant = recorded.get("variant") or ckpt.guess_variant(ckpt.clean_state_dict(recorded["model"]))
         if args.variant and args.variant != variant:
-            raise ckpt.CheckpointError(f"--variant {args.variant}, but {args.resume or args.weights} holds the "
+            raise UserError(f"--variant {args.variant}, but {args.resume or args.weights} holds the "
                                        f"{variant} variant: leave out --variant")
     rotation_head = args.rotation_weight > 0
     if args.eval_only:  # the weights' own head, which their "not sure" score may use

@@ -98,7 +98,7 @@ def make_files(work, photos_dir, over_bytes):
     return {"good": good, "no photo": [notes, half, noise], "over the limit": [huge]}
 
 
-class Page:
+class PageProcess:
     """python app.py ... in its own process; its output lines, its RSS."""
 
     def __init__(self, argv):
@@ -247,7 +247,7 @@ def main(args):
         files = make_files(work, args.photos, (args.max_upload_mb + 1) * 2 ** 20)
         argv = ["--weights", args.weights, "--max-upload-mb", str(args.max_upload_mb),
                 "--device", args.device, "--amp", args.amp]
-        page = Page(argv)
+        page = PageProcess(argv)
         print(f"page: python app.py {' '.join(argv)} on {page.url} (pid {page.proc.pid}), its folder {page.folder}")
         warm = gradio_client.Client(page.url, verbose=False, download_files=os.path.join(work, "warm"))
         for kind in MIX:  # every path runs once before the measured load

@@ -82,7 +82,7 @@ def tree_pss_kib(root_pid):
     return total
 
 
-def time_run(folder, cache, opts):
+def time_startup(folder, cache, opts):
     out = os.path.join(opts.work, f"out-{os.path.basename(folder)}-{cache}-{opts.processes}")
     train_args = ["--data-path", folder, "--output-dir", out, "--class-indices", os.path.join(out, "ci.json"),
                   "--cache", cache, "--image-size", str(opts.image_size), "--overwrite",
@@ -124,7 +124,7 @@ def main(argv=None):
     for count in opts.photos:
         folder = linked_folder(opts.source, count, opts.work)
         for cache in opts.cache:
-            data_s, step_s, peak, cached = time_run(folder, cache, opts)
+            data_s, step_s, peak, cached = time_startup(folder, cache, opts)
             step = f"{step_s:.1f}" if step_s is not None else "-"
             print(f"| {count:,} | {cache} | {data_s:.1f} | {step} | {peak:.2f} | {cached} |", flush=True)
     return 0

@@ -58,7 +58,7 @@ def time_run(train_args, out=sys.stdout, script=TRAIN):
     return proc.returncode, epochs, (time.perf_counter() - start) / 60
 
 
-def report(epochs, total, marks, out=sys.stdout):
+def report_marks(epochs, total, marks, out=sys.stdout):
     print(f"\nwhole run: {total:.1f} min, {len(epochs)} epochs", file=out)
     for mark in marks:
         reached = next(((e, m) for e, m, a in epochs if a >= mark), None)
@@ -75,7 +75,7 @@ def main(argv=None):
     opts, train_args = get_args_parser().parse_known_args(argv)
     print(f"{cpu_description()}\ncommand: python train.py {' '.join(train_args)}", flush=True)
     code, epochs, total = time_run(train_args)
-    report(epochs, total, opts.marks)
+    report_marks(epochs, total, opts.marks)
     return code
 
 

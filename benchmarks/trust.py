@@ -63,10 +63,6 @@ CANDIDATES = {
 OWN = ("--data-path", "--output-dir", "--seed", "--resume", "--eval-only", "--unknowns", "--weights", "--overwrite")
 
 
-class BenchmarkError(UserError):
-    """A run that failed or a folder that is missing: the message says which."""
-
-
 def get_args_parser():
     # allow_abbrev=False: train.py's --seed must not be read as this script's --seeds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -95,11 +91,11 @@ def plan(opts, train_args):
     candidates = dict(CANDIDATES, **dict(opts.add))
     unknown = [c for c in opts.candidates + [name for name, _ in opts.add] if c not in candidates]
     if unknown:
-        raise BenchmarkError(f"no candidate {unknown[0]}: pass names of {', '.join(candidates)}, or add one with "
-                             "--add NAME \"OPTIONS\"")
+        raise UserError(f"no candidate {unknown[0]}: pass names of {', '.join(candidates)}, or add one with "
+                        "--add NAME \"OPTIONS\"")
     taken = [a for a in train_args if a.split("=")[0] in OWN]
     if taken:
-        raise BenchmarkError(f"{taken[0]} is this script's to set for each run: leave it out")
+        raise UserError(f"{taken[0]} is this script's to set for each run: leave it out")
     names = list(dict.fromkeys(opts.candidates + [name for name, _ in opts.add]))
     runs = []
     for seed in opts.seeds:
@@ -120,8 +116,8 @@ def near_data(data_path, held_out, folder, dry_run=False):
         source = os.path.join(data_path, part)
         classes = sorted(e.name for e in os.scandir(source) if e.is_dir() and not e.name.startswith("."))
         if held_out not in classes:
-            raise BenchmarkError(f"--held-out {held_out}: {source} has no such class folder (it has "
-                                 f"{', '.join(classes)})")
+            raise UserError(f"--held-out {held_out}: {source} has no such class folder (it has "
+                            f"{', '.join(classes)})")
         held.append(os.path.join(source, held_out))
         if dry_run:
             continue
@@ -171,7 +167,7 @@ def one_run(opts, train_args, options, name, seed, near, dry_run):
                [sys.executable, TRAIN, "--data-path", data, "--output-dir", folder, "--class-indices",
                 os.path.join(folder, "class_indices.json"), "--seed", str(seed), *shlex.split(options), *train_args])
         if run_train(cmd, log_path, dry_run):
-            raise BenchmarkError(f"{name}: train.py failed: {last_error(log_path)}")
+            raise UserError(f"{name}: train.py failed: {last_error(log_path)}")
         if not dry_run:
             open(trained, "w").close()
     scores = {}
@@ -186,10 +182,10 @@ def one_run(opts, train_args, options, name, seed, near, dry_run):
         print("  $ " + " ".join(shlex.quote(c) for c in ["python", *cmd[1:]]), flush=True)
         if dry_run:
             continue
-        scores[folder_of_unknowns] = evaluate(cmd, name)
+        scores[folder_of_unknowns] = run_eval_only(cmd, name)
     if dry_run:
         return None
-    result = summary(folder, scores, near, bool(opts.test_path))
+    result = summarize_run(folder, scores, near, bool(opts.test_path))
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -208,7 +204,7 @@ def without(args, option):
     return kept
 
 
-def evaluate(cmd, name):
+def run_eval_only(cmd, name):
     """The figures train.py --eval-only --unknowns prints (see parse_evaluation)."""
     with tempfile.TemporaryFile("w+") as err:
         out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -216,7 +212,7 @@ def evaluate(cmd, name):
         err.seek(0)
         error = [line for line in err.read().splitlines() if line.startswith("error:")]
     if out.returncode:
-        raise BenchmarkError(f"{name}: train.py --eval-only failed: {error[-1] if error else out.returncode}")
+        raise UserError(f"{name}: train.py --eval-only failed: {error[-1] if error else out.returncode}")
     return parse_evaluation(out.stdout)
 
 
@@ -229,15 +225,15 @@ def parse_evaluation(text):
     caught = re.search(r"at 90% of the known answered \(\S+\): ([\d.]+)% of the unknowns caught", text)
     each = re.search(r"AUROC of each score: (.*)$", text, re.M)
     if not (accuracy and ece and auroc and each):
-        raise BenchmarkError("train.py --eval-only printed no report this script can read: is it this "
-                             "repository's train.py?")
+        raise UserError("train.py --eval-only printed no report this script can read: is it this "
+                        "repository's train.py?")
     return {"accuracy": float(accuracy.group(1)), "images": int(accuracy.group(3)),
             "ece": float(ece.group(2) or ece.group(1)), "unknowns": int(auroc.group(1)),
             "auroc": float(auroc.group(2)), "caught_at_90": float(caught.group(1)) / 100 if caught else None,
             "aurocs": {s: float(v) for s, v in (pair.rsplit(" ", 1) for pair in each.group(1).split(", "))}}
 
 
-def summary(folder, scores, near, held_out_test):
+def summarize_run(folder, scores, near, held_out_test):
     """What the table shows of one run: best.pth's val accuracy, the minutes, and its scores (for a near
     run, the AUROC over the held-out class's photos in every folder, weighted by their numbers)."""
     from inference import checkpoint as ckpt
@@ -291,7 +287,7 @@ def main(argv=None):
     for folder, what in ((opts.data_path, "--data-path"), (opts.unknowns, "--unknowns"),
                          (opts.test_path, "--test-path")):
         if folder and not os.path.isdir(folder):
-            raise BenchmarkError(f"{what} {folder} is not a folder")
+            raise UserError(f"{what} {folder} is not a folder")
     print(f"{cpu_description()}\n{len(runs)} runs into {opts.work}; train.py options for all: "
           f"{' '.join(train_args) or '(none)'}", flush=True)
     started, results = time.perf_counter(), {}

@@ -36,6 +36,7 @@ from inference.images import HASH_DECODE_SIDE, hash_distance, near_hash, near_pa
 from inference.images import NEAR_COPY_BITS as DEFAULT_THRESHOLD
 from plumbing import options
 from plumbing.atomic import atomic_write_text
+from plumbing.options import UserError
 from training import data
 
 MAX_THRESHOLD = 32  # two unrelated photos differ in about 32 of the 64 bits
@@ -45,10 +46,6 @@ CSV_FIELDS = ["group", "kind", "file", "class", "part", "distance"]
 EXIT_STATUS = ("exit status: 0 whatever copies and unreadable files the report finds; 2 after the whole report "
                "when a class folder holds no image (train.py stops at it), or at once for a missing folder, one "
                "without class folders, or a bad option")
-
-
-class CheckError(data.DataError):
-    """A data folder or an option the check cannot work with."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +230,7 @@ def find_photos(root, val_ratio=0.1, split_seed=0, review_mode="off", log=lambda
     """The Found photos of root (with review_mode on, after root/review.csv, as train.py applies it;
     recorded_split: a run's split of root, used as it was)."""
     if not os.path.isdir(root):
-        raise CheckError(f"data folder {root} does not exist: DIR is {data.LAYOUTS}")
+        raise UserError(f"data folder {root} does not exist: DIR is {data.LAYOUTS}")
     data.find_classes(root)  # a folder without folders: its own line, not train.py's --data-path hint
     found = data.find_data(root, val_ratio, split_seed, recorded_split, log=lambda line: None, allow_empty=True)
     counts = Counter(label for _, label in found.train + found.val) if found.split else Counter(
@@ -254,9 +251,9 @@ def find_photos(root, val_ratio=0.1, split_seed=0, review_mode="off", log=lambda
 def check(args, log=print):
     """Hash the photos of args.data and group the copies: (Found, exact groups, near groups)."""
     if args.output and not args.output.lower().endswith(".csv"):
-        raise CheckError(f"--output {args.output}: the file name must end in .csv")
+        raise UserError(f"--output {args.output}: the file name must end in .csv")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise CheckError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
+        raise UserError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
     found = find_photos(args.data, args.val_ratio, args.split_seed, args.review, log)
     photos = found.photos
     log(f"data: {args.data}: {found.how}")

@@ -106,7 +106,7 @@ def read(root, fix=FIX):
     return decisions
 
 
-def check(decisions, root, classes, fix=FIX):
+def check_decisions(decisions, root, classes, fix=FIX):
     """A ReviewError for the first decision that names a file root does not hold or a class that is
     not one of classes; the decisions otherwise."""
     for d in sorted(decisions.values(), key=lambda d: d.line):
@@ -159,7 +159,7 @@ def apply(found, root, mode="on", log=print, resumed=False, recorded=None):
     if resumed:
         record, source = recorded, "as recorded when this run started"
     else:
-        record, source = record_of(check(read(root), root, found.classes)), path_of(root)
+        record, source = record_of(check_decisions(read(root), root, found.classes)), path_of(root)
     train, out_train, moved_train = relabel(found.train, root, found.classes, record)
     val, out_val, moved_val = relabel(found.val, root, found.classes, record)
     log(f"review.csv: {out_train + out_val} excluded, {moved_train + moved_val} relabelled ({source}; "

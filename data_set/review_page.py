@@ -101,10 +101,6 @@ CSS = """
 """
 
 
-class ReviewPageError(UserError):
-    """Something that keeps the review page from starting: the message says what to do."""
-
-
 @dataclass(frozen=True)
 class Item:
     """One entry of a list: photos (indices into Data.photos), the one a decision applies to first
@@ -132,7 +128,7 @@ class Data:
 # ---------------------------------------------------------------------------------------------
 # Computing the lists
 # ---------------------------------------------------------------------------------------------
-def load_model(weights, default_weights, device, amp, log, class_indices="class_indices.json"):
+def load_review_model(weights, default_weights, device, amp, log, class_indices="class_indices.json"):
     """(Classifier, checkpoint dict or {}) of weights, or (None, {}) where the page runs without a
     model: no weights given, the default file missing."""
     if weights == default_weights and not os.path.exists(weights):
@@ -285,10 +281,10 @@ def group_lists(d, groups):
     return lists
 
 
-def prepare(root, weights, default_weights, device="auto", amp="auto", min_confidence=None, log=print,
+def compute_review_data(root, weights, default_weights, device="auto", amp="auto", min_confidence=None, log=print,
             class_indices="class_indices.json"):
     """Data of root: its photos and every list, with the weights' view where there are weights."""
-    classifier, loaded = load_model(weights, default_weights, device, amp, log, class_indices) if weights \
+    classifier, loaded = load_review_model(weights, default_weights, device, amp, log, class_indices) if weights \
         else (None, {})
     split = loaded.get("split")
     if split and not all(os.path.isfile(os.path.join(root, *f.split("/"))) for f in split["val_files"]):
@@ -299,10 +295,11 @@ def prepare(root, weights, default_weights, device="auto", amp="auto", min_confi
         mismatch = (f"{weights} knows the classes {', '.join(classifier.classes)} and {root} has "
                     f"{', '.join(classes)}: pass the --weights of a run trained on {root}")
         if weights != default_weights:
-            raise ReviewPageError(mismatch + ", or none")
+            raise UserError(mismatch + ", or none")
         log(f"note: {mismatch}; without them the page lists copies, leakage and unreadable files")
         classifier, loaded = None, {}
-    review.check(review.read(root, FIX), root, classes, FIX)  # a bad file is refused now, not on the first key
+    # a bad file is refused now, not on the first key
+    review.check_decisions(review.read(root, FIX), root, classes, FIX)
     names = [review.relative(p.path, root) for p in photos]
     run_dir = os.path.dirname(os.path.abspath(weights)) if classifier is not None else None
     cache_path = os.path.join(run_dir, CACHE) if run_dir else user_cache_path(root)
@@ -377,7 +374,7 @@ def item_html(d, kind, index, decisions):
             + (" (the outlined photo is the one decided)" if len(item.photos) > 1 else "") + f"</p>{figures}")
 
 
-def summary(d, decisions, kind):
+def review_summary(d, decisions, kind):
     after = Counter()
     for photo, name in zip(d.photos, d.names):
         decision = decisions.get(name)
@@ -437,7 +434,8 @@ class Page:
             decisions = review.read(self.d.root, FIX)
         except review.ReviewError as e:  # edited by hand while the page runs
             raise gr.Error(str(e), print_exception=False) from None
-        return summary(self.d, decisions, kind), item_html(self.d, kind, index, decisions), recent(decisions), index
+        return (review_summary(self.d, decisions, kind), item_html(self.d, kind, index, decisions), recent(decisions),
+                index)
 
     def first(self, kind):
         return self.view(kind, 0)
@@ -469,7 +467,7 @@ class Page:
         return self.view(kind, index + 1)
 
 
-def build_page(d):
+def build_review_page(d):
     import gradio as gr
 
     page = Page(d)
@@ -516,20 +514,20 @@ def check_writable(root):
         if os.path.lexists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # opened as append opens it, without making it
     except OSError as e:
-        raise ReviewPageError(f"cannot write {path} ({e.strerror or e}): the page appends every decision to it; "
-                              f"pass --data-path a writable copy of {root}") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}): the page appends every decision to it; "
+                        f"pass --data-path a writable copy of {root}") from None
 
 
 def main(args, default_weights):
     """app.py --review: compute the lists, then serve the page until Ctrl-C or a terminate."""
     if not args.data_path:
-        raise ReviewPageError("--review needs --data-path DIR: the folder of photos to review (as train.py's)")
+        raise UserError("--review needs --data-path DIR: the folder of photos to review (as train.py's)")
     check_writable(args.data_path)
     log = functools.partial(print, flush=True)
-    d = prepare(args.data_path, args.weights, default_weights, args.device, args.amp, args.min_confidence, log,
-                args.class_indices)
+    d = compute_review_data(args.data_path, args.weights, default_weights, args.device, args.amp, args.min_confidence,
+                            log, args.class_indices)
     with serving.private_folder("googlenet-review-") as folder:
-        blocks = build_page(d)
+        blocks = build_review_page(d)
         log(f"reviewing {d.root} on http://{args.host}:{args.port}: "
             + ", ".join(f"{KINDS[k]} {len(v):,}" for k, v in d.lists.items())
             + f"; decisions are appended to {review.path_of(d.root)}; the page's own files are in {folder} "

@@ -253,7 +253,7 @@ class Fit:
                 "answered": self.answered, "note": self.note}
 
 
-def fit(logits, labels, answered=ANSWERED, score=SCORES[0], rotation=None):
+def fit_calibration(logits, labels, answered=ANSWERED, score=SCORES[0], rotation=None):
     """The temperature and threshold of these (val) logits, with the figures before and after; None
     with fewer than MIN_FIT_IMAGES images. The threshold is on `score` (rotation: the images' rotation
     agreement, for that score)."""

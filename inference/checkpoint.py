@@ -23,10 +23,6 @@ from plumbing.atomic import DISK_HINT, atomic_write, atomic_write_text
 from plumbing.options import UserError
 
 
-class CheckpointError(UserError):
-    """A weights file that is missing, unreadable or for another model: the message says what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
 # What a checkpoint holds
 # ---------------------------------------------------------------------------------------------
@@ -78,27 +74,27 @@ def read_class_indices(path):
             data = json.load(f)
         return [data[str(i)] for i in range(len(data))]
     except FileNotFoundError:
-        raise CheckpointError(f"class index file {path} does not exist: pass --class-indices, or use a "
-                              "checkpoint written by train.py, which holds its class names") from None
+        raise UserError(f"class index file {path} does not exist: pass --class-indices, or use a "
+                        "checkpoint written by train.py, which holds its class names") from None
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is not a class index file like {{\"0\": \"daisy\", ...}}") from None
+        raise UserError(f"{path} is not a class index file like {{\"0\": \"daisy\", ...}}") from None
 
 
 def load_checkpoint(path, option="--weights"):
     """The checkpoint dict; a plain state dict comes back as {"model": state_dict}."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"weights file {path} does not exist: train first (python train.py) "
-                              f"or pass {option} with the right path")
+        raise UserError(f"weights file {path} does not exist: train first (python train.py) "
+                        f"or pass {option} with the right path")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise CheckpointError(f"{path} is not a readable PyTorch weights file (damaged, or another format): "
-                              "pass a best.pth or last.pth written by train.py, or a saved state dict") from None
+        raise UserError(f"{path} is not a readable PyTorch weights file (damaged, or another format): "
+                        "pass a best.pth or last.pth written by train.py, or a saved state dict") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}
-    raise CheckpointError(f"{path} holds neither a checkpoint nor a state dict")
+    raise UserError(f"{path} holds neither a checkpoint nor a state dict")
 
 
 def clean_state_dict(state_dict):
@@ -137,8 +133,8 @@ def load_weights(model, state_dict, path, reinit_heads=False):
             parts.append(f"missing keys: {_names(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_names(unexpected)}")
-        raise CheckpointError(f"{path} does not fit this GoogLeNet ({model.variant} variant): "
-                              f"{'; '.join(parts)}. Use weights trained with this repository's model.py")
+        raise UserError(f"{path} does not fit this GoogLeNet ({model.variant} variant): "
+                        f"{'; '.join(parts)}. Use weights trained with this repository's model.py")
     misshaped = sorted(k for k in own if k not in fresh and own[k].shape != state_dict[k].shape)
     reinit = [k for k in misshaped if reinit_heads and k.startswith(HEAD_PREFIXES)]
     wrong = [k for k in misshaped if k not in reinit]
@@ -149,12 +145,12 @@ def load_weights(model, state_dict, path, reinit_heads=False):
         if any(k.startswith(HEAD_PREFIXES) for k in wrong):
             hint = (f" The weights are for {state_dict['fc.weight'].shape[0]} classes and the model has "
                     f"{own['fc.weight'].shape[0]}: use the class index file that came with them.")
-        raise CheckpointError(f"{path} does not fit this model: {details}.{hint}")
+        raise UserError(f"{path} does not fit this model: {details}.{hint}")
     broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise CheckpointError(f"{path} holds weights that are NaN or infinite ({_names(broken)}): it comes from a "
-                              "run that diverged, or the file is damaged; use another checkpoint (best.pth keeps "
-                              "the last good weights of a run)")
+        raise UserError(f"{path} holds weights that are NaN or infinite ({_names(broken)}): it comes from a "
+                        "run that diverged, or the file is damaged; use another checkpoint (best.pth keeps "
+                        "the last good weights of a run)")
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in reinit}, strict=not (reinit or fresh))
     return sorted({k.rsplit(".", 1)[0] for k in reinit + fresh})
 
@@ -166,8 +162,8 @@ def _names(keys):
 def check_classes(path, trained_on, classes, what):
     """A checkpoint's classes against the data's: one line naming both when they differ."""
     if trained_on and trained_on != classes:
-        raise CheckpointError(f"{path} was trained on classes {trained_on}, {what} has {classes}: "
-                              "use data with the same class folders")
+        raise UserError(f"{path} was trained on classes {trained_on}, {what} has {classes}: "
+                        "use data with the same class folders")
 
 
 def load_model(weights, class_indices, device, loaded=None):
@@ -184,9 +180,9 @@ def load_model(weights, class_indices, device, loaded=None):
     # (a ResNet has an fc.weight too) load_weights below names the keys that do not fit.
     if (set(model.state_dict()) <= set(state_dict) and "fc.weight" in state_dict
             and state_dict["fc.weight"].shape[0] != len(classes)):
-        raise CheckpointError(f"{weights} is for {state_dict['fc.weight'].shape[0]} classes but "
-                              f"{class_indices} names {len(classes)}: use the class index file "
-                              "written with these weights")
+        raise UserError(f"{weights} is for {state_dict['fc.weight'].shape[0]} classes but "
+                        f"{class_indices} names {len(classes)}: use the class index file "
+                        "written with these weights")
     load_weights(model, state_dict, weights)
     model = model.to(device, memory_format=torch.channels_last).eval()
     return model, classes, preprocessing_of(loaded)

@@ -23,10 +23,6 @@ from plumbing.atomic import SaveError, atomic_write, atomic_write_text
 from plumbing.options import UserError
 
 
-class PredictionError(UserError):
-    """Bad input to predict.py: the message says what and what to do."""
-
-
 @dataclass
 class Classifier:
     """A trained model ready to classify: logits_of maps normalised float32 images N x 3 x H x W to
@@ -113,14 +109,14 @@ def load_classifier(weights, class_indices="class_indices.json", device="auto", 
 
 def _load_onnx(weights, device, amp, runtime):
     if not os.path.isfile(weights):
-        raise PredictionError(f"weights file {weights} does not exist: export one with "
+        raise UserError(f"weights file {weights} does not exist: export one with "
                               f"python export.py --output {weights}, or pass --weights with the right path")
     from inference.runtimes import load_onnx, recorded_calibration  # no torch on this path
 
     model, classes, preprocessing = load_onnx(weights, runtime=runtime, amp=amp, device=device)
     recorded = recorded_calibration(model, weights)
     if recorded.needs_rotation and not model.has_rotation:
-        raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation output: "
+        raise UserError(f"{weights} records the rotation score for \"not sure\" but has no rotation output: "
                               "export it again with export.py")
     return Classifier(model, classes, preprocessing, calibration=recorded)
 
@@ -138,7 +134,7 @@ def _load_torch(weights, class_indices, device, amp, warn, loaded):
     model, classes, preprocessing = ckpt.load_model(weights, class_indices, placement.device, loaded)
     recorded = calibration.of_checkpoint(loaded)
     if recorded.needs_rotation and model.rotation is None:
-        raise PredictionError(f"{weights} records the rotation score for \"not sure\" but has no rotation head: "
+        raise UserError(f"{weights} records the rotation score for \"not sure\" but has no rotation head: "
                               "pass weights trained with --rotation-weight")
     return Classifier(TorchLogits(model, placement), classes, preprocessing, placement.device.type, model, recorded)
 
@@ -173,12 +169,12 @@ def collect_images(paths):
         if os.path.isdir(path):
             found = images.find_image_files(path)
             if not found:
-                raise PredictionError(f"folder {path} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
+                raise UserError(f"folder {path} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise PredictionError(f"image {path} does not exist: check the path")
+            raise UserError(f"image {path} does not exist: check the path")
     return files
 
 
@@ -293,7 +289,7 @@ def write_output(path, classes, batch):
     elif path.lower().endswith(".csv"):
         text = _csv_text([csv_header(classes), *csv_rows(batch.files, batch.answers, batch.probabilities)])
     else:
-        raise PredictionError(f"--output {path}: the file name must end in .csv or .json")
+        raise UserError(f"--output {path}: the file name must end in .csv or .json")
     atomic_write_text(path, text)
 
 
@@ -339,7 +335,7 @@ class CsvOutput:
                 rows = _rows_with_ends(f)
                 header, end_of_rows, whole = next(rows)
                 if header != self.header:
-                    raise PredictionError(f"--output {self.path} holds {_describe(header, self.header)}, so this "
+                    raise UserError(f"--output {self.path} holds {_describe(header, self.header)}, so this "
                                           f"run cannot continue it: pass another --output, or delete {self.path} "
                                           "to start again")
                 if not whole:
@@ -349,17 +345,17 @@ class CsvOutput:
                         self.torn = True
                         break
                     if row and len(row) != len(self.header):
-                        raise PredictionError(f"line {line} of --output {self.path} is not a row of predictions "
+                        raise UserError(f"line {line} of --output {self.path} is not a row of predictions "
                                               f"({len(row)} columns, not {len(self.header)}): pass another "
                                               f"--output, or delete {self.path} to start again")
                     if row:
                         self.done[self._photo(row[0])] = row[1]
                     end_of_rows = end
         except (UnicodeDecodeError, csv.Error) as e:
-            raise PredictionError(f"--output {self.path} is not a predictions table ({e}): pass another "
+            raise UserError(f"--output {self.path} is not a predictions table ({e}): pass another "
                                   f"--output, or delete {self.path} to start again") from e
         except OSError as e:
-            raise PredictionError(f"cannot read --output {self.path} ({e.strerror}): pass another --output") from e
+            raise UserError(f"cannot read --output {self.path} ({e.strerror}): pass another --output") from e
         if end_of_rows is None:
             atomic_write_text(self.path, _csv_text([self.header]))
         elif end_of_rows < size:

@@ -22,10 +22,6 @@ OPENVINO_MISSING = "--runtime openvino needs OpenVINO, an optional dependency: p
 CUDA_PROVIDER = "CUDAExecutionProvider"  # onnxruntime-gpu's
 
 
-class OnnxError(UserError):
-    """A .onnx file that cannot be run: missing runtime, unreadable file, no metadata."""
-
-
 def onnx_providers(device, available):
     """ONNX Runtime's execution providers for --device (auto, cpu, cuda or cuda:N), given the ones
     this onnxruntime has: CUDA's first where asked for (auto: where onnxruntime-gpu has it), then the
@@ -33,13 +29,13 @@ def onnx_providers(device, available):
     if device == "cpu" or (device == "auto" and CUDA_PROVIDER not in available):
         return ["CPUExecutionProvider"]
     if device != "auto" and not device.startswith("cuda"):
-        raise OnnxError(f"--device {device}: a .onnx file runs on cpu or cuda (through onnxruntime-gpu)")
+        raise UserError(f"--device {device}: a .onnx file runs on cpu or cuda (through onnxruntime-gpu)")
     if CUDA_PROVIDER not in available:
-        raise OnnxError(f"--device {device}: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu "
+        raise UserError(f"--device {device}: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu "
                         "(in place of onnxruntime), or use --device cpu")
     index = device.partition(":")[2] or "0"
     if not index.isdigit():
-        raise OnnxError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     return [(CUDA_PROVIDER, {"device_id": int(index)}), "CPUExecutionProvider"]
 
 
@@ -52,7 +48,7 @@ class OnnxModel:
         try:
             import onnxruntime
         except ImportError:
-            raise OnnxError(MISSING) from None
+            raise UserError(MISSING) from None
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -60,7 +56,7 @@ class OnnxModel:
         try:
             self.session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as e:
-            raise OnnxError(f"{source if isinstance(source, str) else 'the model'} is not a readable ONNX "
+            raise UserError(f"{source if isinstance(source, str) else 'the model'} is not a readable ONNX "
                             f"model ({str(e).splitlines()[0][:120]}): export it again with export.py") from e
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.input_name = self.session.get_inputs()[0].name
@@ -83,7 +79,7 @@ class OpenVinoModel:
         try:
             import openvino
         except ImportError:
-            raise OnnxError(OPENVINO_MISSING) from None
+            raise UserError(OPENVINO_MISSING) from None
         core = openvino.Core()
         try:
             network = core.read_model(path)
@@ -92,7 +88,7 @@ class OpenVinoModel:
                 config["INFERENCE_PRECISION_HINT"] = "f32"
             self.compiled = core.compile_model(network, "CPU", config)
         except Exception as e:
-            raise OnnxError(f"{path} is not a model OpenVINO can read ({str(e).splitlines()[0][:120]}): "
+            raise UserError(f"{path} is not a model OpenVINO can read ({str(e).splitlines()[0][:120]}): "
                             "export it again with export.py, or use --runtime onnxruntime") from e
         # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"]
         framework = network.get_rt_info()["framework"] if network.has_rt_info(["framework"]) else {}
@@ -119,7 +115,7 @@ def load_onnx(path, threads=None, runtime="onnxruntime", amp="auto", device="cpu
         preprocessing = Preprocessing(int(meta["val_resize"]), int(meta["val_crop"]),
                                       tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])))
     except (KeyError, ValueError):
-        raise OnnxError(
+        raise UserError(
             f"{path} has no class names and preprocessing in its metadata: export it with export.py") from None
     return model, classes, preprocessing
 
@@ -129,6 +125,6 @@ def recorded_calibration(model, path):
     (calibration.Calibration; a file exported before they existed: T = 1, no threshold)."""
     found = calibration.of_metadata(model.metadata)
     if found is None:
-        raise OnnxError(f"{path} has a temperature or min_confidence in its metadata that is no number, or a "
+        raise UserError(f"{path} has a temperature or min_confidence in its metadata that is no number, or a "
                         "not_sure_score this version does not know: export it again with export.py")
     return found

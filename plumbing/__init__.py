@@ -1,3 +1,3 @@
 """What every command stands on: option types and the one user-error path, device and precision,
-several processes, crash-safe writes and the shared image cache.
+several processes, crash-safe writes, one run per folder and the stop request.
 """

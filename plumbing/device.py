@@ -12,10 +12,6 @@ from plumbing import distributed
 from plumbing.options import UserError
 
 
-class DeviceError(UserError):
-    """A device or precision the user asked for that this machine does not have."""
-
-
 @dataclass(frozen=True)
 class Placement:
     """The device, the autocast dtype (None: fp32), and the words the start-up line uses for them."""
@@ -46,9 +42,9 @@ def pick_device(name="auto", local_rank=None):
     device = _named_device(name, local_rank)
     served = distributed.served_device_types()
     if served is not None and device.type not in served:
-        raise DeviceError(f"--device {name} under torchrun: the processes' collectives ({dist.get_backend()}) carry "
-                          f"{' and '.join(sorted(served))} tensors only; use --device auto"
-                          + (", or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+        raise UserError(f"--device {name} under torchrun: the processes' collectives ({dist.get_backend()}) carry "
+                        f"{' and '.join(sorted(served))} tensors only; use --device auto"
+                        + (", or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
                              if device.type == "cpu" else ""))
     return device
 
@@ -58,25 +54,25 @@ def _named_device(name, local_rank):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+            raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
         device = torch.device(name)
         processes = int(os.environ.get("WORLD_SIZE", 1))
         if device.index is not None and local_rank is not None and processes > 1:
-            raise DeviceError(f"--device {name} with {processes} processes (torchrun): each process takes the GPU "
-                              "of its LOCAL_RANK; pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+            raise UserError(f"--device {name} with {processes} processes (torchrun): each process takes the GPU "
+                            "of its LOCAL_RANK; pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
         if device.index is None:  # torch.cuda.set_device takes a GPU, not 'cuda': LOCAL_RANK's, else the current
             device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
         return device
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise DeviceError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+            raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu")
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise DeviceError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    raise UserError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the instructions that make bf16 fast on a CPU
@@ -96,8 +92,8 @@ def cpu_bf16_flags(capabilities=None):
         if forced in ("0", "1"):
             return [f"{BF16_OVERRIDE}=1"] if forced == "1" else []
         if forced:
-            raise DeviceError(f"{BF16_OVERRIDE}={forced}: expected 1 (treat the CPU as having native bf16) "
-                              "or 0 (as lacking it); unset it to use what the CPU reports")
+            raise UserError(f"{BF16_OVERRIDE}={forced}: expected 1 (treat the CPU as having native bf16) "
+                            "or 0 (as lacking it); unset it to use what the CPU reports")
         capabilities = torch.cpu.get_capabilities()
     return [flag for flag in BF16_CPU_FLAGS if capabilities.get(flag)]
 
@@ -119,11 +115,11 @@ def amp_dtype(device, amp="auto", cpu_flags=None):
         return torch.float16
     if device.type == "cpu":
         if amp == "fp16":
-            raise DeviceError("--amp fp16 is for CUDA devices; on a CPU use --amp bf16 or off")
+            raise UserError("--amp fp16 is for CUDA devices; on a CPU use --amp bf16 or off")
         native = bool(cpu_bf16_flags() if cpu_flags is None else cpu_flags)
         return torch.bfloat16 if amp == "bf16" or (amp == "auto" and native) else None
     if amp in ("bf16", "fp16"):
-        raise DeviceError(f"--amp {amp} is for CUDA devices and CPUs; on {device.type} training runs in fp32")
+        raise UserError(f"--amp {amp} is for CUDA devices and CPUs; on {device.type} training runs in fp32")
     return None
 
 

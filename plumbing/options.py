@@ -10,31 +10,25 @@ class UserError(Exception):
     """Something the user can put right (a path, a file, an option's value): the scripts print
     "error: <message>" as one line and exit with exit_code, never with a traceback.
 
-    Every kind of it, where it is raised and its exit code; a caller that catches one by name is
-    noted (tests/test_docs.py keeps this table whole):
+    Raise a plain UserError("what is wrong: what to do"); the message says which it is. A kind of
+    its own is kept only where something tells it apart: a caller that catches it by name, another
+    exit code, or attributes of its own. Every kind, where it is raised, its exit code and why it is
+    one (tests/test_docs.py keeps this table whole):
 
-    ================  ======================  ====  ==========================================
-    class             module                  exit  caught by name in
-    ================  ======================  ====  ==========================================
-    DataError         training/data.py        2
-    TrainingError     training/step.py        1
-    CheckpointError   inference/checkpoint.py 2
-    PredictionError   inference/classify.py   2
-    OnnxError         inference/runtimes.py   2
-    CamError          inference/visualize.py  2     app.py (shown on the page)
-    DeviceError       plumbing/device.py      2
-    PeerFailed        plumbing/distributed.py 1     (empty: another process printed why)
-    OutOfSync         plumbing/distributed.py 1
-    FolderInUse       plumbing/run_lock.py    1
-    CannotLock        plumbing/run_lock.py    1
-    SaveError         plumbing/atomic.py      1     data_set/review_page.py (also an OSError)
-    ReviewError       data_set/review.py      2     data_set/review_page.py
-    ReviewPageError   data_set/review_page.py 2
-    ExportError       export.py               2     benchmarks/benchmark.py
-    ReportError       report.py               2
-    Upload            app.py                  2     app.py (shown on the page)
-    BenchmarkError    benchmarks/trust.py     2
-    ================  ======================  ====  ==========================================
+    ===============  =======================  ====  ==============================================================
+    class            module                   exit  why it is a kind of its own
+    ===============  =======================  ====  ==============================================================
+    TrainingError    training/step.py         1     exit 1: a run that cannot go on
+    CamError         inference/visualize.py   2     app.py catches it: the page shows it, the classes still come
+    PeerFailed       plumbing/distributed.py  1     exit 1 and no message: another process printed why
+    OutOfSync        plumbing/distributed.py  1     exit 1: the processes' weights differ, the run is broken
+    FolderInUse      plumbing/run_lock.py     1     exit 1; .holder: the lock's holder (None: unreadable)
+    CannotLock       plumbing/run_lock.py     1     exit 1: the lock file itself cannot be written
+    SaveError        plumbing/atomic.py       1     exit 1; an OSError too (errno, .path, .hint): a write failed
+    ReviewError      data_set/review.py       2     data_set/review_page.py catches it: a message on the page
+    ExportError      export.py                2     benchmarks/benchmark.py catches it: leaves the onnx column out
+    Upload           app.py                   2     app.py catches it: the page shows it for that upload
+    ===============  =======================  ====  ==============================================================
     """
 
     exit_code = 2

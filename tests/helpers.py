@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +109,11 @@ def dataset_of(root, transform, cached=True, substitute=True, workers=0):
     image, or none with cached=False) for a loader with that many workers."""
     import torch
 
-    from training import data
+    from training import data, image_cache
 
     samples = samples_of(root)
-    images_cache, _ = data.machine_cache(len(samples), 2 ** 26 if cached else 0, max(workers, 1), torch.device("cpu"))
-    return data.ImageDataset(samples, transform, images_cache, substitute=substitute)
+    shared, _ = image_cache.machine_cache(len(samples), 2 ** 26 if cached else 0, max(workers, 1), torch.device("cpu"))
+    return data.ImageDataset(samples, transform, shared, substitute=substitute)
 
 
 def write_corrupt(path, n=2000, seed=1):
@@ -261,6 +263,40 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PageServer:
+    """python app.py ARGS in its own process on a free port of 127.0.0.1, its output lines gathered
+    in .output, from when the port takes connections until stop(). up_s: how long it may take to
+    come up (its output fails the test then); stop_s: how long it has to end once terminated."""
+
+    up_s, stop_s = 180, 30
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *map(str, args), "--port", str(self.port)],
+                                     cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.output = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + self.up_s
+        while True:
+            assert self.proc.poll() is None, "".join(self.output)
+            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(self.output)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.3)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=self.stop_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def needs(*packages, why="requirements-dev.txt"):

@@ -10,12 +10,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, assert_clean_error, free_port, needs, run_script, save_image, script_env, write_truncated_jpeg
+from helpers import REPO, PageServer, assert_clean_error, needs, run_script, save_image, write_truncated_jpeg
 from inference import classify
 
 # the page runs in its own process: this one needs gradio installed, not imported (seconds of collecting)
@@ -37,26 +33,11 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", s
                  if p and os.path.exists(p)), None)
 
 
-class Server:
-    """python app.py ... in its own process, until stop()."""
+class Server(PageServer):
+    """python app.py ... in its own process, with a gradio_client of it, until stop()."""
 
     def __init__(self, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *map(str, args), "--port", str(self.port)],
-                                     cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.output = []
-        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, "".join(self.output)
-            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(self.output)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.3)
+        super().__init__(*args)
         self.client = gradio_client.Client(self.url, verbose=False,
                                            download_files=os.path.join(tempfile.gettempdir(), "downloads"))
 
@@ -73,13 +54,6 @@ class Server:
     def rss_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module", autouse=True)

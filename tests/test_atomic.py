@@ -143,7 +143,7 @@ def test_sigkill_during_saves_never_leaves_a_damaged_checkpoint(tmp_path):
                 running.add(pid)
             time.sleep(rng.uniform(0.0, 0.3))
             kill(pid)
-            loaded = checkpoint.load_checkpoint(str(path))  # raises CheckpointError if damaged
+            loaded = checkpoint.load_checkpoint(str(path))  # raises UserError if damaged
             counter, w = loaded["counter"], loaded["model"]["w"]
             assert w.shape == (N_FLOATS,) and bool((w == float(counter)).all()), f"seed {seed}"
             assert counter >= last_counter, f"an older checkpoint came back (seed {seed})"

@@ -18,6 +18,7 @@ from inference import checkpoint as ckpt
 from inference import images
 from model import GoogLeNet
 from plumbing import device as dev
+from plumbing.options import UserError
 from training import recipe, run_state, schedule
 
 CPU = torch.device("cpu")
@@ -135,9 +136,9 @@ def test_last_pth_round_trips_the_training_state_and_the_random_generators(tmp_p
             assert torch.equal(fresh.optimizer.state_dict()["state"][key][name], value), name
 
     budget_run = dict(ckpt.load_checkpoint(str(path)), plan=schedule.budget_plan(0.2).to_dict())
-    with pytest.raises(ckpt.CheckpointError, match="is a --time-budget run: resume it with --time-budget 0.2"):
+    with pytest.raises(UserError, match="is a --time-budget run: resume it with --time-budget 0.2"):
         run_state.restore_training(budget_run, str(path), training_state(2), 0, CPU, schedule.fixed_plan(4))
-    with pytest.raises(ckpt.CheckpointError, match="was not a --time-budget run: resume it without --time-budget"):
+    with pytest.raises(UserError, match="was not a --time-budget run: resume it without --time-budget"):
         run_state.restore_training(ckpt.load_checkpoint(str(path)), str(path), training_state(2), 0, CPU,
                                    schedule.budget_plan(0.2))
 
@@ -160,10 +161,10 @@ def test_write_class_indices_content_and_round_trip(tmp_path):
 
 @pytest.mark.quick
 def test_a_missing_or_foreign_class_index_file_is_one_error(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="does not exist: pass --class-indices"):
+    with pytest.raises(UserError, match="does not exist: pass --class-indices"):
         ckpt.read_class_indices(str(tmp_path / "none.json"))
     (tmp_path / "list.json").write_text('["daisy", "roses"]')
-    with pytest.raises(ckpt.CheckpointError, match=r'is not a class index file like \{"0": "daisy"'):
+    with pytest.raises(UserError, match=r'is not a class index file like \{"0": "daisy"'):
         ckpt.read_class_indices(str(tmp_path / "list.json"))
 
 

@@ -70,9 +70,9 @@ def test_a_cpu_tensor_in_a_cuda_run_is_refused(group):
                                                       "device cuda:0"):
         distributed.check_in_sync(model, ema, torch.device("cuda", 0))
     # --device cpu where the processes talk over NCCL: one line at start, not a failure at the first step
-    with pytest.raises(dev.DeviceError, match=r"^--device cpu under torchrun: the processes' collectives "
-                                              r"\(cuda:gloo\) carry cuda tensors only; use --device auto, or hide "
-                                              r"the GPUs \(CUDA_VISIBLE_DEVICES=\) to train on the CPU$"):
+    with pytest.raises(UserError, match=r"^--device cpu under torchrun: the processes' collectives "
+                                         r"\(cuda:gloo\) carry cuda tensors only; use --device auto, or hide "
+                                         r"the GPUs \(CUDA_VISIBLE_DEVICES=\) to train on the CPU$"):
         dev.pick_device("cpu")
 
 

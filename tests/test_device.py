@@ -13,6 +13,7 @@ from helpers import assert_clean_error, call, make_tree, train_argv
 from inference import images
 from model import GoogLeNet
 from plumbing import device as dev
+from plumbing.options import UserError
 from training import data
 
 CPU = torch.device("cpu")
@@ -50,7 +51,7 @@ def test_the_environment_can_force_what_auto_decides(forced, monkeypatch):
     assert dev.amp_dtype(CPU, "auto", cpu_flags=[]) is None
     assert dev.amp_dtype(CPU, "auto", cpu_flags=["avx512_bf16"]) is torch.bfloat16
     monkeypatch.setenv(dev.BF16_OVERRIDE, "yes")
-    with pytest.raises(dev.DeviceError, match="GOOGLENET_CPU_BF16=yes: expected 1"):
+    with pytest.raises(UserError, match="GOOGLENET_CPU_BF16=yes: expected 1"):
         dev.amp_dtype(CPU, "auto")
 
 
@@ -61,7 +62,7 @@ def test_cpu_precision_follows_native_bf16(flags):
     assert dev.amp_dtype(CPU, "auto", cpu_flags=flags) is (torch.bfloat16 if native else None)
     assert dev.amp_dtype(CPU, "off", cpu_flags=flags) is None
     assert dev.amp_dtype(CPU, "bf16", cpu_flags=flags) is torch.bfloat16  # forced: obeyed either way
-    with pytest.raises(dev.DeviceError, match="fp16"):
+    with pytest.raises(UserError, match="fp16"):
         dev.amp_dtype(CPU, "fp16", cpu_flags=flags)
     words, warning = dev.describe_precision(CPU, dev.amp_dtype(CPU, "auto", cpu_flags=flags), cpu_flags=flags)
     assert words.startswith("bf16 autocast" if native else "fp32") and (flags[0] in words if native else True)
@@ -187,11 +188,11 @@ def test_cuda_device_choice(fake_cuda, monkeypatch):
         assert torch.cuda.current_device() == 1
     assert gpus.set_devices == [0, 0, 0, 1, 1, 0, 1, 1]
     # by name with several processes: every process would take GPU 0
-    with pytest.raises(dev.DeviceError, match=r"^--device cuda:0 with 2 processes \(torchrun\): each process takes "
-                                              "the GPU of its LOCAL_RANK; pass --device cuda"):
+    with pytest.raises(UserError, match=r"^--device cuda:0 with 2 processes \(torchrun\): each process takes "
+                                         "the GPU of its LOCAL_RANK; pass --device cuda"):
         dev.pick_device("cuda:0", local_rank=1)
     monkeypatch.delenv("WORLD_SIZE")
-    with pytest.raises(dev.DeviceError, match="2 GPU"):
+    with pytest.raises(UserError, match="2 GPU"):
         dev.pick_device("cuda:2")
     assert len(gpus.set_devices) == 8
 

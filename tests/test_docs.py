@@ -108,8 +108,7 @@ def project_files():
 # each command has these; the benchmarks' scripts too
 EVERY_COMMANDS_OWN = {"main", "run", "get_args_parser"}
 # names still defined in two modules, each to be given a name of its own (#36): this list only shrinks
-NOT_YET_RENAMED = {"build_page", "summary", "fit", "evaluate", "load_model", "prepare", "check", "report", "Page",
-                   "time_run"}
+NOT_YET_RENAMED = set()
 
 
 @pytest.mark.quick

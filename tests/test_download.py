@@ -11,7 +11,8 @@ import pytest
 
 import train
 from helpers import COLORS, assert_clean_error, call, load, save_image, train_argv
-from training import data, download
+from plumbing.options import UserError
+from training import download
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_download_flowers_over_http(archive, server, tmp_path):
 @pytest.mark.quick
 def test_download_with_wrong_sha256_leaves_nothing(archive, server, tmp_path):
     dest = tmp_path / "flower_data"
-    with pytest.raises(data.DataError, match="SHA-256"):
+    with pytest.raises(UserError, match="SHA-256"):
         download.download_flowers(str(dest), url=server, sha256="0" * 64, log=lambda *a: None)
     assert os.listdir(dest) == []  # neither the archive nor a .part file
 
@@ -74,7 +75,7 @@ def test_download_never_deletes_a_flower_photos_folder_it_did_not_make(tmp_path)
     mine = dest / "flower_photos" / "my_notes.txt"
     mine.parent.mkdir(parents=True)
     mine.write_text("keep me")
-    with pytest.raises(data.DataError, match="already exists: split it with"):
+    with pytest.raises(UserError, match="already exists: split it with"):
         download.download_flowers(str(dest), url=str(tmp_path / "never_read.tgz"), sha256=None, log=lambda *a: None)
     assert mine.read_text() == "keep me" and sorted(os.listdir(dest)) == ["flower_photos"]
 

@@ -14,6 +14,7 @@ import torch
 import train
 from helpers import call, eval_argv, make_tree, run_ranks, write_truncated_jpeg
 from plumbing.atomic import SaveError
+from plumbing.options import UserError
 from training import data, evaluation
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
@@ -32,8 +33,8 @@ def _eval_worker(rank, port, argv, fault, machines, results):
             evaluation.write_predictions_csv = full_disk
         if fault == "folder missing on rank 1" and rank == 1:
             def missing(folder, *args):
-                raise data.DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos "
-                                     "of none of the classes")
+                raise UserError(f"--unknowns folder {folder} does not exist: pass a folder of photos "
+                                "of none of the classes")
             data.find_unknowns = missing
         code, out, err = call(train, argv)
         results.put((rank, code, out, err))

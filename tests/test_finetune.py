@@ -17,6 +17,7 @@ import train
 from helpers import assert_clean_error, call, eval_argv, make_tree, train_argv
 from inference import checkpoint
 from model import GoogLeNet
+from plumbing.options import UserError
 
 CLASSES = ["daisy", "roses", "tulips"]
 HEADS = ("fc.", "aux1.", "aux2.")  # what --freeze-layers leaves trainable
@@ -81,7 +82,7 @@ def test_reinit_heads_replaces_exactly_the_class_layers(tv_file):
 @pytest.mark.quick
 def test_without_reinit_heads_a_1000_class_file_is_an_error_naming_fc(tv_file):
     state_dict = checkpoint.load_checkpoint(tv_file)["model"]
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    with pytest.raises(UserError) as info:
         checkpoint.load_weights(GoogLeNet(num_classes=3, variant="torchvision"), state_dict, tv_file)
     message = str(info.value)
     assert "fc.weight (1000, 1024) vs (3, 1024)" in message

@@ -17,6 +17,7 @@ from helpers import assert_clean_error, call, fp16_on_the_cpu, load, make_tree, 
 from model import GoogLeNet
 from plumbing import device as dev
 from plumbing import stopping
+from plumbing.options import UserError
 from training import data, run_state
 
 CPU = torch.device("cpu")
@@ -38,7 +39,7 @@ def tiny(tree, out, *extra, amp="auto", epochs=2, batch_size=4):
 @pytest.mark.quick
 def test_an_inf_gradient_skips_the_fp16_step_and_halves_the_scale(monkeypatch):
     """The scaler that an fp16 run gets (device.grad_scaler) on the placement fp16_on_the_cpu builds."""
-    with pytest.raises(dev.DeviceError, match="--amp fp16 is for CUDA devices"):
+    with pytest.raises(UserError, match="--amp fp16 is for CUDA devices"):
         dev.place("cpu", "fp16")  # what a user gets
     fp16_on_the_cpu(monkeypatch)
     placement = dev.place("cpu", "fp16")

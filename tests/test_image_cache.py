@@ -1,4 +1,4 @@
-"""The decoded-image cache (plumbing/cache.py) behind training/data.py's ImageDataset: it gives the
+"""The decoded-image cache (training/image_cache.py) behind training/data.py's ImageDataset: it gives the
 pixels a fresh decode gives, reads from disk what does not fit, is filled by forked loader workers
 and shared by torchrun's processes on one machine (whose file is gone once all have it open). How
 large it may be: test_cache_sizing.py."""
@@ -13,8 +13,7 @@ from PIL import Image
 
 from helpers import COLORS, dataset_of, run_ranks, save_image, write_truncated_jpeg
 from inference import images
-from plumbing import cache
-from training import data
+from training import data, image_cache
 
 
 def photo_folder(root, count=3):
@@ -48,7 +47,7 @@ def test_a_full_cache_reads_the_rest_from_disk(tmp_path):
     for i in range(4):
         save_image(root / "a" / f"{i}.jpg", COLORS[0], seed=i)
     samples = [(str(p), 0) for p in sorted((root / "a").iterdir())]
-    small = cache.SharedImageCache.create(len(samples), 2 * 48 * 64 * 3)  # room for two
+    small = image_cache.SharedImageCache.create(len(samples), 2 * 48 * 64 * 3)  # room for two
     dataset = data.ImageDataset(samples, data.EvalTransform(images.Preprocessing(32, 32)), small, substitute=False)
     first = [dataset[i][0] for i in range(4)]
     assert small.counts()[:2] == (2, 2)
@@ -76,13 +75,13 @@ def _attach_worker(rank, port, results):
     try:
         os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        shared, writer = data.machine_cache(3, 3 * 1000, 1, torch.device("cpu"))
+        shared, writer = image_cache.machine_cache(3, 3 * 1000, 1, torch.device("cpu"))
         if rank == 1:
             shared.put(1, np.full((10, 20, 3), 7, np.uint8), writer)
             shared.mark_bad(2)
         dist.barrier()
         seen = shared.get(1)
-        files = sorted(f for f in os.listdir(cache.shared_folder()) if f.startswith("googlenet-cache-"))
+        files = sorted(f for f in os.listdir(image_cache.shared_folder()) if f.startswith("googlenet-cache-"))
         results.put((rank, writer, None if seen is None else (seen.shape, int(seen.max())), shared.bad_indices(),
                      shared.path, files))
     except BaseException:
@@ -92,9 +91,9 @@ def _attach_worker(rank, port, results):
             dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or not cache.FORKED_WORKERS, reason="needs fork() and Linux")
+@pytest.mark.skipif(not hasattr(os, "fork") or not image_cache.FORKED_WORKERS, reason="needs fork() and Linux")
 def test_torchruns_local_processes_share_one_cache_whose_file_is_gone_once_open():
-    before = sorted(f for f in os.listdir(cache.shared_folder()) if f.startswith("googlenet-cache-"))
+    before = sorted(f for f in os.listdir(image_cache.shared_folder()) if f.startswith("googlenet-cache-"))
     got = run_ranks(_attach_worker)
     for rank, writer, seen, bad, path, files in got:
         assert writer == rank, writer  # each process writes its own slab

@@ -110,3 +110,15 @@ def test_train_one_epoch_reads_in_one_screen():
     paper_loss = "criterion(logits, y) + args.aux_weight * (criterion(aux1, y) + criterion(aux2, y))"
     for line in ("outputs = model(", paper_loss, ".backward()", "scaler.step(optimizer)"):
         assert line in text, line
+
+
+def test_only_the_weights_format_table_looks_at_a_weights_files_name():
+    """inference/classify.py's weights_format is the one place that tells .pth from .onnx weights
+    (export.py checks the name of the file it writes, not of weights it opens)."""
+    found = []
+    for path in [*REPO.glob("*.py"), *(p for f in FOLDERS for p in (REPO / f).glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "endswith"
+                    and ".onnx" in ast.dump(node)):
+                found.append(path.relative_to(REPO).as_posix())
+    assert sorted(found) == ["export.py", "inference/classify.py"], found

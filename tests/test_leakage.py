@@ -11,8 +11,8 @@ from PIL import Image
 import train
 from helpers import TEXTURE_SIZE, call, texture, train_argv, write_truncated_jpeg
 from inference.images import HASH_DECODE_SIDE, Preprocessing, hash_distance, load_image, near_hash, reduced_for_hash
-from plumbing.cache import SharedImageCache
 from training import data, leakage
+from training.image_cache import SharedImageCache
 
 SIZE = TEXTURE_SIZE
 

@@ -7,6 +7,7 @@ import pytest
 import predict
 from helpers import assert_clean_error, call, class_lines, needs
 from inference import runtimes
+from plumbing.options import UserError
 
 CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
 WITH_CUDA = ["CUDAExecutionProvider", *CPU_ONLY]
@@ -31,7 +32,7 @@ def test_the_cuda_provider_comes_first_where_asked_for_and_installed(device, ava
     ("cuda:x", WITH_CUDA, "cuda:N"),
 ])
 def test_a_device_the_runtime_cannot_serve_is_one_line(device, available, fragment):
-    with pytest.raises(runtimes.OnnxError, match=fragment):
+    with pytest.raises(UserError, match=fragment):
         runtimes.onnx_providers(device, available)
 
 

@@ -1,4 +1,4 @@
-"""report.py's plots: PNG files from a run's CSVs, and one clear error (report.ReportError) without
+"""report.py's plots: PNG files from a run's CSVs, and one clear error (UserError) without
 data or matplotlib."""
 import sys
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import report
+from plumbing.options import UserError
 from training import metrics
 
 pytestmark = pytest.mark.quick
@@ -32,14 +33,14 @@ def test_plot_writes_png_files(tmp_path):
 
 def test_plot_without_data_is_a_clear_error(tmp_path):
     pytest.importorskip("matplotlib")
-    with pytest.raises(report.ReportError, match="no metrics.csv, confusion_matrix.csv or predictions.csv"):
+    with pytest.raises(UserError, match="no metrics.csv, confusion_matrix.csv or predictions.csv"):
         report.plot(str(tmp_path))
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     write_run(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    with pytest.raises(report.ReportError, match="pip install matplotlib"):
+    with pytest.raises(UserError, match="pip install matplotlib"):
         report.plot(str(tmp_path))
 
 
@@ -71,5 +72,5 @@ def test_top_losses_shows_the_highest_loss_images_with_their_captions(tmp_path):
     written = report.plot(str(tmp_path), top_losses=4)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["top_losses.png", "reliability.png", "risk_coverage.png"]
     (tmp_path / "img0.png").unlink()  # moved away since the evaluation: one clear line
-    with pytest.raises(report.ReportError, match="cannot read .*img0.png"):
+    with pytest.raises(UserError, match="cannot read .*img0.png"):
         report.plot(str(tmp_path), top_losses=7)

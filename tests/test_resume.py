@@ -14,6 +14,7 @@ import train
 from helpers import assert_clean_error, call, load, make_tree, stop_after_step, train_argv
 from model import GoogLeNet
 from plumbing import options, stopping
+from plumbing.options import UserError
 from training import run_state
 
 
@@ -110,7 +111,7 @@ def test_resume_applies_an_option_that_changes_only_how_it_runs(stopped, tmp_pat
 def test_resume_refuses_another_number_of_processes(stopped):
     resume = load(stopped["cut"] / "last.pth")
     args = train.get_args_parser().parse_args([])
-    with pytest.raises(run_state.ResumeError, match="saved by a run of 1 process.* this one has 2"):
+    with pytest.raises(UserError, match="saved by a run of 1 process.* this one has 2"):
         run_state.resumed_args(args, {}, resume, str(stopped["cut"] / "last.pth"), 2, print)
 
 
@@ -140,7 +141,7 @@ def test_resume_refuses_an_option_the_run_never_recorded(tmp_path, value):
     new option's default), changing the run halfway: refused like any option that changes it."""
     parser = train.get_args_parser()
     argv = ["--resume", str(tmp_path / "last.pth"), "--outliers", value]
-    with pytest.raises(run_state.ResumeError, match=f"--outliers {value}: .*last.pth does not record --outliers"):
+    with pytest.raises(UserError, match=f"--outliers {value}: .*last.pth does not record --outliers"):
         run_state.resumed_args(parser.parse_args(argv), options.given_options(parser, argv), older_last_pth(tmp_path),
                                str(tmp_path / "last.pth"), 1, print)
 

@@ -42,7 +42,7 @@ def test_the_last_decision_for_a_photo_counts_and_blank_lines_are_skipped(tmp_pa
     root = make_folder(tmp_path / "photos", per_class=2)
     write_review(root, "daisy/daisy_00.jpg,exclude,,t1", "", "roses/roses_01.jpg,relabel,tulips,t2",
                  "daisy/daisy_00.jpg,keep,,t3", "roses/roses_01.jpg,relabel,daisy,t4")
-    decisions = review.check(review.read(root), root, CLASSES)
+    decisions = review.check_decisions(review.read(root), root, CLASSES)
     assert {name: (d.action, d.new_class, d.line) for name, d in decisions.items()} == {
         "daisy/daisy_00.jpg": ("keep", "", 5), "roses/roses_01.jpg": ("relabel", "daisy", 6)}
     assert review.read(tmp_path) == {}  # no review.csv: nothing decided

@@ -9,11 +9,8 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +24,9 @@ from helpers import (
     CLASSES,
     REPO,
     SMALL_RUN,
+    PageServer,
     assert_clean_error,
     call,
-    free_port,
     make_tree,
     needs,
     script_env,
@@ -56,40 +53,19 @@ def folder_and_run(small_run, tmp_path):
     return data, run / "best.pth"
 
 
-class ReviewServer:
+class ReviewServer(PageServer):
     """python app.py --review ... in its own process, until stop()."""
 
+    up_s, stop_s = 300, 60
+
     def __init__(self, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--review", *map(str, args), "--port",
-                                      str(self.port)], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.output = []
-        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-        deadline = time.monotonic() + 300
-        while True:
-            assert self.proc.poll() is None, "".join(self.output)
-            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(self.output)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.3)
+        super().__init__("--review", *args)
 
     @property
     def folder(self):
         found = re.search(r"the page's own files are in (\S+) until it stops", "".join(self.output))
         assert found, "".join(self.output)
         return Path(found.group(1))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def wait_for_text(locator, text):
@@ -165,7 +141,8 @@ def test_a_key_press_relabels_a_suspect_and_another_excludes_a_copy_and_both_sur
 @needs("gradio", why="the review page's: requirements-dev.txt")
 def test_what_the_page_computed_is_used_again_until_a_file_changes(folder_and_run, monkeypatch):
     data, weights = folder_and_run
-    first = review_page.prepare(str(data), str(weights), "unused", device="cpu", amp="off", log=lambda line: None)
+    first = review_page.compute_review_data(str(data), str(weights), "unused", device="cpu", amp="off",
+                                            log=lambda line: None)
     assert (weights.parent / review_page.CACHE).is_file()
     assert len(first.lists["suspects"]) == 13 and len(first.lists["duplicates"]) == 2
     classified = []
@@ -176,14 +153,16 @@ def test_what_the_page_computed_is_used_again_until_a_file_changes(folder_and_ru
         return real_predict(classifier, files, *args, **kwargs)
 
     monkeypatch.setattr(classify, "predict", predict)
-    again = review_page.prepare(str(data), str(weights), "unused", device="cpu", amp="off", log=lambda line: None)
+    again = review_page.compute_review_data(str(data), str(weights), "unused", device="cpu", amp="off",
+                                            log=lambda line: None)
     assert classified == []  # nothing classified again
     np.testing.assert_allclose(again.probabilities, first.probabilities, atol=1e-6)
     assert [p.near for p in again.photos] == [p.near for p in first.photos]
 
     changed = data / "val" / "roses" / "roses_00.jpg"
     Image.new("RGB", (64, 48), (40, 200, 60)).save(changed)  # another picture under the same name
-    review_page.prepare(str(data), str(weights), "unused", device="cpu", amp="off", log=lambda line: None)
+    review_page.compute_review_data(str(data), str(weights), "unused", device="cpu", amp="off",
+                                    log=lambda line: None)
     assert classified == [str(changed)]
 
 
@@ -223,8 +202,8 @@ def test_the_suspects_come_in_the_order_of_the_runs_suspect_labels_csv(small_run
     (run / "suspect_labels.csv").write_text("\n".join([header, *rows[::-1]]) + "\n")
     with open(run / "suspect_labels.csv", newline="") as f:
         expected = [review.relative(row["file"], str(small_run["data"])) for row in csv.DictReader(f)]
-    d = review_page.prepare(str(small_run["data"]), str(run / "best.pth"), "unused", device="cpu", amp="off",
-                            log=lambda line: None)
+    d = review_page.compute_review_data(str(small_run["data"]), str(run / "best.pth"), "unused", device="cpu",
+                                        amp="off", log=lambda line: None)
     assert [d.names[item.photos[0]] for item in d.lists["suspects"]] == expected and len(expected) == 12
 
 
@@ -256,10 +235,10 @@ def test_a_folder_where_no_decision_can_be_written_is_refused_at_start(copied, t
     does not start; one line names the file and says to pass a writable copy."""
     (copied / "review.csv").symlink_to(tmp_path / "gone" / "review.csv")
 
-    def build_page(d):
+    def build_review_page(d):
         raise AssertionError("the page was about to be served")
 
-    monkeypatch.setattr(review_page, "build_page", build_page)
+    monkeypatch.setattr(review_page, "build_review_page", build_review_page)
     monkeypatch.chdir(tmp_path)  # no weights/best.pth here: the page without a model
     code, out, err = call(app, ["--review", "--data-path", copied])
     assert_clean_error(code, err, f"cannot write {copied / 'review.csv'}", "writable copy")
@@ -273,7 +252,7 @@ def test_a_decision_that_cannot_be_written_is_a_message_on_the_page_and_one_log_
                                                                                      failure):
     import gradio as gr
 
-    d = review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    d = review_page.compute_review_data(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
     page = review_page.Page(d)
     capsys.readouterr()
     real_open = os.open
@@ -304,18 +283,18 @@ def test_without_weights_the_hashes_are_kept_for_the_next_start(copied, own_cach
         return real_hash(photo, with_digest)
 
     monkeypatch.setattr(check, "_hash_photo", hash_photo)
-    first = review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    first = review_page.compute_review_data(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
     assert len(hashed) == 19 and len(first.lists["duplicates"]) == 2
     assert len(list(own_cache_folder.rglob("*.json"))) == 1 and not list(copied.rglob("*.json"))
     hashed.clear()
-    again = review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    again = review_page.compute_review_data(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
     assert hashed == []  # nothing decoded again
     assert [(p.near, p.width, p.digest) for p in again.photos] == [(p.near, p.width, p.digest) for p in first.photos]
     assert len(again.lists["duplicates"]) == 2
 
     changed = copied / "val" / "roses" / "roses_00.jpg"
     Image.new("RGB", (64, 48), (40, 200, 60)).save(changed)  # another picture under the same name
-    review_page.prepare(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
+    review_page.compute_review_data(str(copied), NO_WEIGHTS, NO_WEIGHTS, log=lambda line: None)
     assert hashed == [str(changed)]
 
 
@@ -349,13 +328,13 @@ def test_the_weights_are_read_once_and_min_confidence_is_the_not_sure_threshold(
 
     monkeypatch.setattr(ckpt, "load_checkpoint", load_checkpoint)
     weights = str(untrained)
-    every = review_page.prepare(str(copied), weights, NO_WEIGHTS, "cpu", "off", min_confidence=1.0,
-                                log=lambda line: None)
+    every = review_page.compute_review_data(str(copied), weights, NO_WEIGHTS, "cpu", "off", min_confidence=1.0,
+                                            log=lambda line: None)
     assert reads == [weights]
     train = sum(p.part == "train" for p in every.photos)
     assert len(every.lists["not sure"]) == train == 13  # below a probability of 1: every training photo
-    none = review_page.prepare(str(copied), weights, NO_WEIGHTS, "cpu", "off", min_confidence=0.0,
-                               log=lambda line: None)
+    none = review_page.compute_review_data(str(copied), weights, NO_WEIGHTS, "cpu", "off", min_confidence=0.0,
+                                           log=lambda line: None)
     assert none.lists["not sure"] == []
 
 

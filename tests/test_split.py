@@ -9,8 +9,9 @@ from PIL import Image
 
 from data_set import split_data
 from helpers import assert_clean_error, call
+from plumbing.options import UserError
 from training import data
-from training.data import DataError, split_dataset, val_count
+from training.data import split_dataset, val_count
 
 pytestmark = pytest.mark.quick
 
@@ -76,7 +77,7 @@ def test_refuses_to_overwrite_without_force(source, tmp_path):
     dest = tmp_path / "out"
     split_dataset(source, dest, seed=0, log=quiet)
     (dest / "train" / "daisy" / "stale.png").write_bytes(b"")
-    with pytest.raises(DataError, match="--force"):
+    with pytest.raises(UserError, match="--force"):
         split_dataset(source, dest, seed=1, log=quiet)
     assert (dest / "train" / "daisy" / "stale.png").exists()
     split_dataset(source, dest, seed=1, force=True, log=quiet)
@@ -96,16 +97,16 @@ def test_force_keeps_source_inside_dest(tmp_path):
 
 def test_refuses_dest_overlapping_source(tmp_path):
     source = make_source(tmp_path / "out" / "train")
-    with pytest.raises(DataError, match="overlap"):
+    with pytest.raises(UserError, match="overlap"):
         split_dataset(source, tmp_path / "out", force=True, log=quiet)
-    with pytest.raises(DataError, match="overlap"):
+    with pytest.raises(UserError, match="overlap"):
         split_dataset(source, source, log=quiet)
     assert len(os.listdir(source / "daisy")) == SIZES["daisy"] + 1
 
 
 @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5])
 def test_bad_ratio(source, tmp_path, ratio):
-    with pytest.raises(DataError):
+    with pytest.raises(UserError, match="val ratio must be between 0 and 1"):
         split_dataset(source, tmp_path / "out", val_ratio=ratio, log=quiet)
     assert not (tmp_path / "out").exists()
 

@@ -29,6 +29,7 @@ from inference import checkpoint as ckpt
 from inference.calibration import Calibration
 from model import GoogLeNet
 from plumbing import stopping
+from plumbing.options import UserError
 from training import recipe, rotation, step
 from training.data import MEAN, STD
 from training.outliers import energy, energy_margin_loss, outlier_loss
@@ -132,7 +133,7 @@ def test_a_rotation_head_is_dropped_or_started_afresh_when_fine_tuning_and_requi
     with_head, classic = GoogLeNet(3, rotation_head=True), GoogLeNet(3)
     fresh = GoogLeNet(3, rotation_head=True)
     assert ckpt.load_weights(fresh, classic.state_dict(), "classic.pth", reinit_heads=True) == ["rotation"]
-    with pytest.raises(ckpt.CheckpointError, match="missing keys: rotation.bias, rotation.weight"):
+    with pytest.raises(UserError, match="missing keys: rotation.bias, rotation.weight"):
         ckpt.load_weights(GoogLeNet(3, rotation_head=True), classic.state_dict(), "classic.pth")
     assert ckpt.load_weights(GoogLeNet(3), with_head.state_dict(), "rotated.pth") == []
 

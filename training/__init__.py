@@ -1,3 +1,4 @@
 """What only training needs: finding and splitting the data, the dataset and its order, the
-augmentation, the schedules, the metrics it logs and the state that --resume continues.
+image cache, the augmentation, the schedules, the metrics it logs and the state that --resume
+continues.
 """

@@ -1,8 +1,9 @@
-"""Training data: finding the images and the split, the transforms, the dataset, its order and cache.
+"""Training data: finding the images and the split, the transforms, the dataset, its order, the loaders.
 
     find_data       a folder of class folders (split here) or a train/ and val/ split -> FoundData
     train_transform, EvalTransform   the per-image transforms, the one place they are built
-    ImageDataset    (path, class) samples decoded when first needed, kept in the shared cache
+    ImageDataset    (path, class) samples decoded when first needed, kept in the machine's image cache
+                    (training/image_cache.py: its size, --cache, and where it lives)
     EpochSampler    the order of one epoch, split over processes, seeded per image for exact resume
 
 Scaling to [0, 1] and the normalisation happen once per batch on the training device
@@ -27,15 +28,12 @@ from torchvision.transforms import v2 as transforms_v2
 
 from inference import calibration, images
 from inference.images import IMAGE_EXTENSIONS, MEAN, STD
-from plumbing import cache, distributed
-from plumbing.cache import BAD, UNKNOWN
+from plumbing import distributed
 from plumbing.options import UserError
+from training import image_cache
+from training.image_cache import BAD, UNKNOWN
 
 LAYOUTS = "a folder of class folders (DIR/<class>/<images>) or of a split (DIR/train/<class>/, DIR/val/<class>/)"
-
-
-class DataError(UserError):
-    """Something wrong with the user's data: the message says what and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +108,10 @@ def normalization(mean, std, device):
 def find_classes(root):
     """Sorted class folder names, as torchvision's ImageFolder orders them."""
     if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist")
+        raise UserError(f"data folder {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"{root} has no class folders: expected {root}/<class name>/<images>")
+        raise UserError(f"{root} has no class folders: expected {root}/<class name>/<images>")
     return classes
 
 
@@ -142,8 +140,8 @@ def no_images_error(folders):
     """The one line for class folders that hold no image: what train.py stops at, and data_set.check ends with."""
     kinds = ", ".join(IMAGE_EXTENSIONS)
     if len(folders) == 1:
-        return DataError(f"class folder {folders[0]} has no images ({kinds}): add images or remove the folder")
-    return DataError(f"class folders {', '.join(folders)} have no images ({kinds}): add images or remove them")
+        return UserError(f"class folder {folders[0]} has no images ({kinds}): add images or remove the folder")
+    return UserError(f"class folders {', '.join(folders)} have no images ({kinds}): add images or remove them")
 
 
 def val_count(n, val_ratio):
@@ -199,19 +197,19 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
     """
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist: {missing_hint or 'pass --data-path with ' + LAYOUTS}")
+        raise UserError(f"data folder {root} does not exist: {missing_hint or 'pass --data-path with ' + LAYOUTS}")
     if os.path.isdir(train_dir) or os.path.isdir(val_dir):
         for folder in ([] if eval_only else [train_dir]) + [val_dir]:
             if not os.path.isdir(folder):
-                raise DataError(f"data folder {folder} does not exist: a split needs both "
+                raise UserError(f"data folder {folder} does not exist: a split needs both "
                                 f"{train_dir} and {val_dir}")
         classes = find_classes(val_dir if eval_only else train_dir)
         if not eval_only:
             for name, there, missing in ((c, val_dir, train_dir) for c in find_classes(val_dir) if c not in classes):
-                raise DataError(f"class {name} has a folder in {there} but none in {missing}: its val images would "
+                raise UserError(f"class {name} has a folder in {there} but none in {missing}: its val images would "
                                 f"never be evaluated; add {os.path.join(missing, name)} or remove the class")
             for name in (c for c in classes if not os.path.isdir(os.path.join(val_dir, c))):
-                raise DataError(f"class {name} has a folder in {train_dir} but none in {val_dir}: it would never "
+                raise UserError(f"class {name} has a folder in {train_dir} but none in {val_dir}: it would never "
                                 f"be evaluated; add {os.path.join(val_dir, name)} or remove the class")
         train = [] if eval_only else list_images(train_dir, classes, allow_empty)
         return FoundData(classes, train, list_images(val_dir, classes, allow_empty), None)
@@ -219,7 +217,7 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
     folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
     if not folders:
         files = sum(1 for e in os.scandir(root) if e.is_file())
-        raise DataError(f"{root} holds {files} file(s) and no folders: pass --data-path with {LAYOUTS}")
+        raise UserError(f"{root} holds {files} file(s) and no folders: pass --data-path with {LAYOUTS}")
     classes = sorted(folders)
     samples = list_images(root, classes, allow_empty)
     if recorded_split is not None:
@@ -227,7 +225,7 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
                for f in recorded_split["val_files"] if f.split("/")[0] in classes]
         missing = [p for p, _ in val if not os.path.isfile(p)]
         if missing or len(val) != len(recorded_split["val_files"]):
-            raise DataError(f"{root} no longer holds the run's val images ({(missing or ['a class'])[0]} "
+            raise UserError(f"{root} no longer holds the run's val images ({(missing or ['a class'])[0]} "
                             "is missing): use the folder the run was trained on")
         held_out = {p for p, _ in val}
         train = [s for s in samples if s[0] not in held_out]
@@ -245,9 +243,9 @@ def find_data(root, val_ratio=0.1, split_seed=0, recorded_split=None, eval_only=
 def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
     """Copy source/<class>/* into dest/{train,val}/<class>/ with split_samples; {class: (n_train, n_val)}."""
     if not 0 < val_ratio < 1:
-        raise DataError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+        raise UserError(f"val ratio must be between 0 and 1 (exclusive), got {val_ratio}")
     if not os.path.isdir(source):
-        raise DataError(f"source folder {source} does not exist: extract flower_photos.tgz there "
+        raise UserError(f"source folder {source} does not exist: extract flower_photos.tgz there "
                         "(see data_set/README.md), or pass --source with a folder of class folders")
     classes = find_classes(source)
     samples = list_images(source, classes)
@@ -257,10 +255,10 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
         # sit inside the source, where the next run would take them for classes.
         real_source, real_out = os.path.realpath(source), os.path.realpath(out)
         if images.inside(real_source, real_out) or images.inside(real_out, real_source):
-            raise DataError(f"source {source} and output {out} overlap: choose a --dest outside "
+            raise UserError(f"source {source} and output {out} overlap: choose a --dest outside "
                             "the source folder")
         if os.path.exists(out) and not force:
-            raise DataError(f"{out} already exists: pass --force to replace it")
+            raise UserError(f"{out} already exists: pass --force to replace it")
     for out in outputs:
         if os.path.exists(out):
             shutil.rmtree(out)  # only train/ and val/: dest may also hold the source photos
@@ -275,7 +273,7 @@ def split_dataset(source, dest, val_ratio=0.1, seed=0, force=False, log=print):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 shutil.copy2(path, target)
             except OSError as e:
-                raise DataError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
+                raise UserError(f"cannot copy {path} to {target} ({e.strerror or e}): free some disk space, "
                                 "or pass --dest with another folder") from e
     counts = {name: (sum(1 for _, k in train if k == i), sum(1 for _, k in val if k == i))
               for i, name in enumerate(classes)}
@@ -296,11 +294,11 @@ def _log_table(counts, log):
 
 
 # ---------------------------------------------------------------------------------------------
-# The dataset, its order, its cache
+# The dataset and its order
 # ---------------------------------------------------------------------------------------------
 def unreadable_error(path, reason=None):
     """--bad-images error's one line."""
-    return DataError(f"cannot read image {path}" + (f" ({reason})" if reason else "")
+    return UserError(f"cannot read image {path}" + (f" ({reason})" if reason else "")
                      + ": remove or replace it, or pass --bad-images skip")
 
 
@@ -331,7 +329,7 @@ def check_files(paths):
 
 class ImageDataset(Dataset):
     """(path, class index) samples, decoded with images.load_image when first needed and kept in
-    the shared cache (cache.SharedImageCache) while it has room; each item is (image, class, valid).
+    the shared cache (image_cache.SharedImageCache) while it has room; each item is (image, class, valid).
 
     An image that cannot be decoded is marked unreadable in the cache's statuses, which every local
     process and loader worker shares, and is never decoded again. In training (substitute=True)
@@ -344,7 +342,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples, transform, cache, substitute=True, writer=0):
         if not samples:
-            raise DataError("no readable images: every file failed the check")
+            raise UserError("no readable images: every file failed the check")
         self.samples, self.transform, self.cache = samples, transform, cache
         self.substitute, self.writer = substitute, writer
         self.targets = [t for _, t in samples]
@@ -389,7 +387,7 @@ class ImageDataset(Dataset):
         while pixels is None and self.substitute:
             used = (used + 1) % len(self.samples)
             if used == index:
-                raise DataError(f"none of the {len(self.samples)} images could be read")
+                raise UserError(f"none of the {len(self.samples)} images could be read")
             pixels = self.pixels(used)
         if pixels is None:
             crop = self.transform.preprocessing.crop
@@ -476,96 +474,6 @@ class EpochSampler(Sampler):
         return len(self._indices()) - self.skip
 
 
-def estimate_decoded_bytes(paths, sample=1000):
-    """Bytes these images take decoded to RGB: the mean of up to `sample` of them (read from their
-    headers, not decoded, a fixed choice) times their number, so it costs the same for any count."""
-    chosen = paths if len(paths) <= sample else random.Random(0).sample(paths, sample)
-    sizes = []
-    for path in chosen:
-        try:
-            width, height = images.decoded_size(path)
-            sizes.append(width * height * 3)
-        except Exception:
-            pass  # unreadable files are found and reported elsewhere
-    return int(sum(sizes) / max(len(sizes), 1) * len(paths))
-
-
-def available_memory_bytes():
-    """MemAvailable from /proc/meminfo where there is one, else free physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def cache_in_shared_folder():
-    """Whether this machine's cache is a file in cache.shared_folder() (/dev/shm): so it is for the
-    processes of a torchrun on this machine, and where loader workers are spawned; a single process
-    whose workers are forked keeps it in anonymous memory, which /dev/shm's size does not limit."""
-    _, local_size = distributed.local_rank_and_size()
-    return not (local_size == 1 and cache.FORKED_WORKERS)
-
-
-def cache_capacity(mode, paths, log=print):
-    """Bytes of decoded pixels to keep in the machine's one cache (0: none). 'auto' caches when
-    the images fit in half the free memory (counted once per machine, however many processes
-    share it; for a cache in /dev/shm, half of what is free there if that is less), 'on' insists,
-    'off' never does. A quarter more than the estimate is kept in reserve: an unused reserve takes
-    no memory."""
-    if mode == "off":
-        return 0
-    need = estimate_decoded_bytes(paths)
-    free, where = available_memory_bytes(), "in memory"
-    if cache_in_shared_folder():
-        folder = cache.shared_folder()
-        in_folder = cache.free_bytes(folder)
-        if in_folder < free:
-            free, where = in_folder, f"in {folder}, where this machine's processes share it"
-    fits = need <= free // 2
-    gib = 2 ** 30
-    if fits:
-        log(f"cache: keeping decoded images in memory as they are first loaded: about {need / gib:.2f} GiB "
-            f"of {free / gib:.1f} GiB available {where}")
-    elif mode == "on":
-        raise DataError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
-                        f"{where} (the cache may take at most half): use --cache auto or --cache off")
-    else:
-        log(f"cache: decoded images need about {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
-            f"available {where}: streaming from disk instead")
-    return min(need + need // 4, free // 2) if fits else 0
-
-
-def machine_cache(count, capacity, writers_per_process, device):
-    """This machine's SharedImageCache for `count` images, made by its first process and opened by
-    the others, and this process's first writer number in it."""
-    local_rank, local_size = distributed.local_rank_and_size()
-    if not cache_in_shared_folder():  # this process alone, and the loader workers it forks
-        return cache.SharedImageCache.create(count, capacity, writers_per_process), 0
-    made, error = None, None
-    if local_rank == 0:
-        try:
-            made = cache.SharedImageCache.create(count, capacity, local_size * writers_per_process, as_file=True)
-        except OSError as e:
-            error = DataError(f"cannot make the image cache in {cache.shared_folder()} ({e.strerror or e}): "
-                              "free some space there, or pass --cache off")
-    distributed.fail_together(error, device)
-    path = distributed.from_machine_leader(made.path if made is not None else None, device)
-    shared = made if made is not None else cache.SharedImageCache.attach(path)
-    distributed.barrier(device)  # every process has it open: its name can go
-    if made is not None:
-        made.unlink()
-    elif cache.FORKED_WORKERS:
-        shared.path = None  # the leader removed it
-    return shared, local_rank * writers_per_process
-
-
 @contextlib.contextmanager
 def worker_failures():
     """A loader worker that dies for want of shared memory ends the command in one line. Workers hand
@@ -576,7 +484,7 @@ def worker_failures():
     except RuntimeError as e:
         if not out_of_shared_memory(e):
             raise
-        raise DataError("a data loader worker ran out of shared memory (/dev/shm, 64 MB in a Docker container "
+        raise UserError("a data loader worker ran out of shared memory (/dev/shm, 64 MB in a Docker container "
                         "by default): pass --workers 0 to load in the main process, or give the container more "
                         "(docker run --shm-size 8g ...)") from e
 
@@ -600,8 +508,8 @@ def make_loader(dataset, sampler, batch_size, workers, device):
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with compute
-        # forked workers share the image cache's anonymous mapping (cache.FORKED_WORKERS)
-        multiprocessing_context="fork" if workers > 0 and cache.FORKED_WORKERS else None,
+        # forked workers share the image cache's anonymous mapping (image_cache.FORKED_WORKERS)
+        multiprocessing_context="fork" if workers > 0 and image_cache.FORKED_WORKERS else None,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         # Each iterator draws its base seed from this generator, not from the global RNG that
@@ -629,7 +537,7 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
     bad = unreadable_paths([p for p, _ in found.train + found.val], args.bad_images, log)
     samples = {part: [s for s in items if s[0] not in bad] for part, items in (("train", found.train),
                                                                             ("val", found.val))}
-    capacity = cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
+    capacity = image_cache.cache_capacity(args.cache, [p for p, _ in samples["train"] + samples["val"]], log=log)
     workers = (args.workers if args.workers is not None
                else images.default_workers(device.type, args.batch_size, capacity > 0))
     auto_augment = None if args.auto_augment == "none" else args.auto_augment
@@ -640,11 +548,11 @@ def build_loaders(args, found, preprocessing, device, rank, world_size, log):
             loaders.append(None)
             continue
         train = part == "train"
-        images_cache, writer = machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
-                                                  max(workers, 1), device)
+        shared, writer = image_cache.machine_cache(len(samples[part]), capacity * len(samples[part]) // total,
+                                                   max(workers, 1), device)
         transform = (train_transform(args.image_size[0], auto_augment, args.random_erase) if train
                      else EvalTransform(preprocessing))
-        dataset = ImageDataset(samples[part], transform, images_cache, substitute=train, writer=writer)
+        dataset = ImageDataset(samples[part], transform, shared, substitute=train, writer=writer)
         weights = balanced_draws(dataset.targets) if train and args.sampler == "balanced" else None
         sampler = (EpochSampler(len(dataset), True, args.seed, rank, world_size, weights=weights) if train else
                    EpochSampler(len(dataset), False, 0, rank, world_size, pad=False))
@@ -656,19 +564,19 @@ def find_unknowns(folder, bad_images, log):
     """The readable images under folder (--unknowns: photos of none of the classes), checked as the
     data's are at start-up."""
     if not os.path.isdir(folder):
-        raise DataError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
+        raise UserError(f"--unknowns folder {folder} does not exist: pass a folder of photos of none of the classes")
     paths = images.find_image_files(folder)
     bad = unreadable_paths(paths, bad_images, log)
     paths = [p for p in paths if p not in bad]
     if not paths:
-        raise DataError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
+        raise UserError(f"--unknowns folder {folder} holds no readable images ({', '.join(images.IMAGE_EXTENSIONS)})")
     return paths
 
 
 def unknowns_loader(paths, preprocessing, args, device, rank, world_size, workers):
     """find_unknowns' images, loaded as the val images are, uncached. Their class index is a
     placeholder (0): only their logits are used. Every process makes it at once (machine_cache)."""
-    shared, writer = machine_cache(len(paths), 0, max(workers, 1), device)
+    shared, writer = image_cache.machine_cache(len(paths), 0, max(workers, 1), device)
     dataset = ImageDataset([(p, 0) for p in paths], EvalTransform(preprocessing), shared, substitute=False,
                            writer=writer)
     sampler = EpochSampler(len(dataset), False, 0, rank, world_size, pad=False)

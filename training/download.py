@@ -15,7 +15,8 @@ import zlib
 
 from tqdm import tqdm
 
-from training.data import DataError, split_dataset
+from plumbing.options import UserError
+from training.data import split_dataset
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
@@ -38,7 +39,7 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
     archive = os.path.join(dest_dir, "flower_photos.tgz")
     extracted = os.path.join(dest_dir, "flower_photos")
     if os.path.exists(extracted):
-        raise DataError(f"{extracted} already exists: split it with  python -m data_set.split_data --source "
+        raise UserError(f"{extracted} already exists: split it with  python -m data_set.split_data --source "
                         f"{extracted} --dest {dest_dir}  or move it away to download the photos again")
     if os.path.exists(url):
         src, total = open(url, "rb"), os.path.getsize(url)
@@ -46,14 +47,14 @@ def download_flowers(dest_dir, url=FLOWERS_URL, sha256=FLOWERS_SHA256, log=print
         try:
             src = urllib.request.urlopen(url, timeout=60)
         except (OSError, ValueError) as e:
-            raise DataError(f"cannot download {url} ({e}): check the network, or pass --data-url "
+            raise UserError(f"cannot download {url} ({e}): check the network, or pass --data-url "
                             "with a mirror or a local copy of flower_photos.tgz") from e
         total = int(src.headers.get("Content-Length") or 0) or None
     try:
         os.makedirs(dest_dir, exist_ok=True)
         return _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log)
     except OSError as e:
-        raise DataError(f"cannot fetch and unpack the flower photos into {dest_dir} ({e.strerror or e}): check "
+        raise UserError(f"cannot fetch and unpack the flower photos into {dest_dir} ({e.strerror or e}): check "
                         "the network and the free disk space (they need about 0.5 GB), or pass --data-path "
                         "with another folder") from e
 
@@ -72,7 +73,7 @@ def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
                 digest.update(chunk)
                 bar.update(len(chunk))
         if sha256 and digest.hexdigest() != sha256:
-            raise DataError(f"{url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
+            raise UserError(f"{url} has SHA-256 {digest.hexdigest()}, expected {sha256}: "
                             "the download is damaged or not flower_photos.tgz; try again or use another --data-url")
         os.replace(tmp, archive)
     except BaseException:
@@ -90,14 +91,14 @@ def _fetch_and_extract(src, total, url, sha256, dest_dir, archive, log):
                 for member in tar.getmembers():
                     parts = member.name.replace("\\", "/").split("/")
                     if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
-                        raise DataError(f"{archive} holds an unsafe entry {member.name!r}: "
+                        raise UserError(f"{archive} holds an unsafe entry {member.name!r}: "
                                         "it is not the flower archive")
                 tar.extractall(staging)
         if not os.path.isdir(os.path.join(staging, "flower_photos")):
-            raise DataError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
+            raise UserError(f"{archive} has no flower_photos folder: it is not the flower photos archive")
         os.rename(os.path.join(staging, "flower_photos"), extracted)
     except (tarfile.TarError, EOFError, zlib.error) as e:  # a damaged archive, or an entry that would escape
-        raise DataError(f"cannot extract {archive} ({type(e).__name__}: {e}): it is damaged or not the flower "
+        raise UserError(f"cannot extract {archive} ({type(e).__name__}: {e}): it is damaged or not the flower "
                         "photos archive; delete it and download again, or pass another --data-url") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # only what this function made

@@ -15,6 +15,7 @@ from inference import checkpoint as ckpt
 from model import logits_with_mirror
 from plumbing import device as dev
 from plumbing import distributed
+from plumbing.options import UserError
 from plumbing.run_lock import RunLock
 from training import data
 from training.metrics import (
@@ -25,10 +26,6 @@ from training.metrics import (
     write_confusion_csv,
     write_predictions_csv,
 )
-
-
-class TestDataError(data.DataError):
-    """A test folder --eval-only cannot score as asked: the message says what to do."""
 
 
 @dataclass
@@ -118,7 +115,7 @@ def calibrate_best(run, model, val_loader, criterion, log):
     score = run.args.not_sure_score
     result = evaluate(model, val_loader, criterion, run, per_image=True, fp32=True, rotation=score == "rotation")
     _, logits, labels = labelled_logits(result, val_loader.dataset, len(run.record.classes))
-    fitted = calibration.fit(logits, labels, score=score, rotation=rotation_agreements(result))
+    fitted = calibration.fit_calibration(logits, labels, score=score, rotation=rotation_agreements(result))
     if fitted is None:
         log(f"calibration: {len(labels)} readable val images, fewer than {calibration.MIN_FIT_IMAGES}: no "
             "temperature or \"not sure\" threshold fitted (probabilities stay the softmax of the logits)")
@@ -155,23 +152,23 @@ def find_test_data(root, known_classes, recorded_split, log=print, missing_hint=
     paths relative to the folder) is the folder they were trained on, and only those files are
     scored, since the weights have seen the others."""
     if not os.path.isdir(root):
-        raise TestDataError(f"data folder {root} does not exist: "
-                            + (missing_hint or f"pass --data-path with {data.LAYOUTS}"))
+        raise UserError(f"data folder {root} does not exist: "
+                        + (missing_hint or f"pass --data-path with {data.LAYOUTS}"))
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     split_tree = os.path.isdir(train_dir) or os.path.isdir(val_dir)
     if split_tree and not os.path.isdir(val_dir):
-        raise TestDataError(f"data folder {val_dir} does not exist: --eval-only scores the val/ half of a split")
+        raise UserError(f"data folder {val_dir} does not exist: --eval-only scores the val/ half of a split")
     folder = val_dir if split_tree else root
     if not split_tree and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
         files = sum(1 for e in os.scandir(root) if e.is_file())
-        raise TestDataError(f"{root} holds {files} file(s) and no folders: pass --data-path with {data.LAYOUTS}")
+        raise UserError(f"{root} holds {files} file(s) and no folders: pass --data-path with {data.LAYOUTS}")
     present = data.find_classes(folder)
     classes = list(known_classes) if known_classes else present
     unknown = [c for c in present if c not in classes]
     if unknown:
-        raise TestDataError(f"{folder} has the class folder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}, "
-                            f"which the weights do not know (their classes: {', '.join(classes)}): remove or rename "
-                            "it, or evaluate weights trained on it")
+        raise UserError(f"{folder} has the class folder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}, "
+                        f"which the weights do not know (their classes: {', '.join(classes)}): remove or rename "
+                        "it, or evaluate weights trained on it")
     recorded = (recorded_split or {}).get("val_files") or []
     held = [f for f in recorded if os.path.isfile(os.path.join(folder, *f.split("/")))]
     if not split_tree and recorded and len(held) == len(recorded) and all(f.split("/")[0] in classes for f in held):
@@ -197,24 +194,24 @@ def check_calibrate(args, start, preprocessing):
     """--calibrate's and --unknowns' preconditions, before minutes of decoding. preprocessing: the
     evaluation's, which must be what predict.py will feed the weights (the one they record)."""
     if args.unknowns and not args.eval_only:
-        raise TestDataError("--unknowns goes with --eval-only: train, then score the weights with it")
+        raise UserError("--unknowns goes with --eval-only: train, then score the weights with it")
     if not args.calibrate:
         return
     if not args.eval_only:
-        raise TestDataError("--calibrate goes with --eval-only (training fits the temperature when it ends)")
+        raise UserError("--calibrate goes with --eval-only (training fits the temperature when it ends)")
     if args.tta:
-        raise TestDataError("--calibrate fits the temperature on the logits predict.py computes, without "
-                            "--tta: leave out --tta")
+        raise UserError("--calibrate fits the temperature on the logits predict.py computes, without "
+                        "--tta: leave out --tta")
     if args.weights == "imagenet" or not (start or {}).get("classes"):
-        raise TestDataError(f"--calibrate stores the temperature in --weights, and {args.weights} is no checkpoint "
-                            "of train.py's: pass a best.pth")
+        raise UserError(f"--calibrate stores the temperature in --weights, and {args.weights} is no checkpoint "
+                        "of train.py's: pass a best.pth")
     recorded = ckpt.preprocessing_of(start)
     if (preprocessing.resize, preprocessing.crop) != (recorded.resize, recorded.crop):
         given = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("val_crop", "val_resize")
                          if getattr(args, k))
-        raise TestDataError(f"--calibrate fits the temperature on the pixels predict.py feeds {args.weights}, "
-                            f"{recorded.crop} px crops of images resized to {recorded.resize} as it records: "
-                            + (f"leave out {given}" if given
+        raise UserError(f"--calibrate fits the temperature on the pixels predict.py feeds {args.weights}, "
+                        f"{recorded.crop} px crops of images resized to {recorded.resize} as it records: "
+                        + (f"leave out {given}" if given
                                else f"pass --val-crop {recorded.crop} --val-resize {recorded.resize}"))
 
 
@@ -245,8 +242,8 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
     score = args.not_sure_score or recorded.score  # --not-sure-score: another score for these weights
     has_head = getattr(model, "rotation", None) is not None
     if score == "rotation" and not has_head:
-        raise TestDataError(f"{args.weights} has no rotation head, which the rotation score needs: pass another "
-                            "--not-sure-score, or weights trained with --rotation-weight")
+        raise UserError(f"{args.weights} has no rotation head, which the rotation score needs: pass another "
+                        "--not-sure-score, or weights trained with --rotation-weight")
     # --calibrate: the logits the temperature is fitted on in fp32, as training fits it (run() turned --amp off)
     result = evaluate(model, val_loader, criterion, run, tta=args.tta, per_image=True, fp32=args.calibrate,
                       rotation=has_head)
@@ -267,10 +264,10 @@ def evaluate_only(run, model, criterion, val_loader, start, log):
         used = calibration.Calibration(used.temperature, threshold, score)
         source += f"; the {score} score's threshold chosen here to answer 95% of these images"
     if args.calibrate:
-        fitted = calibration.fit(logits, labels, score=score, rotation=rotation)
+        fitted = calibration.fit_calibration(logits, labels, score=score, rotation=rotation)
         if fitted is None:
-            raise TestDataError(f"--calibrate needs at least {calibration.MIN_FIT_IMAGES} readable images to fit on, "
-                                f"and {args.data_path} has {len(labels)} here: pass a folder with more")
+            raise UserError(f"--calibrate needs at least {calibration.MIN_FIT_IMAGES} readable images to fit on, "
+                            f"and {args.data_path} has {len(labels)} here: pass a folder with more")
         used, source = fitted.calibration, f"fitted here on these {fitted.images} images"
         start = dict(start, temperature=used.temperature, min_confidence=used.min_confidence,
                      not_sure_score=score, calibration=fitted.record())

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from inference.checkpoint import CheckpointError, load_weights, save_checkpoint
+from inference.checkpoint import load_weights, save_checkpoint
+from plumbing.options import UserError
 from training.schedule import Plan
 
 
@@ -83,7 +84,7 @@ def restore_training(resume, path, state, rank, device, plan):
     load_weights(state.model, resume["model"], path)
     if state.ema is not None:
         if "model_ema" not in resume:
-            raise CheckpointError(f"{path} was saved without --model-ema: resume without it")
+            raise UserError(f"{path} was saved without --model-ema: resume without it")
         state.ema.load_state_dict(resume["model_ema"])
     state.optimizer.load_state_dict(resume["optimizer"])
     state.scheduler.load_state_dict(resume["scheduler"])
@@ -93,11 +94,11 @@ def restore_training(resume, path, state, rank, device, plan):
     saved_plan = resume.get("plan")
     if plan.budget_s:
         if not saved_plan or not saved_plan["budget_s"]:
-            raise CheckpointError(f"{path} was not a --time-budget run: resume it without --time-budget")
+            raise UserError(f"{path} was not a --time-budget run: resume it without --time-budget")
         plan.load(saved_plan)
     elif saved_plan and saved_plan["budget_s"]:
-        raise CheckpointError(f"{path} is a --time-budget run: resume it with --time-budget "
-                              f"{saved_plan['budget_s'] / 60:g}")
+        raise UserError(f"{path} is a --time-budget run: resume it with --time-budget "
+                        f"{saved_plan['budget_s'] / 60:g}")
     return Progress(plan=plan, epoch=resume["epoch"], step=resume["step"], loss_sum=resume["epoch_loss_sum"],
                     seen=resume["epoch_seen"], correct=resume.get("epoch_correct", 0),
                     best_score=resume.get("best_score", resume.get("best_acc")),  # best_acc: files before --best-metric
@@ -111,10 +112,6 @@ HOW_IT_RUNS = ("workers", "device", "cache", "compile", "channels_last", "tensor
                "bad_images", "output_dir", "class_indices")
 NOT_THE_RUNS = ("resume", "overwrite", "download", "data_url", "data_sha256", "eval_only", "tta", "unknowns")
 PATHS = ("data_path", "output_dir", "class_indices", "weights")  # recorded as typed, relative to the run's cwd
-
-
-class ResumeError(CheckpointError):
-    """An option given with --resume that would change what the run computes: the message names it."""
 
 
 def recorded_options(args):
@@ -137,14 +134,14 @@ def resumed_args(args, given, resume, path, world_size, log):
     merged["output_dir"] = os.path.dirname(path) or "."
     saved_processes = len(resume.get("rng") or [None])
     if world_size != saved_processes:
-        raise ResumeError(f"{path} was saved by a run of {saved_processes} process(es) and this one has "
-                          f"{world_size}: their data order differs; resume it with as many processes")
+        raise UserError(f"{path} was saved by a run of {saved_processes} process(es) and this one has "
+                        f"{world_size}: their data order differs; resume it with as many processes")
     # options newer than the run: not recorded, so no value given can be told to be the run's
     unrecorded = [k for k in vars(args) if k not in recorded and k not in HOW_IT_RUNS + NOT_THE_RUNS]
     for key in (k for k in unrecorded if k in given):
         flag = "--" + key.replace("_", "-")
-        raise ResumeError(f"{flag} {given[key]}: {path} does not record {flag} (its run is older than the "
-                          f"option): leave {flag} out to continue the run with its default, or start a new run with it")
+        raise UserError(f"{flag} {given[key]}: {path} does not record {flag} (its run is older than the "
+                        f"option): leave {flag} out to continue the run with its default, or start a new run with it")
     if unrecorded:
         log(f"resume: {path} does not record the options newer than its run, which keep their defaults: "
             + ", ".join(f"--{k.replace('_', '-')} {merged[k]}" for k in unrecorded))
@@ -160,13 +157,13 @@ def resumed_args(args, given, resume, path, world_size, log):
             merged[key] = value
             log(f"resume: {flag} {value} (the run had {'the default' if old is None else old})")
         elif key == "epochs":
-            raise ResumeError(f"--epochs {value}: the run saved in {path} was planned for {old} epochs, which its "
-                              "learning-rate schedule follows; to train longer, start a new run from its weights: "
-                              f"python train.py --weights {os.path.join(os.path.dirname(path), 'best.pth')} "
-                              f"--epochs N --output-dir NEW_FOLDER")
+            raise UserError(f"--epochs {value}: the run saved in {path} was planned for {old} epochs, which its "
+                            "learning-rate schedule follows; to train longer, start a new run from its weights: "
+                            f"python train.py --weights {os.path.join(os.path.dirname(path), 'best.pth')} "
+                            f"--epochs N --output-dir NEW_FOLDER")
         else:
-            raise ResumeError(f"{flag} {value} differs from the run's {old}: --resume continues the run as it was "
-                              f"saved in {path}; leave {flag} out, or start a new run with it")
+            raise UserError(f"{flag} {value} differs from the run's {old}: --resume continues the run as it was "
+                            f"saved in {path}; leave {flag} out, or start a new run with it")
     merged["resume"] = path
     return argparse.Namespace(**merged)
 

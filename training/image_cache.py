@@ -1,4 +1,10 @@
-"""The decoded-image cache: one per machine, shared by every local process and loader worker.
+"""The image cache: the decoded images, kept once per machine for every local process and loader
+worker; how large it may be (--cache) and where it lives.
+
+    cache_capacity    --cache auto/on/off: the bytes of pixels to keep, from the images' headers and
+                      the memory free (or /dev/shm's space, where the processes share the cache)
+    machine_cache     this machine's SharedImageCache: made by its first process, opened by the others
+    SharedImageCache  the statuses, perceptual hashes and pixels of the images, in one shared mapping
 
 It is one shared memory mapping: anonymous for a single process (its forked loader workers share
 it), or, under torchrun, one file in /dev/shm (memory) where there is one, else in the temp
@@ -19,10 +25,15 @@ writer's slab is read from disk each time (and counted).
 import atexit
 import mmap
 import os
+import random
 import sys
 import tempfile
 
 import numpy as np
+
+from inference import images
+from plumbing import distributed
+from plumbing.options import UserError
 
 UNKNOWN, CACHED, BAD, STREAMED = 0, 1, 2, 3
 # Linux forks loader workers (data.make_loader asks for it), which share an anonymous mapping; the
@@ -183,3 +194,96 @@ class SharedImageCache:
     def counts(self):
         """(cached, streamed) images so far, and the bytes their pixels take."""
         return (int((self.status == CACHED).sum()), int((self.status == STREAMED).sum()), int(self.fill.sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# How large, and where: one cache per machine
+# ---------------------------------------------------------------------------------------------
+def estimate_decoded_bytes(paths, sample=1000):
+    """Bytes these images take decoded to RGB: the mean of up to `sample` of them (read from their
+    headers, not decoded, a fixed choice) times their number, so it costs the same for any count."""
+    chosen = paths if len(paths) <= sample else random.Random(0).sample(paths, sample)
+    sizes = []
+    for path in chosen:
+        try:
+            width, height = images.decoded_size(path)
+            sizes.append(width * height * 3)
+        except Exception:
+            pass  # unreadable files are found and reported elsewhere
+    return int(sum(sizes) / max(len(sizes), 1) * len(paths))
+
+
+def available_memory_bytes():
+    """MemAvailable from /proc/meminfo where there is one, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def cache_in_shared_folder():
+    """Whether this machine's cache is a file in shared_folder() (/dev/shm): so it is for the
+    processes of a torchrun on this machine, and where loader workers are spawned; a single process
+    whose workers are forked keeps it in anonymous memory, which /dev/shm's size does not limit."""
+    _, local_size = distributed.local_rank_and_size()
+    return not (local_size == 1 and FORKED_WORKERS)
+
+
+def cache_capacity(mode, paths, log=print):
+    """Bytes of decoded pixels to keep in the machine's one cache (0: none). 'auto' caches when
+    the images fit in half the free memory (counted once per machine, however many processes
+    share it; for a cache in /dev/shm, half of what is free there if that is less), 'on' insists,
+    'off' never does. A quarter more than the estimate is kept in reserve: an unused reserve takes
+    no memory."""
+    if mode == "off":
+        return 0
+    need = estimate_decoded_bytes(paths)
+    free, where = available_memory_bytes(), "in memory"
+    if cache_in_shared_folder():
+        folder = shared_folder()
+        in_folder = free_bytes(folder)
+        if in_folder < free:
+            free, where = in_folder, f"in {folder}, where this machine's processes share it"
+    fits = need <= free // 2
+    gib = 2 ** 30
+    if fits:
+        log(f"cache: keeping decoded images in memory as they are first loaded: about {need / gib:.2f} GiB "
+            f"of {free / gib:.1f} GiB available {where}")
+    elif mode == "on":
+        raise UserError(f"--cache on needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is available "
+                        f"{where} (the cache may take at most half): use --cache auto or --cache off")
+    else:
+        log(f"cache: decoded images need about {need / gib:.1f} GiB, more than half of the {free / gib:.1f} GiB "
+            f"available {where}: streaming from disk instead")
+    return min(need + need // 4, free // 2) if fits else 0
+
+
+def machine_cache(count, capacity, writers_per_process, device):
+    """This machine's SharedImageCache for `count` images, made by its first process and opened by
+    the others, and this process's first writer number in it."""
+    local_rank, local_size = distributed.local_rank_and_size()
+    if not cache_in_shared_folder():  # this process alone, and the loader workers it forks
+        return SharedImageCache.create(count, capacity, writers_per_process), 0
+    made, error = None, None
+    if local_rank == 0:
+        try:
+            made = SharedImageCache.create(count, capacity, local_size * writers_per_process, as_file=True)
+        except OSError as e:
+            error = UserError(f"cannot make the image cache in {shared_folder()} ({e.strerror or e}): "
+                              "free some space there, or pass --cache off")
+    distributed.fail_together(error, device)
+    path = distributed.from_machine_leader(made.path if made is not None else None, device)
+    shared = made if made is not None else SharedImageCache.attach(path)
+    distributed.barrier(device)  # every process has it open: its name can go
+    if made is not None:
+        made.unlink()
+    elif FORKED_WORKERS:
+        shared.path = None  # the leader removed it
+    return shared, local_rank * writers_per_process
