@@ -13,28 +13,29 @@ class UserError(Exception):
     Every kind of it, where it is raised and its exit code; a caller that catches one by name is
     noted (tests/test_docs.py keeps this table whole):
 
-    ================  ======================  ====  ==========================================
-    class             module                  exit  caught by name in
-    ================  ======================  ====  ==========================================
-    DataError         training/data.py        2
-    TrainingError     training/step.py        1
-    CheckpointError   inference/checkpoint.py 2
-    PredictionError   inference/classify.py   2
-    OnnxError         inference/runtimes.py   2
-    CamError          inference/visualize.py  2     app.py (shown on the page)
-    DeviceError       plumbing/device.py      2
-    PeerFailed        plumbing/distributed.py 1     (empty: another process printed why)
-    OutOfSync         plumbing/distributed.py 1
-    FolderInUse       plumbing/run_lock.py    1
-    CannotLock        plumbing/run_lock.py    1
-    SaveError         plumbing/atomic.py      1     data_set/review_page.py (also an OSError)
-    ReviewError       data_set/review.py      2     data_set/review_page.py
-    ReviewPageError   data_set/review_page.py 2
-    ExportError       export.py               2     benchmarks/benchmark.py
-    ReportError       report.py               2
-    Upload            app.py                  2     app.py (shown on the page)
-    BenchmarkError    benchmarks/trust.py     2
-    ================  ======================  ====  ==========================================
+    ================  =========================  ====  ==========================================
+    class             module                     exit  caught by name in
+    ================  =========================  ====  ==========================================
+    DataError         training/data.py           2
+    TrainingError     training/step.py           1
+    CheckpointError   inference/checkpoint.py    2
+    PredictionError   inference/classify.py      2
+    OnnxError         inference/runtimes.py      2
+    CamError          inference/visualize.py     2     app.py (shown on the page)
+    DeviceError       plumbing/device.py         2
+    PeerFailed        plumbing/distributed.py    1     (empty: another process printed why)
+    OutOfSync         plumbing/distributed.py    1
+    FolderInUse       plumbing/run_lock.py       1
+    CannotLock        plumbing/run_lock.py       1
+    SaveError         plumbing/atomic.py         1     data_set/review_page.py (also an OSError)
+    ReviewError       data_set/review.py         2     data_set/review_page.py
+    ReviewPageError   data_set/review_page.py    2
+    ExportError       export.py                  2     benchmarks/benchmark.py
+    ReportError       report.py                  2
+    Upload            app.py                     2     app.py (shown on the page)
+    BenchmarkError    benchmarks/trust.py        2
+    PictureSetError   benchmarks/non_flowers.py  2
+    ================  =========================  ====  ==========================================
     """
 
     exit_code = 2
