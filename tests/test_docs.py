@@ -14,7 +14,8 @@ from helpers import REPO
 SCRIPTS = ("train.py", "predict.py", "export.py", "report.py", "model.py", "app.py", "data_set/split_data.py",
            "data_set/check.py", "benchmarks/benchmark.py", "benchmarks/time_to_accuracy.py", "benchmarks/formats.py",
            "benchmarks/startup.py", "benchmarks/page_load.py", "benchmarks/relu_placement.py",
-           "benchmarks/label_noise.py", "benchmarks/trust.py")
+           "benchmarks/label_noise.py", "benchmarks/trust.py",
+           "benchmarks/non_flowers.py")
 
 
 def parser_of(script):
