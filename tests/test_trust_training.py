@@ -270,7 +270,7 @@ def spied(tree, tmp_path_factory):
     seen = {"class_logits": [], "rotated": [], "turns": [], "inputs": []}
     with pytest.MonkeyPatch.context() as m:
         original_loss, original_make = recipe.ClassWeightedLoss.forward, Rotator.make
-        original_rotation_loss, original_forward = train.rotation_loss, GoogLeNet.forward
+        original_rotation_loss, original_forward = step.rotation_loss, GoogLeNet.forward
 
         def class_loss(self, logits, targets):
             seen["class_logits"].append(recipe.normalized_logits(logits, self.logit_norm).detach()
@@ -293,7 +293,7 @@ def spied(tree, tmp_path_factory):
 
         m.setattr(recipe.ClassWeightedLoss, "forward", class_loss)
         m.setattr(Rotator, "make", make)
-        m.setattr(train, "rotation_loss", loss_of_turns)
+        m.setattr(step, "rotation_loss", loss_of_turns)  # where the step weighs the rotation loss
         m.setattr(GoogLeNet, "forward", forward)
         out = tmp_path_factory.mktemp("spied")
         code, stdout, err = call(train, train_argv(tree, out, "--image-size", 32, "--logit-norm", 0.5,
