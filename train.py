@@ -508,7 +508,7 @@ def trust_options(args):
         loss = ("uniform loss" if args.outlier_loss == "uniform" else
                 "energy margins {:g} / {:g}".format(*args.energy_margins))
         parts.append(f"{args.outliers} outliers a step ({loss}, weight {args.outlier_weight:g})")
-    if args.not_sure_score != calibration.SCORES[0]:
+    if args.not_sure_score != calibration.DEFAULT_SCORE:
         parts.append(f"\"not sure\" score {args.not_sure_score}")
     return "; ".join(parts)
 
@@ -669,8 +669,8 @@ def get_args_parser():
                           help="the score whose threshold makes a photo \"not sure\" (unknown), stored in best.pth "
                                "and its .onnx export: max_probability (the top probability), energy (log-sum-exp of "
                                "the calibrated logits) or rotation (needs --rotation-weight; 4 passes a photo). "
-                               "Default max_probability; with --eval-only, the weights' own (with --calibrate, the "
-                               "one to store)")
+                               "Default energy (the best measured: docs/trust.md); with --eval-only, the weights' own "
+                               "(with --calibrate, the one to store)")
     where = p.add_argument_group('Where it runs')
     where.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     where.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
@@ -732,7 +732,7 @@ def run(argv=None):
         parser.error("--energy-margins M_IN M_OUT: the photos' margin M_IN must lie below the outliers' M_OUT, got "
                      "{:g} {:g}".format(*args.energy_margins))
     if not args.eval_only:  # --eval-only's default: the score its weights record
-        args.not_sure_score = args.not_sure_score or calibration.SCORES[0]
+        args.not_sure_score = args.not_sure_score or calibration.DEFAULT_SCORE
         if args.not_sure_score == "rotation" and not args.rotation_weight and not args.resume:
             parser.error("--not-sure-score rotation needs the rotation head: add --rotation-weight W (0.5, say)")
     with contextlib.ExitStack() as cleanup:

@@ -7,8 +7,9 @@ best.pth ("temperature", "min_confidence", "not_sure_score", "calibration"); exp
 into the .onnx file's metadata. Weights without them (older files, plain state dicts) have T = 1 and
 no threshold.
 
-The threshold applies to one of SCORES, the one the weights record (train.py --not-sure-score;
-max_probability when they record none), computed from the logits divided by the temperature:
+The threshold applies to one of SCORES, the one the weights record (train.py --not-sure-score, energy
+unless told: docs/trust.md measured it best; max_probability for weights that record none, which
+were all thresholded on the top probability), computed from the logits divided by the temperature:
 
     max_probability  the top probability: the number predict.py shows, in [0, 1]
     energy           T x log-sum-exp(logits / T), the negative free energy (Liu et al. 2020)
@@ -31,7 +32,11 @@ MIN_FIT_IMAGES = 20
 TEMPERATURE_RANGE = (0.05, 20.0)  # the search's bounds: a fit that ends on one says so
 COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)  # the rows of the risk-coverage table
 UNKNOWN = "unknown"  # the class of a photo whose "not sure" score is below the threshold
-SCORES = ("max_probability", "energy", "rotation")  # the "not sure" scores; the first is the default
+# The "not sure" scores. The first, the top probability, is what weights that record no score were
+# thresholded on; DEFAULT_SCORE is what train.py stores unless told (docs/trust.md: the best far and
+# near AUROC of those measured, at no cost in accuracy or time).
+SCORES = ("max_probability", "energy", "rotation")
+DEFAULT_SCORE = "energy"
 SCORE_NAMES = {"max_probability": "top probability", "energy": "energy score", "rotation": "rotation score"}
 
 

@@ -191,22 +191,32 @@ def run(tmp_path_factory):
 
 
 def val_probabilities(weights, files):
-    classifier = classify.load_classifier(str(weights), device="cpu", amp="off")
-    probabilities, errors = classify.predict(classifier, files, 8, 0)
-    assert errors == [""] * len(files)
+    classifier, probabilities, _ = val_scores(weights, files)
     return classifier, probabilities
+
+
+def val_scores(weights, files):
+    """The classifier, the calibrated probabilities and the "not sure" score (the weights' own) of files."""
+    classifier = classify.load_classifier(str(weights), device="cpu", amp="off")
+    probabilities, errors, sureness = classify.predict(classifier, files, 8, 0, sureness=True)
+    assert errors == [""] * len(files)
+    return classifier, probabilities, sureness
 
 
 def test_training_stores_a_temperature_and_a_threshold_that_answers_95_percent_of_val(run):
     best = load(run["best"])
     n = len(run["val_files"])
     assert n == 2 * PER_CLASS * VAL_RATIO
-    assert 0.05 <= best["temperature"] <= 20 and 0 < best["min_confidence"] < 1
+    assert best["not_sure_score"] == calibration.DEFAULT_SCORE == "energy"  # docs/trust.md chose it
+    assert 0.05 <= best["temperature"] <= 20 and math.isfinite(best["min_confidence"])
     assert best["calibration"]["images"] == n and best["calibration"]["ece_bins"] == 15
     assert f"calibration on the {n} val images" in run["stdout"]
-    classifier, probabilities = val_probabilities(run["best"], run["val_files"])
-    assert classifier.calibration == calibration.Calibration(best["temperature"], best["min_confidence"])
-    answered = probabilities.max(axis=1) >= best["min_confidence"]
+    classifier, probabilities, sureness = val_scores(run["best"], run["val_files"])
+    assert classifier.calibration == calibration.Calibration(best["temperature"], best["min_confidence"], "energy")
+    # the energy score: T x log-sum-exp(logits / T), which softmax's probabilities alone cannot give
+    logits = torch.cat([logits_of(run["best"], f) for f in run["val_files"]]).double().numpy()
+    assert sureness == pytest.approx(calibration.sureness("energy", logits, best["temperature"]), abs=1e-4)
+    answered = sureness >= best["min_confidence"]
     assert answered.sum() == n - math.floor(0.05 * n) and answered.mean() >= 0.95
     # the probabilities shown are softmax(logits / T): the fitted T is the NLL's minimum on val
     labels = np.array([0 if "/daisy/" in f else 1 for f in run["val_files"]])
@@ -407,9 +417,10 @@ def test_predict_uses_the_weights_threshold_by_default(run, tmp_path):
     assert code == 0, err
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    unknown = [r for r in rows if r["class"] == "unknown"]
+    unknown = {r["file"] for r in rows if r["class"] == "unknown"}
     assert len(unknown) == math.floor(0.05 * len(rows))  # the val photos the threshold refuses
-    assert all(float(r["probability"]) < best["min_confidence"] for r in unknown)
+    _, _, sureness = val_scores(run["best"], run["val_files"])
+    assert unknown == {f for f, s in zip(run["val_files"], sureness) if s < best["min_confidence"]}
 
 
 def test_eval_only_reports_how_well_the_threshold_tells_unknowns_from_the_test_images(run, tmp_path):
@@ -422,8 +433,7 @@ def test_eval_only_reports_how_well_the_threshold_tells_unknowns_from_the_test_i
                                      "--output-dir", tmp_path / "ev", "--device", "cpu", "--unknowns", unknowns])
     assert code == 0, err
     best = load(run["best"])
-    _, probabilities = val_probabilities(run["best"], noisy + run["val_files"])
-    top = probabilities.max(axis=1)
+    _, _, top = val_scores(run["best"], noisy + run["val_files"])  # the weights' own score (energy)
     unknown_top, known_top = top[:len(noisy)], top[len(noisy):]
     k, u = known_top[:, None], unknown_top[None, :]
     pairs = (k > u).mean() + 0.5 * (k == u).mean()  # the AUROC by its definition
@@ -495,7 +505,9 @@ def test_an_onnx_file_carries_the_temperature_and_threshold(run, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert float(meta["temperature"]) == best["temperature"]
     assert float(meta["min_confidence"]) == best["min_confidence"]
+    assert meta["not_sure_score"] == best["not_sure_score"]
     files = run["val_files"] + [str(noise_image(tmp_path / "noise.png"))]
+    _, _, sureness = val_scores(run["best"], files)
     outputs = {}
     for name, weights in (("pth", run["best"]), ("onnx", path)):
         out = tmp_path / f"{name}.csv"
@@ -503,14 +515,14 @@ def test_an_onnx_file_carries_the_temperature_and_threshold(run, tmp_path):
         assert code == 0, err
         with open(out, newline="") as f:
             outputs[name] = list(csv.DictReader(f))
-    for a, b in zip(outputs["pth"], outputs["onnx"], strict=True):
+    for a, b, score in zip(outputs["pth"], outputs["onnx"], sureness, strict=True):
         assert a["file"] == b["file"]
         for column in ("probability", "daisy", "roses"):
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-4)
-        if abs(float(a["probability"]) - best["min_confidence"]) > 1e-4:
+        if abs(score - best["min_confidence"]) > 1e-4:  # the two runtimes may part on the threshold itself
             assert a["class"] == b["class"]
     assert classify.load_classifier(str(path)).calibration == calibration.Calibration(
-        best["temperature"], best["min_confidence"])
+        best["temperature"], best["min_confidence"], best["not_sure_score"])
 
 
 def test_the_page_says_not_sure_with_the_best_guesses(run, tmp_path):

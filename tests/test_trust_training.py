@@ -334,7 +334,7 @@ def test_the_rotation_heads_labels_are_the_turns_of_the_copies_the_model_ran_on(
 def test_the_new_options_are_off_by_default_and_the_start_up_line_says_nothing(small_run):
     args = load(small_run["best"])["args"]
     assert (args["logit_norm"], args["pixmix"], args["rotation_weight"], args["outlier_loss"],
-            args["not_sure_score"]) == (0.0, 0, 0.0, "uniform", "max_probability")
+            args["not_sure_score"]) == (0.0, 0, 0.0, "uniform", "energy")
     assert not any(k.startswith("rotation.") for k in load(small_run["best"])["model"])
     assert "not sure:" not in small_run["stdout"]
 
