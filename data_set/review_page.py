@@ -9,7 +9,8 @@ press into DIR/review.csv (data_set/review.py), which training then applies.
 
 Its lists: the suspect labels (RUN/suspect_labels.csv's order when it is about DIR, else every
 training photo ranked by 1 - p(given class) under the weights, as training ranks them), the
-training photos the model is not sure about (top probability below the weights' threshold) or
+training photos the model is not sure about (the weights' own "not sure" score below their
+threshold, as predict.py decides; the top probability with --min-confidence) or
 gets wrong with a probability of at least CONFIDENT, the exact and near copies that stay in one
 part and those that cross train/val (leakage), as data_set.check groups them, and the unreadable
 files. An item is one photo, shown with the rest of its group: its path relative to DIR, its
@@ -49,6 +50,7 @@ import numpy as np
 from data_set import check, review
 from inference import checkpoint as ckpt
 from inference import classify, images
+from inference.calibration import SCORE_NAMES
 from plumbing import serving
 from plumbing.atomic import atomic_write_text
 from plumbing.options import UserError
@@ -56,7 +58,7 @@ from plumbing.run_lock import probe_writable
 from training import labels
 
 CACHE = "review_cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each photo's "not sure" score beside its probabilities
 USER_CACHE = "googlenet-review"  # the folder, in the user's cache folder, of the caches of pages without weights
 CONFIDENT = 0.9  # "confidently wrong": the model's class for a training photo is another, with at least this
 PHOTO_SIDE = 640  # the longer side in px of a photo sent alone
@@ -123,6 +125,7 @@ class Data:
     probabilities: Optional[np.ndarray]
     lists: dict
     how: str
+    sureness: Optional[np.ndarray] = None  # each photo's "not sure" score, the weights' own (calibration.SCORES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +161,8 @@ def file_key(path):
 
 
 def read_cache(path, root, weights_key):
-    """The files' entries of a review cache that is about root ({} for none); their probabilities
-    only where the weights are the same file as when they were computed."""
+    """The files' entries of a review cache that is about root ({} for none); their probabilities and
+    "not sure" scores only where the weights are the same file as when they were computed."""
     try:
         with open(path, encoding="utf-8") as f:
             cached = json.load(f)
@@ -167,7 +170,7 @@ def read_cache(path, root, weights_key):
         return {}
     if not isinstance(cached, dict) or cached.get("version") != CACHE_VERSION or cached.get("data") != root:
         return {}
-    fields = {"key", "near", "width", "height", "error", "digest", "p"}
+    fields = {"key", "near", "width", "height", "error", "digest", "p", "s"}
     files = {name: entry for name, entry in (cached.get("files") or {}).items()
              if isinstance(entry, dict) and set(entry) == fields}  # an entry of another shape is computed again
     if cached.get("weights") != weights_key:
@@ -190,36 +193,38 @@ def hash_with_cache(photos, names, entries):
     return keys
 
 
-def probabilities_with_cache(classifier, photos, names, keys, entries, log):
-    """N x classes probabilities of every readable photo (a row of zeros for the others): the
-    cache's where its entry is valid, the model's for the rest."""
-    table = np.zeros((len(photos), len(classifier.classes)))
+def scores_with_cache(classifier, photos, names, keys, entries, log):
+    """(N x classes probabilities, N "not sure" scores: the weights' own) of every readable photo (zeros
+    for the others): the cache's where its entry is valid, the model's for the rest."""
+    table, sureness = np.zeros((len(photos), len(classifier.classes))), np.zeros(len(photos))
     todo = []
     for i, (photo, name, key) in enumerate(zip(photos, names, keys)):
         entry = entries.get(name)
         if photo.error is None and entry and entry.get("key") == key and entry.get("p") is not None:
-            table[i] = entry["p"]
+            table[i], sureness[i] = entry["p"], entry["s"]
         elif photo.error is None:
             todo.append(i)
     if todo:
         log(f"classifying {len(todo):,} photo(s) with the weights (kept for the next start)")
-        found, errors = classify.predict(classifier, [photos[i].path for i in todo], workers=1)
-        for i, p, error in zip(todo, found, errors):
+        found, errors, scores = classify.predict(classifier, [photos[i].path for i in todo], workers=1,
+                                                 sureness=True)
+        for i, p, error, score in zip(todo, found, errors, scores):
             if error:
                 photos[i].error = error
             else:
-                table[i] = p
-    return table
+                table[i], sureness[i] = p, score
+    return table, sureness
 
 
-def write_cache(path, root, weights_key, photos, names, keys, table):
+def write_cache(path, root, weights_key, photos, names, keys, scored):
     entries = {}
     for i, (photo, name, key) in enumerate(zip(photos, names, keys)):
         if key is not None:
             entries[name] = {"key": key, "near": photo.near, "width": photo.width, "height": photo.height,
                              "error": photo.error, "digest": photo.digest.hex() if photo.digest else None,
-                             "p": [round(float(v), 6) for v in table[i]] if table is not None and photo.error is None
-                             else None}
+                             "p": [round(float(v), 6) for v in scored[0][i]] if scored and photo.error is None
+                             else None,
+                             "s": float(scored[1][i]) if scored and photo.error is None else None}
     atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "data": root, "weights": weights_key,
                                         "files": entries}))
 
@@ -241,8 +246,9 @@ def suspect_rows(run_dir, run_cwd, root):
     return rows
 
 
-def model_lists(d, run_dir, run_cwd, threshold, log):
-    """The suspects, not sure and confidently wrong lists of the training photos."""
+def model_lists(d, run_dir, run_cwd, used, log):
+    """The suspects, not sure and confidently wrong lists of the training photos; "not sure" by the
+    calibration used (the weights' score and threshold, or --min-confidence's top probability)."""
     train = [i for i, p in enumerate(d.photos) if p.part == "train" and p.error is None]
     index = {name: i for i, name in enumerate(d.names)}
     from_run = suspect_rows(run_dir, run_cwd, d.root)
@@ -259,11 +265,15 @@ def model_lists(d, run_dir, run_cwd, threshold, log):
                 for i, given, suggested, score in ranked]
     top = d.probabilities.max(axis=1)
     best = d.probabilities.argmax(axis=1)
-    unsure = sorted((i for i in train if top[i] < threshold), key=lambda i: (top[i], i))
+    by_probability = used.score == "max_probability"
+    sure = top if by_probability else d.sureness
+    unsure = sorted((i for i in train if sure[i] < used.min_confidence), key=lambda i: (sure[i], i))
     wrong = sorted((i for i in train if best[i] != d.photos[i].label and top[i] >= CONFIDENT),
                    key=lambda i: (-top[i], i))
     return {"suspects": suspects,
-            "not sure": [Item((i,), f"top probability {top[i]:.2f}, below the weights' threshold of {threshold:.2f}")
+            "not sure": [Item((i,), f"{SCORE_NAMES[used.score]} {sure[i]:.2f}, below the threshold of "
+                                    f"{used.min_confidence:.2f}" + ("" if by_probability else
+                                                                    f" (top probability {top[i]:.2f})"))
                          for i in unsure],
             "confidently wrong": [Item((i,), f"the model says {d.classes[best[i]]} with {top[i]:.2f}") for i in wrong]}
 
@@ -306,18 +316,19 @@ def compute_review_data(root, weights, default_weights, device="auto", amp="auto
     weights_key = file_key(weights) if classifier is not None else None
     entries = read_cache(cache_path, os.path.abspath(root), weights_key)
     keys = hash_with_cache(photos, names, entries)
-    table = probabilities_with_cache(classifier, photos, names, keys, entries, log) if classifier else None
+    scored = scores_with_cache(classifier, photos, names, keys, entries, log) if classifier else None
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        write_cache(cache_path, os.path.abspath(root), weights_key, photos, names, keys, table)
+        write_cache(cache_path, os.path.abspath(root), weights_key, photos, names, keys, scored)
     except OSError as e:  # SaveError too
         log(f"note: {e} (the next start computes it again)")
-    d = Data(root, classes, photos, names, table, {}, how)
+    probabilities, sureness = scored or (None, None)
+    d = Data(root, classes, photos, names, probabilities, {}, how, sureness)
     groups = check.exact_groups(photos) + check.near_groups(photos, images.NEAR_COPY_BITS)
     if classifier is not None:
         classifier.calibration = classifier.calibration.with_min_confidence(min_confidence)
         d.lists.update(model_lists(d, run_dir, (loaded.get("args") or {}).get("cwd") or os.getcwd(),
-                                   classifier.min_confidence, log))
+                                   classifier.calibration, log))
     d.lists.update(group_lists(d, groups))
     d.lists["unreadable"] = [Item((i,), p.error) for i, p in enumerate(photos) if p.error is not None]
     return d

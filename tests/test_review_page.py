@@ -338,6 +338,37 @@ def test_the_weights_are_read_once_and_min_confidence_is_the_not_sure_threshold(
     assert none.lists["not sure"] == []
 
 
+@pytest.mark.quick
+def test_the_not_sure_list_follows_the_weights_own_score_and_its_cache(copied, untrained):
+    """Weights that decide "not sure" by the energy score (train.py's default) list the training
+    photos whose energy is below their threshold, by that score and not by the top probability,
+    and a second start takes the scores from the cache."""
+    from inference import checkpoint as ckpt
+
+    def start(threshold):
+        loaded = ckpt.load_checkpoint(str(untrained))
+        ckpt.save_checkpoint(dict(loaded, temperature=1.0, min_confidence=threshold, not_sure_score="energy"),
+                             str(untrained))
+        return review_page.compute_review_data(str(copied), str(untrained), NO_WEIGHTS, "cpu", "off",
+                                               log=lambda line: None)
+
+    first = start(0.0)
+    train = [i for i, p in enumerate(first.photos) if p.part == "train"]
+    classifier = classify.load_classifier(str(untrained), device="cpu", amp="off")
+    _, _, energies = classify.predict(classifier, [first.photos[i].path for i in train], 8, 0, sureness=True)
+    np.testing.assert_allclose(first.sureness[train], energies, rtol=1e-5)
+    threshold = float(np.median(energies))
+    d = start(threshold)  # new weights: scored again
+    below = sorted((i for i, e in zip(train, energies) if e < threshold), key=lambda i: first.sureness[i])
+    assert below and [item.photos[0] for item in d.lists["not sure"]] == below
+    assert all(item.why.startswith("energy score ") and "top probability" in item.why for item in d.lists["not sure"])
+    logged = []
+    again = review_page.compute_review_data(str(copied), str(untrained), NO_WEIGHTS, "cpu", "off", log=logged.append)
+    assert not any(line.startswith("classifying") for line in logged)  # from the cache
+    np.testing.assert_array_equal(again.sureness, d.sureness)
+    assert again.lists["not sure"] == d.lists["not sure"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Options the page would not use: refused, not ignored
 # ---------------------------------------------------------------------------------------------
